@@ -1,0 +1,375 @@
+"""Configuration: one TOML file plus ``APPLIANCE_<SECTION>_<KEY>`` overrides,
+validated once at start into one frozen object.
+
+Unknown keys, unknown ``APPLIANCE_`` variables and bad values raise
+:class:`~appliance.errors.ConfigError` naming the key.  Nothing is silently
+repaired.  Relative paths are resolved against the working directory at load
+time, so child processes that inherit the object see absolute paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import typing
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from appliance.errors import ConfigError
+
+DEFAULT_CONFIG_FILE = Path("config/appliance.toml")
+ENV_PREFIX = "APPLIANCE_"
+
+Validator = Callable[[Any], str | None]  # returns a problem, or None if fine
+
+
+def _field(default: Any, *, check: Validator | None = None, secret: bool = False) -> Any:
+    meta = {"check": check, "secret": secret}
+    if isinstance(default, list | tuple):
+        return dataclasses.field(default_factory=lambda: tuple(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _port(value: int) -> str | None:
+    return None if 1 <= value <= 65535 else "must be a TCP port from 1 to 65535"
+
+
+def _positive(value: int) -> str | None:
+    return None if value >= 1 else "must be 1 or more"
+
+
+def _nonempty(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+def _ae_title(value: str) -> str | None:
+    # PS3.5 6.2 (AE VR): up to 16 characters of the default repertoire, no
+    # backslash, no control characters; leading/trailing spaces insignificant
+    # and an all-space value is not allowed.
+    if not value.strip():
+        return "must not be empty"
+    if len(value) > 16:
+        return "must be at most 16 characters (PS3.5 6.2, VR AE)"
+    if any(c == "\\" or not (0x20 <= ord(c) < 0x7F) for c in value):
+        return "may hold only printable ASCII characters and no backslash (VR AE)"
+    return None
+
+
+def _host(value: str) -> str | None:
+    if not value.strip():
+        return "must not be empty"
+    if re.fullmatch(r"[A-Za-z0-9._:-]+", value) is None:
+        return "must be an IP address or a host name"
+    return None
+
+
+def _one_of(*choices: str) -> Validator:
+    def check(value: str) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+def _index_url(value: str) -> str | None:
+    try:
+        url = make_url(value)
+    except ArgumentError:
+        return "is not a database URL (e.g. sqlite:///./data/index.db)"
+    if url.get_backend_name() not in ("sqlite", "postgresql"):
+        return "must be a sqlite:// or postgresql+psycopg:// URL"
+    if url.get_backend_name() == "sqlite" and not url.database:
+        return "must name a SQLite file (in-memory databases cannot be shared)"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpConfig:
+    host: str = _field("127.0.0.1", check=_host)
+    port: int = _field(8080, check=_port)
+    workers: int = _field(2, check=_positive)
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerConfig:
+    ae_title: str = _field("", check=_ae_title)
+    host: str = _field("", check=_host)
+    port: int = _field(104, check=_port)
+
+
+@dataclasses.dataclass(frozen=True)
+class DimseConfig:
+    ae_title: str = _field("DICOM_EDGE", check=_ae_title)
+    host: str = _field("127.0.0.1", check=_host)
+    port: int = _field(11112, check=_port)
+    require_known_peers: bool = _field(False)
+    peers: tuple[PeerConfig, ...] = _field(())
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageConfig:
+    backend: Literal["filesystem", "azure", "s3"] = _field(
+        "filesystem", check=_one_of("filesystem", "azure", "s3")
+    )
+    path: Path = _field(Path("./data/blobs"))
+    # azure
+    connection_string: str = _field("", secret=True)
+    container: str = _field("")
+    # s3
+    endpoint_url: str = _field("")
+    bucket: str = _field("")
+    region: str = _field("")
+    access_key_id: str = _field("")
+    secret_access_key: str = _field("", secret=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexConfig:
+    url: str = _field("sqlite:///./data/index.db", check=_index_url, secret=True)
+    #: migrate the database on ``serve`` instead of refusing to start
+    auto_migrate: bool = _field(False)
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestConfig:
+    #: what to do when a SOP Instance UID is stored again (docs/conformance.md)
+    duplicate_policy: Literal["keep", "replace", "reject"] = _field(
+        "keep", check=_one_of("keep", "replace", "reject")
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryConfig:
+    #: the most matches one query (QIDO-RS or C-FIND) returns
+    max_results: int = _field(1000, check=_positive)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    level: Literal["debug", "info", "warning", "error"] = _field(
+        "info", check=_one_of("debug", "info", "warning", "error")
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole effective configuration; built by :func:`load_config`."""
+
+    http: HttpConfig = dataclasses.field(default_factory=HttpConfig)
+    dimse: DimseConfig = dataclasses.field(default_factory=DimseConfig)
+    storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
+    index: IndexConfig = dataclasses.field(default_factory=IndexConfig)
+    ingest: IngestConfig = dataclasses.field(default_factory=IngestConfig)
+    query: QueryConfig = dataclasses.field(default_factory=QueryConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    #: the file it was read from, if any (not a key)
+    source: Path | None = dataclasses.field(default=None, compare=False)
+
+
+SECTIONS: dict[str, type[Any]] = {
+    f.name: typing.get_type_hints(Config)[f.name]
+    for f in dataclasses.fields(Config)
+    if f.name != "source"
+}
+
+
+# --------------------------------------------------------------------------
+# loading
+
+
+def load_config(
+    path: Path | str | None = None,
+    environ: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Config:
+    """Read the TOML file (or the default one if present), apply the
+    ``APPLIANCE_*`` variables of *environ*, validate, and freeze.
+
+    Raises
+    ------
+    ConfigError
+        naming the first unknown key or bad value.
+    """
+    environ = os.environ if environ is None else environ
+    cwd = Path.cwd() if cwd is None else cwd
+    data: dict[str, Any] = {}
+    source: Path | None = None
+    if path is None and (cwd / DEFAULT_CONFIG_FILE).is_file():
+        path = cwd / DEFAULT_CONFIG_FILE
+    if path is not None:
+        source = Path(path) if Path(path).is_absolute() else cwd / path
+        try:
+            with source.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError("--config", f"file {source} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("--config", f"{source} is not valid TOML: {exc}") from None
+    _apply_environment(data, environ)
+    sections: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in SECTIONS:
+            raise ConfigError(name, "unknown section")
+        if not isinstance(value, dict):
+            raise ConfigError(name, "must be a table")
+        sections[name] = _build(SECTIONS[name], value, name)
+    config = Config(**sections, source=source)
+    return _resolve_paths(config, cwd)
+
+
+def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for var in sorted(environ):
+        if not var.startswith(ENV_PREFIX):
+            continue
+        rest = var[len(ENV_PREFIX) :]
+        section, _, key = rest.partition("_")
+        section, key = section.lower(), key.lower()
+        cls = SECTIONS.get(section)
+        hints = typing.get_type_hints(cls) if cls is not None else {}
+        if cls is None or key not in hints:
+            raise ConfigError(var, "environment variable names no known configuration key")
+        table = data.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(section, "must be a table")
+        table[key] = _parse_env_value(var, environ[var], hints[key])
+
+
+def _parse_env_value(var: str, raw: str, hint: Any) -> Any:
+    """Turn a variable's text into the TOML-typed value its key expects."""
+    if hint is bool:
+        lowered = raw.strip().lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(var, f"must be true or false, not {raw!r}")
+    if hint is int:
+        try:
+            return int(raw.strip())
+        except ValueError:
+            raise ConfigError(var, f"must be a whole number, not {raw!r}") from None
+    if get_origin(hint) is tuple:
+        # a list of tables, written as a TOML inline array
+        try:
+            return tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            raise ConfigError(var, "must be a TOML inline array of tables") from None
+    return raw
+
+
+def _build(cls: type[Any], table: Mapping[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{where}.{key}"
+        if key not in hints:
+            raise ConfigError(name, "unknown key")
+        values[key] = _coerce(hints[key], value, name)
+    obj = cls(**values)
+    for f in dataclasses.fields(cls):
+        check = f.metadata.get("check")
+        problem = check(getattr(obj, f.name)) if check else None
+        if problem:
+            raise ConfigError(f"{where}.{f.name}", problem)
+    return obj
+
+
+def _coerce(hint: Any, value: Any, name: str) -> Any:
+    origin = get_origin(hint)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(name, "must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(name, "must be a whole number")
+        return value
+    if hint is str or origin is Literal:
+        if not isinstance(value, str):
+            raise ConfigError(name, "must be a string")
+        return value
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(name, "must be a non-empty path string")
+        return Path(value)
+    if origin is tuple:
+        item_cls = get_args(hint)[0]
+        if not isinstance(value, list):
+            raise ConfigError(name, "must be an array of tables")
+        items = []
+        for i, item in enumerate(value):
+            if not isinstance(item, dict):
+                raise ConfigError(f"{name}[{i}]", "must be a table")
+            items.append(_build(item_cls, item, f"{name}[{i}]"))
+        return tuple(items)
+    raise TypeError(f"{name}: no coercion for {hint!r}")  # a programming error
+
+
+def _resolve_paths(config: Config, cwd: Path) -> Config:
+    storage_path = config.storage.path
+    if not storage_path.is_absolute():
+        storage_path = (cwd / storage_path).resolve()
+    url = make_url(config.index.url)
+    if url.get_backend_name() == "sqlite" and url.database:
+        db = Path(url.database)
+        if not db.is_absolute():
+            url = url.set(database=str((cwd / db).resolve()))
+    index = dataclasses.replace(config.index, url=url.render_as_string(hide_password=False))
+    storage = dataclasses.replace(config.storage, path=storage_path)
+    return dataclasses.replace(config, storage=storage, index=index)
+
+
+# --------------------------------------------------------------------------
+# showing
+
+MASK = "********"
+
+
+def render_config(config: Config) -> str:
+    """The effective configuration as TOML, with secrets masked."""
+    lines: list[str] = []
+    if config.source is not None:
+        lines.append(f"# read from {config.source}")
+    for section in SECTIONS:
+        obj = getattr(config, section)
+        lines.append(f"[{section}]")
+        nested: list[tuple[str, tuple[Any, ...]]] = []
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, tuple):
+                nested.append((f.name, value))
+                continue
+            if f.metadata.get("secret") and value:
+                value = _mask(f.name, value)
+            lines.append(f"{f.name} = {_toml_value(value)}")
+        lines.append("")
+        for name, items in nested:
+            for item in items:
+                lines.append(f"[[{section}.{name}]]")
+                for f in dataclasses.fields(item):
+                    lines.append(f"{f.name} = {_toml_value(getattr(item, f.name))}")
+                lines.append("")
+    return "\n".join(lines)
+
+
+def _mask(name: str, value: str) -> str:
+    if name == "url":
+        # a database URL is shown with only its password hidden (as "***")
+        return make_url(value).render_as_string(hide_password=True)
+    return MASK
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    text = str(value)
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    escaped = "".join(c if ord(c) >= 0x20 else f"\\u{ord(c):04x}" for c in escaped)
+    return f'"{escaped}"'

@@ -1,0 +1,151 @@
+"""The index tables (SQLAlchemy 2 Core).
+
+Columns hold attribute values as the header gave them (decoded to Unicode),
+plus derived *match* columns where DICOM matching needs another form:
+
+- ``*_norm``: Person Name values casefolded, so PN matching is
+  case-insensitive (PS3.4 C.2.2.2.1 allows it; PS3.18 viewers expect it).
+- ``*_time_key``: TM values as fixed-width ``HHMMSS.FFFFFF`` so that range
+  matching (PS3.4 C.2.2.2.5) can compare text.
+- DA values are stored normalised as ``YYYYMMDD``.
+
+Patient attributes are kept twice on purpose: in ``patient`` for the PATIENT
+level of C-FIND, and on ``study`` as the study's own header said them, so a
+study-level query matches the study's values even when several studies share
+an empty or reused Patient ID.
+
+The schema's history lives in Alembic migrations under ``migrations/``; a
+test checks that the migrations produce exactly these tables.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+#: A 64-bit key that is still SQLite's ROWID (only INTEGER PRIMARY KEY is).
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+UID = String(64)  # PS3.5 6.2: UI is at most 64 characters
+SHORT = String(64)  # CS, SH, LO, DA, TM, IS values (LO is the longest, 64)
+TEXT = String(1024)  # PN (3 groups x 64 chars x up to 4 bytes) and LO multi-values
+
+patient = Table(
+    "patient",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("patient_id", SHORT, nullable=False),
+    Column("issuer_of_patient_id", SHORT, nullable=False),
+    Column("patient_name", TEXT, nullable=False),
+    Column("patient_name_norm", TEXT, nullable=False),
+    Column("patient_birth_date", SHORT, nullable=False),
+    Column("patient_sex", SHORT, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("patient_id", "issuer_of_patient_id"),
+    Index(None, "patient_name_norm"),
+)
+
+study = Table(
+    "study",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("patient_fk", Id, ForeignKey("patient.id"), nullable=False, index=True),
+    Column("study_instance_uid", UID, nullable=False, unique=True),
+    Column("study_date", SHORT, nullable=False, index=True),
+    Column("study_time", SHORT, nullable=False),
+    Column("study_time_key", SHORT, nullable=False),
+    Column("accession_number", SHORT, nullable=False, index=True),
+    Column("study_id", SHORT, nullable=False),
+    Column("study_description", TEXT, nullable=False),
+    Column("referring_physician_name", TEXT, nullable=False),
+    Column("referring_physician_name_norm", TEXT, nullable=False),
+    # the patient as this study's header gave it
+    Column("patient_id", SHORT, nullable=False, index=True),
+    Column("issuer_of_patient_id", SHORT, nullable=False),
+    Column("patient_name", TEXT, nullable=False),
+    Column("patient_name_norm", TEXT, nullable=False, index=True),
+    Column("patient_birth_date", SHORT, nullable=False),
+    Column("patient_sex", SHORT, nullable=False),
+    # maintained in the ingest transaction (faster than counting per query)
+    Column("num_series", Integer, nullable=False),
+    Column("num_instances", Integer, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+series = Table(
+    "series",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("study_fk", Id, ForeignKey("study.id"), nullable=False, index=True),
+    Column("series_instance_uid", UID, nullable=False, unique=True),
+    Column("modality", SHORT, nullable=False, index=True),
+    Column("series_number", Integer, nullable=True),
+    Column("series_description", TEXT, nullable=False),
+    Column("body_part_examined", SHORT, nullable=False),
+    Column("performed_procedure_step_start_date", SHORT, nullable=False),
+    Column("performed_procedure_step_start_time", SHORT, nullable=False),
+    Column("performed_procedure_step_start_time_key", SHORT, nullable=False),
+    Column("num_instances", Integer, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+instance = Table(
+    "instance",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("series_fk", Id, ForeignKey("series.id"), nullable=False, index=True),
+    Column("study_fk", Id, ForeignKey("study.id"), nullable=False, index=True),
+    Column("sop_instance_uid", UID, nullable=False, unique=True),
+    Column("sop_class_uid", UID, nullable=False, index=True),
+    Column("instance_number", Integer, nullable=True),
+    Column("rows", Integer, nullable=True),
+    Column("columns", Integer, nullable=True),
+    Column("bits_allocated", Integer, nullable=True),
+    Column("number_of_frames", Integer, nullable=True),
+    Column("transfer_syntax_uid", UID, nullable=False),
+    Column("specific_character_set", SHORT, nullable=False),
+    Column("timezone_offset_from_utc", SHORT, nullable=False),
+    Column("blob_key", String(128), nullable=False, unique=True),
+    Column("size", BigInteger, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+#: One row per change, in commit order of the ingest/delete transactions.
+#: Mirrors Microsoft's DICOM server change feed (REFERENCE.md): ``state`` is
+#: current | replaced | deleted and is updated when a later change supersedes
+#: the entry.
+changefeed = Table(
+    "changefeed",
+    metadata,
+    Column("sequence", Id, primary_key=True, autoincrement=True),
+    Column("timestamp", DateTime(timezone=True), nullable=False),
+    Column("action", String(16), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("study_instance_uid", UID, nullable=False),
+    Column("series_instance_uid", UID, nullable=False),
+    Column("sop_instance_uid", UID, nullable=False, index=True),
+    # SQLite: never reuse a sequence number, even after the newest row is gone
+    sqlite_autoincrement=True,
+)

@@ -1,0 +1,446 @@
+"""The SQL index: writes of the ingest pipeline and the look-ups around them.
+
+Every write is one transaction: the patient/study/series rows (created on
+first sight), the instance row, the counters and the change-feed entry commit
+together or not at all.  Concurrent writers are safe: SQLite writers take the
+write lock at BEGIN; on PostgreSQL, parent rows are created with
+``INSERT .. ON CONFLICT DO NOTHING`` and a lost race on the SOP Instance UID's
+unique key is retried once as the duplicate it now is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import logging
+from typing import Any
+
+from sqlalchemy import Connection, Engine, delete, func, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
+
+from appliance.dicomio import tm_key
+from appliance.errors import IndexUnavailable, InvalidInstance
+from appliance.index.engine import WRITE
+from appliance.index.schema import changefeed, instance, patient, series, study
+from appliance.model import InstanceRecord
+from appliance.storage.base import BlobInfo
+
+log = logging.getLogger(__name__)
+
+#: How often a writer re-creates parent rows that another writer removed.
+_PARENT_ATTEMPTS = 5
+
+
+class AddOutcome(enum.Enum):
+    """What :meth:`SqlIndex.add_instance` did."""
+
+    CREATED = "created"
+    #: the SOP Instance UID existed; the stored one was kept (policy "keep")
+    DUPLICATE_KEPT = "duplicate-kept"
+    #: the SOP Instance UID existed; nothing was changed (policy "reject")
+    DUPLICATE_REJECTED = "duplicate-rejected"
+    #: the SOP Instance UID existed and now points at the new blob ("replace")
+    REPLACED = "replaced"
+
+
+@dataclasses.dataclass(frozen=True)
+class AddResult:
+    outcome: AddOutcome
+    #: the blob the index no longer references (after REPLACED), to delete
+    orphaned_blob_key: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredInstance:
+    """Where an instance's bytes are, and what they are."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    transfer_syntax_uid: str
+    blob_key: str
+    size: int
+
+
+def _describe(exc: SQLAlchemyError) -> str:
+    """Name a database failure without its message: SQLAlchemy's text carries
+    the statement's parameters, which may be patient data."""
+    orig = getattr(exc, "orig", None)
+    return type(orig).__name__ if orig is not None else type(exc).__name__
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _instance_values(record: InstanceRecord, blob: BlobInfo, now: dt.datetime) -> dict[str, Any]:
+    """The instance row's own columns (not its parents' keys)."""
+    i = record.instance
+    return {
+        "sop_instance_uid": i.sop_instance_uid,
+        "sop_class_uid": i.sop_class_uid,
+        "instance_number": i.instance_number,
+        "rows": i.rows,
+        "columns": i.columns,
+        "bits_allocated": i.bits_allocated,
+        "number_of_frames": i.number_of_frames,
+        "transfer_syntax_uid": i.transfer_syntax_uid,
+        "specific_character_set": i.specific_character_set,
+        "timezone_offset_from_utc": i.timezone_offset_from_utc,
+        "blob_key": blob.key,
+        "size": blob.size,
+        "updated_at": now,
+    }
+
+
+class SqlIndex:
+    """The index on SQLite or PostgreSQL (same code, same migrations)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._insert: Any = (
+            postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+        )
+
+    # ------------------------------------------------------------------ reads
+
+    def check(self) -> None:
+        """Raise IndexUnavailable unless the database answers."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(
+                f"the index database does not answer ({_describe(exc)})"
+            ) from exc
+
+    def find_instance(self, sop_instance_uid: str) -> StoredInstance | None:
+        """The stored instance with that SOP Instance UID, or None."""
+        query = (
+            select(
+                instance.c.sop_instance_uid,
+                instance.c.sop_class_uid,
+                series.c.series_instance_uid,
+                study.c.study_instance_uid,
+                instance.c.transfer_syntax_uid,
+                instance.c.blob_key,
+                instance.c.size,
+            )
+            .join(series, series.c.id == instance.c.series_fk)
+            .join(study, study.c.id == instance.c.study_fk)
+            .where(instance.c.sop_instance_uid == sop_instance_uid)
+        )
+        try:
+            with self._reading() as conn:
+                row = conn.execute(query).first()
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
+        return None if row is None else StoredInstance(*row)
+
+    def blob_keys(self, keys: list[str]) -> set[str]:
+        """Those of *keys* that an instance row references."""
+        if not keys:
+            return set()
+        with self._reading() as conn:
+            rows = conn.execute(select(instance.c.blob_key).where(instance.c.blob_key.in_(keys)))
+            return {r[0] for r in rows}
+
+    # ----------------------------------------------------------------- writes
+
+    def add_instance(
+        self, record: InstanceRecord, blob: BlobInfo, duplicate_policy: str = "keep"
+    ) -> AddResult:
+        """Index *record*, stored as *blob*, in one transaction.
+
+        Raises
+        ------
+        InvalidInstance
+            if the Series Instance UID already belongs to another study.
+        IndexUnavailable
+            if the database fails.
+        """
+        for attempt in (1, 2):
+            try:
+                with self._writing() as conn:
+                    return self._add(conn, record, blob, duplicate_policy)
+            except IntegrityError:
+                # PostgreSQL: a concurrent writer committed the same SOP
+                # Instance UID (or blob key) first.  Once more, as a duplicate.
+                if attempt == 2:
+                    raise IndexUnavailable("the index refused the instance twice") from None
+                log.info(
+                    "lost an insert race for %s; retrying as duplicate",
+                    record.instance.sop_instance_uid,
+                )
+            except (OperationalError, InterfaceError) as exc:
+                raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _add(
+        self, conn: Connection, record: InstanceRecord, blob: BlobInfo, policy: str
+    ) -> AddResult:
+        sop_uid = record.instance.sop_instance_uid
+        existing = conn.execute(
+            select(
+                instance.c.id,
+                instance.c.blob_key,
+                instance.c.series_fk,
+                instance.c.study_fk,
+                series.c.series_instance_uid,
+            )
+            .join(series, series.c.id == instance.c.series_fk)
+            .where(instance.c.sop_instance_uid == sop_uid)
+            .with_for_update(of=instance)
+        ).first()
+        now = _now()
+        if existing is None:
+            self._insert_instance(conn, record, blob, now)
+            self._log_change(conn, record, now)
+            return AddResult(AddOutcome.CREATED)
+
+        if policy == "keep":
+            return AddResult(AddOutcome.DUPLICATE_KEPT)
+        if policy == "reject":
+            return AddResult(AddOutcome.DUPLICATE_REJECTED)
+        conn.execute(
+            update(changefeed)
+            .where(changefeed.c.sop_instance_uid == sop_uid, changefeed.c.state == "current")
+            .values(state="replaced")
+        )
+        if existing.series_instance_uid == record.series.series_instance_uid:
+            # the usual replacement: same place in the hierarchy, new bytes
+            conn.execute(
+                update(instance)
+                .where(instance.c.id == existing.id)
+                .values(**_instance_values(record, blob, now))
+            )
+        else:
+            # the instance moved to another series: out of the old, into the new
+            self._remove_instance_row(conn, existing, now)
+            self._insert_instance(conn, record, blob, now)
+        self._log_change(conn, record, now)
+        return AddResult(AddOutcome.REPLACED, orphaned_blob_key=existing.blob_key)
+
+    def _insert_instance(
+        self, conn: Connection, record: InstanceRecord, blob: BlobInfo, now: dt.datetime
+    ) -> None:
+        study_fk, series_fk = self._ensure_parents(conn, record, now)
+        conn.execute(
+            instance.insert().values(
+                series_fk=series_fk,
+                study_fk=study_fk,
+                created_at=now,
+                **_instance_values(record, blob, now),
+            )
+        )
+        self._count_instance(conn, study_fk, series_fk, +1, now)
+
+    def _ensure_parents(
+        self, conn: Connection, record: InstanceRecord, now: dt.datetime
+    ) -> tuple[int, int]:
+        """The study and series rows of *record*, created if missing and
+        locked until commit (PostgreSQL), so no other writer removes them
+        under this one.  A row that vanished between the insert attempt and
+        the lock (another writer emptied it) is created again."""
+        for _ in range(_PARENT_ATTEMPTS):
+            patient_fk = self._ensure_patient(conn, record, now)
+            study_fk = self._ensure_study(conn, record, patient_fk, now)
+            if study_fk is None:
+                continue
+            series_fk = self._ensure_series(conn, record, study_fk, now)
+            if series_fk is not None:
+                return study_fk, series_fk
+        raise IndexUnavailable("the study's rows kept changing under this writer; try again")
+
+    def _count_instance(
+        self, conn: Connection, study_fk: int, series_fk: int, delta: int, now: dt.datetime
+    ) -> None:
+        conn.execute(
+            update(series)
+            .where(series.c.id == series_fk)
+            .values(num_instances=series.c.num_instances + delta, updated_at=now)
+        )
+        conn.execute(
+            update(study)
+            .where(study.c.id == study_fk)
+            .values(num_instances=study.c.num_instances + delta, updated_at=now)
+        )
+
+    def _log_change(self, conn: Connection, record: InstanceRecord, now: dt.datetime) -> None:
+        conn.execute(
+            changefeed.insert().values(
+                timestamp=now,
+                action="create",
+                state="current",
+                study_instance_uid=record.study.study_instance_uid,
+                series_instance_uid=record.series.series_instance_uid,
+                sop_instance_uid=record.instance.sop_instance_uid,
+            )
+        )
+
+    def _ensure_patient(self, conn: Connection, record: InstanceRecord, now: dt.datetime) -> int:
+        p = record.patient
+        conn.execute(
+            self._insert(patient)
+            .values(
+                patient_id=p.patient_id,
+                issuer_of_patient_id=p.issuer_of_patient_id,
+                patient_name=p.patient_name,
+                patient_name_norm=p.patient_name.casefold(),
+                patient_birth_date=p.patient_birth_date,
+                patient_sex=p.patient_sex,
+                created_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=["patient_id", "issuer_of_patient_id"])
+        )
+        return int(
+            conn.execute(
+                select(patient.c.id).where(
+                    patient.c.patient_id == p.patient_id,
+                    patient.c.issuer_of_patient_id == p.issuer_of_patient_id,
+                )
+            ).scalar_one()
+        )
+
+    def _ensure_study(
+        self, conn: Connection, record: InstanceRecord, patient_fk: int, now: dt.datetime
+    ) -> int | None:
+        s, p = record.study, record.patient
+        conn.execute(
+            self._insert(study)
+            .values(
+                patient_fk=patient_fk,
+                study_instance_uid=s.study_instance_uid,
+                study_date=s.study_date,
+                study_time=s.study_time,
+                study_time_key=tm_key(s.study_time),
+                accession_number=s.accession_number,
+                study_id=s.study_id,
+                study_description=s.study_description,
+                referring_physician_name=s.referring_physician_name,
+                referring_physician_name_norm=s.referring_physician_name.casefold(),
+                patient_id=p.patient_id,
+                issuer_of_patient_id=p.issuer_of_patient_id,
+                patient_name=p.patient_name,
+                patient_name_norm=p.patient_name.casefold(),
+                patient_birth_date=p.patient_birth_date,
+                patient_sex=p.patient_sex,
+                num_series=0,
+                num_instances=0,
+                created_at=now,
+                updated_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=["study_instance_uid"])
+        )
+        found = conn.execute(
+            select(study.c.id)
+            .where(study.c.study_instance_uid == s.study_instance_uid)
+            .with_for_update()
+        ).scalar_one_or_none()
+        return None if found is None else int(found)
+
+    def _ensure_series(
+        self, conn: Connection, record: InstanceRecord, study_fk: int, now: dt.datetime
+    ) -> int | None:
+        s = record.series
+        created = conn.execute(
+            self._insert(series)
+            .values(
+                study_fk=study_fk,
+                series_instance_uid=s.series_instance_uid,
+                modality=s.modality,
+                series_number=s.series_number,
+                series_description=s.series_description,
+                body_part_examined=s.body_part_examined,
+                performed_procedure_step_start_date=s.performed_procedure_step_start_date,
+                performed_procedure_step_start_time=s.performed_procedure_step_start_time,
+                performed_procedure_step_start_time_key=tm_key(
+                    s.performed_procedure_step_start_time
+                ),
+                num_instances=0,
+                created_at=now,
+                updated_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=["series_instance_uid"])
+            .returning(series.c.id)
+        ).first()
+        if created is not None:
+            conn.execute(
+                update(study)
+                .where(study.c.id == study_fk)
+                .values(num_series=study.c.num_series + 1)
+            )
+            return int(created[0])
+        row = conn.execute(
+            select(series.c.id, series.c.study_fk)
+            .where(series.c.series_instance_uid == s.series_instance_uid)
+            .with_for_update()
+        ).first()
+        if row is None:
+            return None
+        if row.study_fk != study_fk:
+            raise InvalidInstance(
+                f"SeriesInstanceUID {s.series_instance_uid} already belongs to another study"
+            )
+        return int(row.id)
+
+    def _remove_instance_row(self, conn: Connection, row: Any, now: dt.datetime) -> None:
+        """Delete one instance row, keep the counters right, and drop a
+        series or study left empty."""
+        conn.execute(delete(instance).where(instance.c.id == row.id))
+        self._count_instance(conn, row.study_fk, row.series_fk, -1, now)
+        left = conn.execute(
+            select(func.count()).select_from(instance).where(instance.c.series_fk == row.series_fk)
+        ).scalar_one()
+        if left == 0:
+            conn.execute(delete(series).where(series.c.id == row.series_fk))
+            conn.execute(
+                update(study)
+                .where(study.c.id == row.study_fk)
+                .values(num_series=study.c.num_series - 1)
+            )
+            remaining = conn.execute(
+                select(func.count()).select_from(series).where(series.c.study_fk == row.study_fk)
+            ).scalar_one()
+            if remaining == 0:
+                conn.execute(delete(study).where(study.c.id == row.study_fk))
+
+    # ---------------------------------------------------------------- helpers
+
+    def _writing(self) -> Any:
+        """A connection in a write transaction (SQLite: BEGIN IMMEDIATE)."""
+        return _Transaction(self.engine, write=True)
+
+    def _reading(self) -> Any:
+        return self.engine.connect()
+
+
+class _Transaction:
+    """``with _Transaction(engine, write=True) as conn:`` commits on success,
+    rolls back on error, and always returns the connection to the pool."""
+
+    def __init__(self, engine: Engine, *, write: bool) -> None:
+        self._engine = engine
+        self._write = write
+        self._conn: Connection | None = None
+
+    def __enter__(self) -> Connection:
+        conn = self._engine.connect()
+        if self._write:
+            conn = conn.execution_options(**WRITE)
+        self._conn = conn
+        conn.begin()
+        return conn
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        assert self._conn is not None
+        try:
+            if exc_type is None:
+                self._conn.commit()
+            else:
+                self._conn.rollback()
+        finally:
+            self._conn.close()

@@ -1,0 +1,175 @@
+"""Header -> checks -> durable blob -> one index transaction.
+
+The order is the acknowledgement promise (SPEC.md): a success is returned only
+after the blob is durably written *and* the index row committed.  If the index
+refuses after the blob was written, the blob is removed at once; if the process
+dies in between, :func:`appliance.ingest.sweep.sweep_orphans` removes it later.
+So an index row never points at a missing blob.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import logging
+from typing import IO
+
+from appliance.config import IngestConfig
+from appliance.dicomio import extract_record, part10_prefix, read_header, validate_uid
+from appliance.errors import ApplianceError, InvalidInstance
+from appliance.index.sql import AddOutcome, SqlIndex
+from appliance.ingest.streams import PrefixedStream
+from appliance.model import InstanceRecord, Origin
+from appliance.status import Status, StatusCategory
+from appliance.storage.base import BlobStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestResult:
+    """The outcome of storing one instance, for either edge to put on the wire."""
+
+    status: Status
+    #: why, for a warning or a failure ("" on plain success); no PHI
+    reason: str = ""
+    sop_class_uid: str = ""
+    sop_instance_uid: str = ""
+    study_instance_uid: str = ""
+    series_instance_uid: str = ""
+    outcome: AddOutcome | None = None
+
+    @property
+    def stored(self) -> bool:
+        """True if the instance is in the index after this call (new, replaced
+        or kept from before)."""
+        return self.status.category in (StatusCategory.SUCCESS, StatusCategory.WARNING)
+
+
+class IngestService:
+    """Stores instances through one path, whatever protocol brought them."""
+
+    def __init__(self, storage: BlobStore, index: SqlIndex, config: IngestConfig) -> None:
+        self.storage = storage
+        self.index = index
+        self.policy = config.duplicate_policy
+
+    def store_part10(self, source: IO[bytes], origin: Origin) -> IngestResult:
+        """Store a DICOM Part 10 stream (preamble, File Meta, data set), as
+        STOW-RS receives it.  *source* must be seekable."""
+        return self._store(source, origin)
+
+    def store_dataset(
+        self,
+        dataset: bytes | IO[bytes],
+        *,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax_uid: str,
+        origin: Origin,
+    ) -> IngestResult:
+        """Store a bare data set encoded in *transfer_syntax_uid*, as C-STORE
+        receives it; File Meta Information is put in front of the bytes, which
+        are otherwise stored exactly as received."""
+        try:
+            for value, keyword in (
+                (sop_class_uid, "AffectedSOPClassUID"),
+                (sop_instance_uid, "AffectedSOPInstanceUID"),
+                (transfer_syntax_uid, "TransferSyntaxUID"),
+            ):
+                validate_uid(value, keyword)
+        except InvalidInstance as exc:
+            return IngestResult(exc.status, exc.reason)
+        prefix = part10_prefix(
+            sop_class_uid, sop_instance_uid, transfer_syntax_uid, origin.calling_ae
+        )
+        body = io.BytesIO(dataset) if isinstance(dataset, bytes) else dataset
+        return self._store(io.BufferedReader(PrefixedStream(prefix, body)), origin)
+
+    def _store(self, source: IO[bytes], origin: Origin) -> IngestResult:
+        try:
+            record = extract_record(read_header(source))
+        except ApplianceError as exc:
+            log.warning(
+                "refused an instance from %s %s: %s", origin.protocol, origin.calling_ae, exc.reason
+            )
+            return IngestResult(exc.status, exc.reason)
+
+        ids = _identified(record)
+        sop_uid = record.instance.sop_instance_uid
+        try:
+            existing = self.index.find_instance(sop_uid)
+        except ApplianceError as exc:
+            log.error("index look-up failed for %s: %s", sop_uid, exc.reason)
+            return dataclasses.replace(ids, status=exc.status, reason=exc.reason)
+        if existing is not None and self.policy != "replace":
+            # no need to write the bytes at all; the race where another writer
+            # commits between here and our insert is handled by add_instance
+            return self._duplicate(ids)
+
+        try:
+            source.seek(0)
+            blob = self.storage.put(source)
+        except ApplianceError as exc:
+            log.error("storage failed for %s: %s", sop_uid, exc.reason)
+            return dataclasses.replace(ids, status=exc.status, reason=exc.reason)
+
+        try:
+            added = self.index.add_instance(record, blob, self.policy)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                self.storage.delete(blob.key)
+            if not isinstance(exc, ApplianceError):
+                raise
+            log.error("index refused %s: %s", sop_uid, exc.reason)
+            return dataclasses.replace(ids, status=exc.status, reason=exc.reason)
+
+        if added.outcome in (AddOutcome.DUPLICATE_KEPT, AddOutcome.DUPLICATE_REJECTED):
+            self._forget(blob.key)
+            return self._duplicate(ids)
+        if added.orphaned_blob_key is not None:
+            self._forget(added.orphaned_blob_key)
+        log.debug(
+            "stored %s (study %s) via %s from %r",
+            sop_uid,
+            record.study.study_instance_uid,
+            origin.protocol,
+            origin.calling_ae,
+        )
+        return dataclasses.replace(ids, outcome=added.outcome)
+
+    def _duplicate(self, ids: IngestResult) -> IngestResult:
+        if self.policy == "reject":
+            return dataclasses.replace(
+                ids,
+                status=Status.DUPLICATE_SOP_INSTANCE,
+                reason="an instance with this SOP Instance UID is already stored",
+                outcome=AddOutcome.DUPLICATE_REJECTED,
+            )
+        return dataclasses.replace(
+            ids,
+            status=Status.DUPLICATE_INSTANCE_KEPT,
+            reason="an instance with this SOP Instance UID was already stored; "
+            "the stored copy was kept",
+            outcome=AddOutcome.DUPLICATE_KEPT,
+        )
+
+    def _forget(self, key: str) -> None:
+        """Delete a blob the index does not reference; a failure is left to
+        the sweeper, never to the client."""
+        try:
+            self.storage.delete(key)
+        except ApplianceError as exc:
+            log.warning("could not delete unreferenced blob %s (the sweeper will): %s", key, exc)
+
+
+def _identified(record: InstanceRecord) -> IngestResult:
+    """A success result carrying the instance's UIDs, to be varied."""
+    return IngestResult(
+        Status.SUCCESS,
+        sop_class_uid=record.instance.sop_class_uid,
+        sop_instance_uid=record.instance.sop_instance_uid,
+        study_instance_uid=record.study.study_instance_uid,
+        series_instance_uid=record.series.series_instance_uid,
+    )

@@ -1,0 +1,269 @@
+"""The query service: a hierarchical search of the index, for QIDO-RS and C-FIND.
+
+A :class:`Query` names a level and matching keys; :meth:`QueryService.search`
+returns the matching entities of that level, each with every attribute the
+index holds for it and for its parents (PS3.4 C.4.1.2.1 hierarchical search:
+keys of the query level and the levels above it select; keys below it are
+refused).  The matching rules themselves are in :mod:`appliance.query.matching`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import ColumnElement, Connection, Engine, FromClause, Select, func, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from appliance.errors import IndexUnavailable, QueryError
+from appliance.index.schema import instance, patient, series, study
+from appliance.model import Level
+from appliance.query import matching
+from appliance.query.keys import (
+    ATTRIBUTES,
+    COMPUTED,
+    MATCHING_KEYS,
+    MODALITIES_IN_STUDY,
+    RETURN_KEYS,
+    rank,
+    table_for,
+)
+
+#: Label of the study's primary key in a result row; removed before returning.
+_STUDY_PK = "_study_pk"
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+    """A search at one Q/R level.
+
+    Attributes
+    ----------
+    level
+        PATIENT, STUDY, SERIES or IMAGE.
+    keys
+        Matching keys: DICOM keyword -> value in DICOM string form: ``""``
+        (universal), ``"1.2\\1.3"`` (UID list), ``"*x?"`` (wild card),
+        ``"20200101-20201231"``, ``"-2020..."``, ``"2020...-"`` (DA/TM range).
+    limit
+        At most this many matches; None means the service's maximum.  Larger
+        values are lowered to the maximum.
+    offset
+        Matches to skip, in the stable order of the index's primary keys.
+    """
+
+    level: Level
+    keys: Mapping[str, str]
+    limit: int | None = None
+    offset: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryResult:
+    """The matches of one :class:`Query`.
+
+    Attributes
+    ----------
+    matches
+        One dict per match: keyword -> value for every attribute of
+        :meth:`QueryService.return_keys` at the query level.  Strings as
+        stored (a PN with its ``=`` component groups untouched), ``int`` or
+        None for IS/US numbers, ``int`` for the ``NumberOf...`` counts, and
+        ModalitiesInStudy as the sorted list of the distinct non-empty
+        modalities of the study's series.
+    truncated
+        True if more matches existed beyond the limit (or the maximum).
+    """
+
+    matches: list[dict[str, Any]]
+    truncated: bool
+
+
+class QueryService:
+    """Searches the index (PS3.4 C.2.2.2 matching, C.4.1.2.1 hierarchy).
+
+    Parameters
+    ----------
+    engine
+        The index database.
+    max_results
+        The most matches one search returns; a larger or absent limit is
+        lowered to it and the result marked truncated if there were more.
+    """
+
+    def __init__(self, engine: Engine, max_results: int) -> None:
+        if max_results < 1:
+            raise ValueError("max_results must be at least 1")
+        self._engine = engine
+        self._max_results = max_results
+
+    @property
+    def max_results(self) -> int:
+        """The most matches one search returns."""
+        return self._max_results
+
+    @staticmethod
+    def matching_keys(level: Level) -> frozenset[str]:
+        """Keywords usable as matching keys in a query at *level*: the
+        level's own and those of the levels above it."""
+        return MATCHING_KEYS[level]
+
+    @staticmethod
+    def return_keys(level: Level) -> frozenset[str]:
+        """Keywords present in every match of a query at *level*."""
+        return RETURN_KEYS[level]
+
+    def search(self, query: Query) -> QueryResult:
+        """The entities at ``query.level`` that match every key of *query*.
+
+        Raises
+        ------
+        QueryError
+            for a key the level cannot match (unknown, not indexed, or of a
+            level below the query's), a malformed value, or a bad limit or
+            offset.
+        IndexUnavailable
+            if the database fails.
+        """
+        limit = self._page_size(query)
+        statement = (
+            _statement(query.level, _conditions(query)).limit(limit + 1).offset(query.offset)
+        )
+        try:
+            with self._engine.connect() as conn:
+                rows = conn.execute(statement).mappings().all()
+                truncated = len(rows) > limit
+                matches = [dict(row) for row in rows[:limit]]
+                if query.level is not Level.PATIENT:
+                    study_ids = {match[_STUDY_PK] for match in matches}
+                    modalities = _modalities(conn, study_ids)
+                    for match in matches:
+                        match[MODALITIES_IN_STUDY] = modalities.get(match.pop(_STUDY_PK), [])
+        except SQLAlchemyError as exc:
+            # the reason names no value: SQLAlchemy's text carries the
+            # statement's parameters, which may be patient data
+            reason = f"the index query failed: {exc.__class__.__name__}"
+            raise IndexUnavailable(reason) from exc
+        return QueryResult(matches=matches, truncated=truncated)
+
+    def _page_size(self, query: Query) -> int:
+        if query.offset < 0:
+            raise QueryError(f"offset must be 0 or more, not {query.offset}")
+        if query.limit is None:
+            return self._max_results
+        if query.limit < 1:
+            raise QueryError(f"limit must be 1 or more, not {query.limit}")
+        return min(query.limit, self._max_results)
+
+
+def _conditions(query: Query) -> list[ColumnElement[bool]]:
+    """One condition per non-universal key; refuses keys the level cannot
+    match (PS3.4 C.4.1.2.1: in a hierarchical query, keys are at the query
+    level or above)."""
+    conditions: list[ColumnElement[bool]] = []
+    allowed = MATCHING_KEYS[query.level]
+    for keyword, value in sorted(query.keys.items()):
+        if not isinstance(value, str):
+            raise QueryError(f"{keyword}: the value must be a string")
+        if keyword not in allowed:
+            raise QueryError(_not_matchable(keyword, query.level))
+        if keyword == MODALITIES_IN_STUDY:
+            found = matching.modalities_in_study(value)
+        else:
+            attribute = ATTRIBUTES[keyword]
+            table = table_for(attribute.level, query.level)
+            column = table.c[attribute.match_column or attribute.column]
+            found = matching.condition(attribute, column, value)
+        if found is not None:
+            conditions.append(found)
+    return conditions
+
+
+def _not_matchable(keyword: str, level: Level) -> str:
+    owner = ATTRIBUTES[keyword].level if keyword in ATTRIBUTES else COMPUTED.get(keyword)
+    if owner is not None and rank(owner) > rank(level):
+        return (
+            f"{keyword} is a {owner.value}-level key and cannot be matched "
+            f"in a {level.value}-level query"
+        )
+    if owner is not None:
+        return f"{keyword} is returned but is not a matching key"
+    return f"{keyword} is not a supported matching key"
+
+
+def _columns(level: Level) -> list[ColumnElement[Any]]:
+    """The labelled columns every match at *level* carries, parents first."""
+    columns: list[ColumnElement[Any]] = []
+    for attribute in ATTRIBUTES.values():
+        if rank(attribute.level) <= rank(level):
+            table = table_for(attribute.level, level)
+            columns.append(table.c[attribute.column].label(attribute.keyword))
+    if level is Level.PATIENT:
+        columns.extend(_patient_counts())
+        return columns
+    columns.append(study.c.num_series.label("NumberOfStudyRelatedSeries"))
+    columns.append(study.c.num_instances.label("NumberOfStudyRelatedInstances"))
+    if rank(level) >= rank(Level.SERIES):
+        columns.append(series.c.num_instances.label("NumberOfSeriesRelatedInstances"))
+    columns.append(study.c.id.label(_STUDY_PK))
+    return columns
+
+
+def _patient_counts() -> list[ColumnElement[Any]]:
+    """NumberOfPatientRelated{Studies,Series,Instances} (PS3.4 C.6.1.1.2) as
+    correlated subqueries over the patient's studies and their counters."""
+
+    def over_studies(expression: ColumnElement[Any], label: str) -> ColumnElement[Any]:
+        return (
+            select(expression)
+            .where(study.c.patient_fk == patient.c.id)
+            .correlate(patient)
+            .scalar_subquery()
+            .label(label)
+        )
+
+    return [
+        over_studies(func.count(study.c.id), "NumberOfPatientRelatedStudies"),
+        over_studies(
+            func.coalesce(func.sum(study.c.num_series), 0), "NumberOfPatientRelatedSeries"
+        ),
+        over_studies(
+            func.coalesce(func.sum(study.c.num_instances), 0), "NumberOfPatientRelatedInstances"
+        ),
+    ]
+
+
+def _statement(level: Level, conditions: Sequence[ColumnElement[bool]]) -> Select[Any]:
+    """The search at *level*, joined up the hierarchy, ordered by primary key
+    so that offset paging is stable."""
+    source: FromClause
+    if level is Level.PATIENT:
+        source, key = patient, patient.c.id
+    elif level is Level.STUDY:
+        source, key = study, study.c.id
+    elif level is Level.SERIES:
+        source, key = series.join(study, series.c.study_fk == study.c.id), series.c.id
+    else:
+        source = instance.join(series, instance.c.series_fk == series.c.id).join(
+            study, series.c.study_fk == study.c.id
+        )
+        key = instance.c.id
+    return select(*_columns(level)).select_from(source).where(*conditions).order_by(key)
+
+
+def _modalities(conn: Connection, study_ids: Iterable[int]) -> dict[int, list[str]]:
+    """ModalitiesInStudy (PS3.4 C.6.1.1.3.1) for the studies of one page, in
+    one query: study id -> sorted distinct non-empty modalities."""
+    ids = sorted(set(study_ids))
+    if not ids:
+        return {}
+    rows = conn.execute(
+        select(series.c.study_fk, series.c.modality)
+        .where(series.c.study_fk.in_(ids), series.c.modality != "")
+        .distinct()
+    )
+    found: dict[int, set[str]] = {}
+    for study_id, modality in rows:
+        found.setdefault(study_id, set()).add(modality)
+    return {study_id: sorted(values) for study_id, values in found.items()}

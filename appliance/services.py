@@ -1,0 +1,77 @@
+"""The composition of the core's services from one configuration.
+
+Each process (a gunicorn worker, the DIMSE listener, a CLI command) builds its
+own :class:`Services` after it has started: database engines and file handles
+are never shared across a fork.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sqlalchemy import Engine
+
+from appliance.config import Config
+from appliance.index import migrate
+from appliance.index.engine import create_index_engine
+from appliance.index.sql import SqlIndex
+from appliance.ingest import IngestService
+from appliance.query import QueryService
+from appliance.storage import BlobStore, open_blob_store
+
+
+@dataclasses.dataclass
+class Services:
+    """Everything the protocol edges call, bound to one configuration."""
+
+    config: Config
+    engine: Engine
+    storage: BlobStore
+    index: SqlIndex
+    ingest: IngestService
+    query: QueryService
+
+    def check_ready(self) -> dict[str, str]:
+        """Probe the index and the storage; ``{"index": "ok", ...}`` or the
+        failure's reason per dependency."""
+        results: dict[str, str] = {}
+        for name, probe in (("index", self.index.check), ("storage", self.storage.check)):
+            try:
+                probe()
+            except Exception as exc:  # noqa: BLE001 - a probe reports, never raises
+                results[name] = f"failed: {exc.__class__.__name__}: {exc}"
+            else:
+                results[name] = "ok"
+        return results
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def build_services(config: Config, *, require_schema: bool = True) -> Services:
+    """Open the storage and the index named by *config*.
+
+    Raises
+    ------
+    SchemaNotCurrent
+        if *require_schema* and the index is not migrated to this version.
+    ConfigError
+        for a storage backend that is not available.
+    """
+    engine = create_index_engine(config.index.url)
+    try:
+        if require_schema:
+            migrate.require_current(engine)
+        storage = open_blob_store(config.storage)
+    except BaseException:
+        engine.dispose()
+        raise
+    index = SqlIndex(engine)
+    return Services(
+        config=config,
+        engine=engine,
+        storage=storage,
+        index=index,
+        ingest=IngestService(storage, index, config.ingest),
+        query=QueryService(engine, max_results=config.query.max_results),
+    )

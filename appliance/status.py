@@ -1,0 +1,76 @@
+"""Named status codes shared by both protocol edges.
+
+DICOMweb failure and warning reasons *are* DIMSE status codes (PS3.18
+Table I.2-2 refers to PS3.4/PS3.7 statuses), so one table serves both edges:
+the DIMSE bridge sends the code as the response Status, the DICOMweb side puts
+it in FailureReason (0008,1197) or WarningReason (0008,1196).
+
+Nowhere else in the code base is a bare status literal written.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class StatusCategory(enum.Enum):
+    """The class of a status per PS3.7 Annex C.1."""
+
+    SUCCESS = "success"
+    WARNING = "warning"
+    FAILURE = "failure"
+    PENDING = "pending"
+    CANCEL = "cancel"
+
+
+class Status(enum.IntEnum):
+    """DIMSE status codes used by the appliance, each with its source."""
+
+    #: PS3.7 C.1.1: the operation completed.
+    SUCCESS = 0x0000
+
+    #: PS3.4 B.2.3 (C-STORE warning): coercion of data elements.
+    COERCION_OF_DATA_ELEMENTS = 0xB000
+    #: PS3.4 B.2.3 (C-STORE warning): elements discarded.
+    ELEMENTS_DISCARDED = 0xB006
+    #: PS3.4 B.2.3 (C-STORE warning): data set does not match SOP Class.
+    DATASET_DOES_NOT_MATCH_SOP_CLASS_WARNING = 0xB007
+    #: Warning class (PS3.7 C.1.3 "Bxxx"): the SOP Instance already existed
+    #: and the stored copy was kept (duplicate policy "keep").  The number is
+    #: the one Microsoft's DICOM server uses (45070) so scripts written for it
+    #: recognise the case; see docs/conformance.md.
+    DUPLICATE_INSTANCE_KEPT = 0xB00E
+
+    #: PS3.7 C.5.5: processing failure (general failure, e.g. the index or the
+    #: storage failed in a way that is not a lack of resources).
+    PROCESSING_FAILURE = 0x0110
+    #: PS3.7 C.5.6: duplicate SOP Instance (duplicate policy "reject").
+    DUPLICATE_SOP_INSTANCE = 0x0111
+    #: PS3.7 C.5.12: the SOP Class is not supported.
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
+    #: PS3.4 B.2.3 (C-STORE refused): out of resources.
+    OUT_OF_RESOURCES = 0xA700
+    #: PS3.4 B.2.3 (C-STORE error): data set does not match SOP Class.  Used
+    #: when a required attribute is missing or malformed (e.g. a bad UID).
+    DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    #: PS3.4 C.4.1.1.4 (C-FIND failed): identifier does not match SOP Class.
+    #: Used for a query whose keys cannot be understood.  An alias: the code
+    #: is the same as the C-STORE one, the meaning is the query's.
+    IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    #: PS3.4 B.2.3 (C-STORE error): cannot understand (the data set could not
+    #: be parsed at all).
+    CANNOT_UNDERSTAND = 0xC000
+
+    @property
+    def category(self) -> StatusCategory:
+        """The status class per PS3.7 C.1 (ranges of the code)."""
+        code = int(self)
+        if code == 0x0000:
+            return StatusCategory.SUCCESS
+        if code in (0xFF00, 0xFF01):
+            return StatusCategory.PENDING
+        if code == 0xFE00:
+            return StatusCategory.CANCEL
+        if code == 0x0001 or (code & 0xF000) == 0xB000:
+            return StatusCategory.WARNING
+        return StatusCategory.FAILURE

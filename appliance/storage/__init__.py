@@ -1,0 +1,24 @@
+"""Blob storage backends.  Keys are opaque strings the store makes; the index
+maps UIDs to keys, and no UID ever becomes part of a path or object name."""
+
+from __future__ import annotations
+
+from appliance.config import StorageConfig
+from appliance.errors import ConfigError
+from appliance.storage.base import BlobInfo, BlobStore
+
+
+def open_blob_store(config: StorageConfig) -> BlobStore:
+    """The backend *config* names.  Raises ConfigError for one not built yet."""
+    if config.backend == "filesystem":
+        from appliance.storage.filesystem import FilesystemBlobStore
+
+        return FilesystemBlobStore(config.path)
+    raise ConfigError(
+        "storage.backend",
+        f"the {config.backend!r} backend is not available in this version "
+        "(see README: storage backends)",
+    )
+
+
+__all__ = ["BlobInfo", "BlobStore", "open_blob_store"]

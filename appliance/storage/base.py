@@ -1,0 +1,56 @@
+"""The blob store interface every backend implements."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Iterator
+from typing import IO, Protocol
+
+#: Bytes copied per read/write call when streaming.
+CHUNK_SIZE = 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class BlobInfo:
+    """A stored blob: its opaque key and size in bytes."""
+
+    key: str
+    size: int
+
+
+class BlobStore(Protocol):
+    """Durable, opaque-keyed byte storage.
+
+    ``put`` returns only when the bytes are durable; a put interrupted at any
+    point leaves nothing visible under any key.
+    """
+
+    def put(self, source: IO[bytes]) -> BlobInfo:
+        """Store the rest of *source* under a new key; durable on return."""
+        ...
+
+    def open(self, key: str) -> IO[bytes]:
+        """A readable binary stream of the whole blob.  Raises BlobNotFound."""
+        ...
+
+    def open_range(self, key: str, offset: int, length: int | None = None) -> IO[bytes]:
+        """A stream of *length* bytes from *offset* (to the end if None)."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove the blob; removing a missing one is not an error."""
+        ...
+
+    def exists(self, key: str) -> bool:
+        """True if a blob is stored under *key*."""
+        ...
+
+    def check(self) -> None:
+        """Raise StorageError unless the store is reachable and writable."""
+        ...
+
+    def iter_blobs(self, older_than: dt.datetime) -> Iterator[str]:
+        """Keys of blobs last written before *older_than* (for sweeping
+        orphans); also removes abandoned temporary files older than that."""
+        ...

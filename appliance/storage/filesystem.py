@@ -1,0 +1,181 @@
+"""Blobs as files on a local disk.
+
+Layout: ``ROOT/ab/cd/abcdef0123...`` where the key is 32 random hex digits
+made here; nothing from the DICOM data reaches a path.  A put writes a
+temporary file ``.tmp-<random>`` in the final folder, fsyncs it, renames it to
+its key and fsyncs the folder, so the blob is durable when ``put`` returns and
+a put interrupted at any point leaves at most a temporary file, never visible
+under a key and removed by :meth:`FilesystemBlobStore.iter_blobs` later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import errno
+import io
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+from appliance.errors import BlobNotFound, StorageError, StorageFull
+from appliance.storage.base import CHUNK_SIZE, BlobInfo
+
+_KEY_RE = re.compile(r"[0-9a-f]{32}")
+_TMP_PREFIX = ".tmp-"
+
+
+class FilesystemBlobStore:
+    """A :class:`~appliance.storage.base.BlobStore` on a local folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create the storage folder {root}: {exc}") from exc
+
+    def _path(self, key: str) -> Path:
+        # The only place a key becomes a path: refuse anything we did not make.
+        if _KEY_RE.fullmatch(key) is None:
+            raise BlobNotFound(f"not a blob key of this store: {key!r}")
+        return self.root / key[:2] / key[2:4] / key
+
+    def put(self, source: IO[bytes]) -> BlobInfo:
+        key = secrets.token_hex(16)
+        final = self._path(key)
+        folder = final.parent
+        tmp = folder / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
+        size = 0
+        try:
+            new_folders = [p for p in (folder.parent, folder) if not p.is_dir()]
+            with _disk_errors("write a blob"):
+                folder.mkdir(parents=True, exist_ok=True)
+                out = open(tmp, "xb")  # noqa: SIM115 - closed below, also on error
+            with out:
+                # errors of the source stream propagate as they are
+                while chunk := source.read(CHUNK_SIZE):
+                    with _disk_errors("write a blob"):
+                        out.write(chunk)
+                    size += len(chunk)
+                with _disk_errors("write a blob"):
+                    out.flush()
+                    os.fsync(out.fileno())
+            with _disk_errors("write a blob"):
+                os.rename(tmp, final)
+                _fsync_dir(folder)
+                for created in new_folders:  # make the new folders' entries durable
+                    _fsync_dir(created.parent)
+        except BaseException:
+            # a disk error, a failing source stream, a signal: leave nothing
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        return BlobInfo(key=key, size=size)
+
+    def open(self, key: str) -> IO[bytes]:
+        try:
+            return open(self._path(key), "rb")
+        except FileNotFoundError:
+            raise BlobNotFound(f"no blob {key}") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read blob {key}: {exc.strerror}") from exc
+
+    def open_range(self, key: str, offset: int, length: int | None = None) -> IO[bytes]:
+        if offset < 0 or (length is not None and length < 0):
+            raise ValueError("offset and length must not be negative")
+        fh = self.open(key)
+        fh.seek(offset)
+        if length is None:
+            return fh
+        return io.BufferedReader(_BoundedReader(fh, length))
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StorageError(f"cannot delete blob {key}: {exc.strerror}") from exc
+        with contextlib.suppress(OSError):
+            _fsync_dir(path.parent)
+
+    def exists(self, key: str) -> bool:
+        try:
+            return self._path(key).is_file()
+        except BlobNotFound:
+            return False
+
+    def check(self) -> None:
+        probe = self.root / f"{_TMP_PREFIX}probe-{secrets.token_hex(4)}"
+        try:
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            raise StorageError(
+                f"the storage folder {self.root} is not writable: {exc.strerror}"
+            ) from exc
+
+    def iter_blobs(self, older_than: dt.datetime) -> Iterator[str]:
+        cutoff = older_than.timestamp()
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                path = Path(dirpath) / name
+                try:
+                    mtime = path.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                if mtime >= cutoff:
+                    continue
+                if name.startswith(_TMP_PREFIX):
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+                elif _KEY_RE.fullmatch(name):
+                    yield name
+
+
+class _BoundedReader(io.RawIOBase):
+    """Reads at most *length* bytes of an underlying file, then EOF."""
+
+    def __init__(self, fh: IO[bytes], length: int) -> None:
+        self._fh = fh
+        self._left = length
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        if self._left <= 0:
+            return 0
+        n = min(len(buffer), self._left)
+        data = self._fh.read(n)
+        buffer[: len(data)] = data
+        self._left -= len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
+
+
+@contextlib.contextmanager
+def _disk_errors(action: str) -> Iterator[None]:
+    """Turn the disk's OSErrors into StorageErrors (StorageFull when full)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageFull(f"the storage folder is full: {exc.strerror}") from exc
+        raise StorageError(f"cannot {action}: {exc.strerror or exc}") from exc
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

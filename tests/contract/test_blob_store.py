@@ -1,0 +1,210 @@
+"""The contract every BlobStore backend passes, and the filesystem backend's
+crash safety."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance.errors import BlobNotFound, StorageError
+from appliance.storage.base import BlobStore
+from appliance.storage.filesystem import FilesystemBlobStore
+
+
+@pytest.fixture(params=["filesystem"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
+    """One fixture per backend; later backends add their parameter here."""
+    assert request.param == "filesystem"
+    return FilesystemBlobStore(tmp_path / "blobs")
+
+
+def test_put_then_open_returns_the_same_bytes(store: BlobStore) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 17)  # more than one chunk
+    info = store.put(io.BytesIO(data))
+    assert info.size == len(data)
+    with store.open(info.key) as fh:
+        assert fh.read() == data
+    assert store.exists(info.key)
+
+
+def test_each_put_gets_a_new_key(store: BlobStore) -> None:
+    a = store.put(io.BytesIO(b"same"))
+    b = store.put(io.BytesIO(b"same"))
+    assert a.key != b.key
+
+
+def test_empty_blob(store: BlobStore) -> None:
+    info = store.put(io.BytesIO(b""))
+    assert info.size == 0
+    with store.open(info.key) as fh:
+        assert fh.read() == b""
+
+
+@pytest.mark.parametrize(
+    ("offset", "length", "expected"),
+    [(0, 4, b"0123"), (5, 3, b"567"), (8, None, b"89"), (9, 10, b"9"), (10, 5, b"")],
+)
+def test_open_range(store: BlobStore, offset: int, length: int | None, expected: bytes) -> None:
+    info = store.put(io.BytesIO(b"0123456789"))
+    with store.open_range(info.key, offset, length) as fh:
+        assert fh.read() == expected
+
+
+def test_open_range_streams_in_pieces(store: BlobStore) -> None:
+    info = store.put(io.BytesIO(bytes(range(256)) * 100))
+    with store.open_range(info.key, 10, 1000) as fh:
+        parts = [fh.read(300) for _ in range(5)]
+    assert b"".join(parts) == (bytes(range(256)) * 100)[10:1010]
+
+
+def test_delete_is_idempotent(store: BlobStore) -> None:
+    info = store.put(io.BytesIO(b"x"))
+    store.delete(info.key)
+    store.delete(info.key)
+    assert not store.exists(info.key)
+    with pytest.raises(BlobNotFound):
+        store.open(info.key)
+
+
+@pytest.mark.parametrize(
+    "key", ["../../etc/passwd", "/etc/passwd", "", "A" * 32, "0" * 31, "0" * 32 + "/..", "\x00"]
+)
+def test_foreign_keys_never_reach_the_disk(store: BlobStore, key: str) -> None:
+    assert not store.exists(key)
+    with pytest.raises(BlobNotFound):
+        store.open(key)
+    with pytest.raises(BlobNotFound):
+        store.delete(key)
+
+
+def test_check_passes_on_a_writable_store(store: BlobStore) -> None:
+    store.check()
+
+
+def test_iter_blobs_lists_only_old_enough_blobs(store: BlobStore) -> None:
+    info = store.put(io.BytesIO(b"x"))
+    assert list(store.iter_blobs(dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))) == []
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=5)
+    assert list(store.iter_blobs(later)) == [info.key]
+
+
+# ------------------------------------------------------------ filesystem only
+
+
+def test_keys_are_opaque_and_paths_hold_no_dicom_data(tmp_path: Path) -> None:
+    store = FilesystemBlobStore(tmp_path)
+    info = store.put(io.BytesIO(b"DICM 1.2.840.10008"))
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert [p.name for p in files] == [info.key]
+    assert files[0].relative_to(tmp_path).parts == (info.key[:2], info.key[2:4], info.key)
+
+
+class _FailingStream(io.RawIOBase):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        self.calls += 1
+        if self.calls > 2:
+            raise ConnectionResetError("peer went away")
+        buffer[:10] = b"x" * 10
+        return 10
+
+
+def test_a_put_whose_source_fails_leaves_nothing(tmp_path: Path) -> None:
+    store = FilesystemBlobStore(tmp_path)
+    with pytest.raises(ConnectionResetError):
+        store.put(_FailingStream())  # type: ignore[arg-type]
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+LIMITED_WRITER = textwrap.dedent(
+    """
+    import io, resource, signal, sys
+    from pathlib import Path
+    from appliance.errors import StorageError
+    from appliance.storage.filesystem import FilesystemBlobStore
+
+    store = FilesystemBlobStore(Path(sys.argv[1]))
+    # a real write failure: files may not grow past 4 KiB (EFBIG)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+    try:
+        store.put(io.BytesIO(b"x" * 100_000))
+    except StorageError as exc:
+        print("StorageError:", exc.status.name)
+    """
+)
+
+
+def test_disk_errors_become_storage_errors_and_leave_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "blobs"
+    out = subprocess.run(
+        [sys.executable, "-c", LIMITED_WRITER, str(root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.strip() == "StorageError: PROCESSING_FAILURE"
+    assert [p for p in root.rglob("*") if p.is_file()] == []
+
+
+def test_check_fails_when_the_folder_is_gone(tmp_path: Path) -> None:
+    store = FilesystemBlobStore(tmp_path / "blobs")
+    (tmp_path / "blobs").rmdir()
+    (tmp_path / "blobs").write_text("now a file")
+    with pytest.raises(StorageError):
+        store.check()
+
+
+WRITER = textwrap.dedent(
+    """
+    import io, sys, time
+    from pathlib import Path
+    from appliance.storage.filesystem import FilesystemBlobStore
+
+    class Slow(io.RawIOBase):
+        def readable(self): return True
+        def readinto(self, b):
+            sys.stdout.write("writing\\n"); sys.stdout.flush()
+            time.sleep(0.05)
+            b[:1024] = b"y" * 1024
+            return 1024
+
+    FilesystemBlobStore(Path(sys.argv[1])).put(io.BufferedReader(Slow()))
+    """
+)
+
+
+def test_a_process_killed_mid_put_leaves_no_visible_blob(tmp_path: Path) -> None:
+    """SIGKILL during the write: no key is visible, and the leftover temporary
+    file is removed by the sweep listing."""
+    root = tmp_path / "blobs"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(root)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    for _ in range(5):
+        assert proc.stdout.readline() == "writing\n"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    store = FilesystemBlobStore(root)
+    leftovers = [p for p in root.rglob("*") if p.is_file()]
+    assert leftovers, "the writer should have left its temporary file"
+    assert all(p.name.startswith(".tmp-") for p in leftovers)
+    time.sleep(0.01)
+    assert list(store.iter_blobs(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1))) == []
+    assert [p for p in root.rglob("*") if p.is_file()] == []

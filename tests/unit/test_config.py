@@ -1,0 +1,175 @@
+"""Configuration as SPEC.md fixes it: TOML + APPLIANCE_* overrides, refused
+with the key's name when unknown or bad."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from appliance.config import Config, load_config, render_config
+from appliance.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "appliance.toml"
+    path.write_text(text)
+    return path
+
+
+def test_builtin_defaults_are_the_embedded_setup(tmp_path: Path) -> None:
+    config = load_config(environ={}, cwd=tmp_path)
+    assert config.http.host == "127.0.0.1"
+    assert config.http.port == 8080
+    assert config.http.workers == 2
+    assert config.dimse.ae_title == "DICOM_EDGE"
+    assert config.dimse.host == "127.0.0.1"
+    assert config.dimse.port == 11112
+    assert config.dimse.require_known_peers is False
+    assert config.storage.backend == "filesystem"
+    # relative paths are resolved against the working directory
+    assert config.storage.path == tmp_path / "data" / "blobs"
+    assert config.index.url == f"sqlite:///{tmp_path / 'data' / 'index.db'}"
+    assert config.ingest.duplicate_policy == "keep"
+    assert config.source is None
+
+
+def test_default_file_is_read_when_present(tmp_path: Path) -> None:
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "appliance.toml").write_text("[http]\nport = 9000\n")
+    config = load_config(environ={}, cwd=tmp_path)
+    assert config.http.port == 9000
+    assert config.source == tmp_path / "config" / "appliance.toml"
+
+
+def test_file_with_peers(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+[dimse]
+ae_title = "EDGE"
+require_known_peers = true
+
+[[dimse.peers]]
+ae_title = "PACS1"
+host = "127.0.0.1"
+port = 104
+
+[[dimse.peers]]
+ae_title = "CT1"
+host = "10.0.0.5"
+port = 11112
+""",
+    )
+    config = load_config(path, environ={}, cwd=tmp_path)
+    assert config.dimse.require_known_peers is True
+    assert [p.ae_title for p in config.dimse.peers] == ["PACS1", "CT1"]
+    assert config.dimse.peers[1].port == 11112
+
+
+def test_environment_overrides_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[http]\nport = 9000\nworkers = 4\n")
+    env = {
+        "APPLIANCE_HTTP_PORT": "9100",
+        "APPLIANCE_DIMSE_REQUIRE_KNOWN_PEERS": "true",
+        "APPLIANCE_INDEX_URL": "postgresql+psycopg://u:p@db/x",
+        "APPLIANCE_STORAGE_PATH": "blobs",
+        "APPLIANCE_DIMSE_PEERS": '[{ae_title = "PACS1", host = "127.0.0.1", port = 104}]',
+        "UNRELATED": "x",
+    }
+    config = load_config(path, environ=env, cwd=tmp_path)
+    assert config.http.port == 9100
+    assert config.http.workers == 4
+    assert config.dimse.require_known_peers is True
+    assert config.index.url == "postgresql+psycopg://u:p@db/x"
+    assert config.storage.path == tmp_path / "blobs"
+    assert config.dimse.peers[0].ae_title == "PACS1"
+
+
+def test_config_is_frozen(tmp_path: Path) -> None:
+    config = load_config(environ={}, cwd=tmp_path)
+    with pytest.raises(AttributeError):
+        config.http.port = 1  # type: ignore[misc]
+    assert isinstance(config, Config)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[http]\nprot = 1\n", "http.prot"),
+        ("[htp]\nport = 1\n", "htp"),
+        ("[http]\nport = 0\n", "http.port"),
+        ("[http]\nport = 70000\n", "http.port"),
+        ('[http]\nport = "8080"\n', "http.port"),
+        ("[http]\nworkers = 0\n", "http.workers"),
+        ('[dimse]\nae_title = "THIS_TITLE_IS_TOO_LONG"\n', "dimse.ae_title"),
+        ('[dimse]\nae_title = "   "\n', "dimse.ae_title"),
+        ('[dimse]\nae_title = "A\\\\B"\n', "dimse.ae_title"),
+        ("[dimse]\nrequire_known_peers = 1\n", "dimse.require_known_peers"),
+        (
+            '[[dimse.peers]]\nae_title = "P"\nhost = "h"\nport = 104\ncolour = 1\n',
+            "dimse.peers[0].colour",
+        ),
+        ('[[dimse.peers]]\nae_title = ""\nhost = "h"\n', "dimse.peers[0].ae_title"),
+        ('[storage]\nbackend = "tape"\n', "storage.backend"),
+        ('[index]\nurl = "mysql://x/y"\n', "index.url"),
+        ('[index]\nurl = "not a url"\n', "index.url"),
+        ('[index]\nurl = "sqlite://"\n', "index.url"),
+        ('[ingest]\nduplicate_policy = "ignore"\n', "ingest.duplicate_policy"),
+        ("[query]\nmax_results = -5\n", "query.max_results"),
+        ('[log]\nlevel = "loud"\n', "log.level"),
+        ("http = 5\n", "http"),
+    ],
+)
+def test_bad_file_values_name_the_key(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), environ={}, cwd=tmp_path)
+    assert info.value.key == key
+    assert f"'{key}'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("APPLIANCE_HTTP_PORT", "eighty"),
+        ("APPLIANCE_HTTP_PORT", "99999"),
+        ("APPLIANCE_DIMSE_REQUIRE_KNOWN_PEERS", "perhaps"),
+        ("APPLIANCE_HTTP_COLOUR", "blue"),
+        ("APPLIANCE_NOSUCH_KEY", "1"),
+        ("APPLIANCE_HTTP", "1"),
+        ("APPLIANCE_DIMSE_PEERS", "[not toml"),
+    ],
+)
+def test_bad_environment_names_the_variable_or_key(var: str, value: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={var: value}, cwd=tmp_path)
+    message = str(info.value)
+    section_key = var.removeprefix("APPLIANCE_").lower().replace("_", ".", 1)
+    assert var in message or section_key in message
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml", environ={}, cwd=tmp_path)
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[http\n"), environ={}, cwd=tmp_path)
+
+
+def test_render_masks_secrets_and_round_trips(tmp_path: Path) -> None:
+    env = {
+        "APPLIANCE_INDEX_URL": "postgresql+psycopg://app:s3cret@db:5432/index",
+        "APPLIANCE_STORAGE_SECRET_ACCESS_KEY": "AKIAsecret",
+        "APPLIANCE_STORAGE_CONNECTION_STRING": "AccountKey=abc",
+        "APPLIANCE_DIMSE_PEERS": '[{ae_title = "PACS1", host = "127.0.0.1", port = 104}]',
+    }
+    text = render_config(load_config(environ=env, cwd=tmp_path))
+    assert "s3cret" not in text
+    assert "AKIAsecret" not in text
+    assert "AccountKey" not in text
+    assert "postgresql+psycopg://app:***@db:5432/index" in text
+    assert "[[dimse.peers]]" in text
+    # what is shown (secrets aside) is itself a valid configuration
+    shown = write(tmp_path, text.replace("********", "x").replace("***", "x"))
+    again = load_config(shown, environ={}, cwd=tmp_path)
+    assert again.dimse.peers[0].ae_title == "PACS1"
+    assert again.http == load_config(environ={}, cwd=tmp_path).http

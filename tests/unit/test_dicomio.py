@@ -1,0 +1,173 @@
+"""UID validation (PS3.5 9.1) including hostile values, and header reading."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from appliance.dicomio import (
+    extract_record,
+    is_valid_uid,
+    normalize_da,
+    part10_prefix,
+    read_header,
+    tm_key,
+    validate_uid,
+)
+from appliance.errors import InvalidInstance, UnreadableInstance
+from appliance.status import Status
+
+GOOD = [
+    "1.2.840.10008.1.2",
+    "0",
+    "1.0.2",
+    "2.25.329800735698586629295641978511506172918",
+    "1." + "1" * 62,  # 64 characters
+]
+
+HOSTILE = [
+    "",  # empty
+    "../../etc/passwd",  # a path
+    "..",
+    "1.2/3",
+    "1.2\x00.3",  # embedded NUL
+    "1.2.3 ",  # padding that survived
+    "1.2." + "1" * 61,  # 65 characters
+    "1..2",  # empty component
+    ".1.2",
+    "1.2.",
+    "1.02",  # leading zero
+    "1.2.3a",
+    "1.2\\1.3",  # a multi-value
+    "１.２",  # non-ASCII digits  # noqa: RUF001
+]
+
+
+@pytest.mark.parametrize("uid", GOOD)
+def test_good_uids(uid: str) -> None:
+    assert validate_uid(uid, "SOPInstanceUID") == uid
+    assert is_valid_uid(uid)
+
+
+@pytest.mark.parametrize("uid", HOSTILE)
+def test_hostile_uids_are_refused(uid: str) -> None:
+    with pytest.raises(InvalidInstance) as info:
+        validate_uid(uid, "SOPInstanceUID")
+    assert info.value.status is Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    assert "SOPInstanceUID" in info.value.reason
+    assert not is_valid_uid(uid)
+
+
+@pytest.mark.parametrize("value", [None, 5, ["1.2", "1.3"]])
+def test_missing_or_multi_valued_uids_are_refused(value: object) -> None:
+    with pytest.raises(InvalidInstance, match="missing or not a single value"):
+        validate_uid(value, "StudyInstanceUID")
+
+
+def _part10(ds: Dataset) -> io.BytesIO:
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    buf.seek(0)
+    return buf
+
+
+def _dataset(**values: object) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = "1.2.3.4.5"
+    ds.StudyInstanceUID = "1.2.3"
+    ds.SeriesInstanceUID = "1.2.3.4"
+    ds.PatientName = "Doe^Jane"
+    for key, value in values.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def test_hostile_uid_inside_a_file_is_refused() -> None:
+    with pytest.warns(UserWarning, match="Invalid value for VR UI"):
+        stream = _part10(_dataset(StudyInstanceUID="../../x"))
+    with pytest.raises(InvalidInstance, match="StudyInstanceUID"):
+        extract_record(read_header(stream))
+
+
+def test_missing_study_uid_is_refused() -> None:
+    ds = _dataset()
+    del ds.StudyInstanceUID
+    with pytest.raises(InvalidInstance, match="StudyInstanceUID is missing"):
+        extract_record(read_header(_part10(ds)))
+
+
+@pytest.mark.parametrize("data", [b"", b"not dicom at all", b"\x00" * 128 + b"DICN"])
+def test_garbage_cannot_be_understood(data: bytes) -> None:
+    with pytest.raises(UnreadableInstance) as info:
+        read_header(io.BytesIO(data))
+    assert info.value.status is Status.CANNOT_UNDERSTAND
+
+
+@pytest.mark.parametrize("length", [140, 300, 1000])
+def test_truncated_file_is_refused_with_a_reason(length: int) -> None:
+    path = get_testdata_file("CT_small.dcm")
+    assert path is not None
+    with open(path, "rb") as fh:
+        data = fh.read(length)
+    with pytest.raises(InvalidInstance) as info:
+        extract_record(read_header(io.BytesIO(data)))
+    assert info.value.status is Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    assert "UID" in info.value.reason
+
+
+def test_header_is_read_without_pixel_data() -> None:
+    path = get_testdata_file("CT_small.dcm")
+    assert path is not None
+    with open(path, "rb") as fh:
+        ds = read_header(fh)
+    assert "PixelData" not in ds
+    record = extract_record(ds)
+    full = dcmread(path)
+    assert record.instance.sop_instance_uid == full.SOPInstanceUID
+    assert record.instance.rows == full.Rows
+    assert record.instance.transfer_syntax_uid == full.file_meta.TransferSyntaxUID
+    assert record.patient.patient_name == str(full.PatientName)
+
+
+def test_part10_prefix_makes_a_readable_file() -> None:
+    ds = _dataset()
+    body = io.BytesIO()
+    ds.save_as(body, implicit_vr=True, little_endian=True)
+    prefix = part10_prefix(ds.SOPClassUID, ds.SOPInstanceUID, "1.2.840.10008.1.2", "MODALITY")
+    assert prefix[128:132] == b"DICM"
+    parsed = dcmread(io.BytesIO(prefix + body.getvalue()))
+    assert parsed.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
+    assert parsed.file_meta.SourceApplicationEntityTitle == "MODALITY"
+    assert parsed.SOPInstanceUID == ds.SOPInstanceUID
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("20240102", "20240102"), ("2024.01.02", "20240102"), ("", ""), ("junk", "junk")],
+)
+def test_normalize_da(value: str, expected: str) -> None:
+    assert normalize_da(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("10", "100000.000000"),
+        ("1030", "103000.000000"),
+        ("103015", "103015.000000"),
+        ("103015.5", "103015.500000"),
+        ("10:30:15", "103015.000000"),
+        ("", ""),
+        ("25x", ""),
+    ],
+)
+def test_tm_key(value: str, expected: str) -> None:
+    assert tm_key(value) == expected
