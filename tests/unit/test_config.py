@@ -173,3 +173,9 @@ def test_render_masks_secrets_and_round_trips(tmp_path: Path) -> None:
     again = load_config(shown, environ={}, cwd=tmp_path)
     assert again.dimse.peers[0].ae_title == "PACS1"
     assert again.http == load_config(environ={}, cwd=tmp_path).http
+
+
+def test_the_example_file_is_valid_and_states_the_defaults(tmp_path: Path) -> None:
+    example = Path(__file__).parents[2] / "config" / "appliance.example.toml"
+    config = load_config(example, environ={}, cwd=tmp_path)
+    assert config == load_config(environ={}, cwd=tmp_path)
