@@ -219,6 +219,11 @@ def load_config(
             raise ConfigError(name, "must be a table")
         sections[name] = _build(SECTIONS[name], value, name)
     config = Config(**sections, source=source)
+    if config.dimse.require_known_peers and not config.dimse.peers:
+        raise ConfigError(
+            "dimse.peers",
+            "dimse.require_known_peers is true but no peer is listed, so no one could associate",
+        )
     return _resolve_paths(config, cwd)
 
 

@@ -179,3 +179,10 @@ def test_the_example_file_is_valid_and_states_the_defaults(tmp_path: Path) -> No
     example = Path(__file__).parents[2] / "config" / "appliance.example.toml"
     config = load_config(example, environ={}, cwd=tmp_path)
     assert config == load_config(environ={}, cwd=tmp_path)
+
+
+def test_known_peers_required_but_none_listed_is_refused(tmp_path: Path) -> None:
+    """pynetdicom reads an empty allow-list as "everyone": refuse it."""
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={"APPLIANCE_DIMSE_REQUIRE_KNOWN_PEERS": "true"}, cwd=tmp_path)
+    assert info.value.key == "dimse.peers"

@@ -1,0 +1,180 @@
+"""The ``dicom-appliance`` command.
+
+``serve``
+    check the configuration, the index schema and the storage, then run the
+    supervisor (:mod:`appliance.server`) in the foreground.
+``migrate``
+    bring the index database to the schema revision of this version.
+``config show``
+    print the effective configuration (file plus ``APPLIANCE_*``
+    variables), secrets masked.
+
+Exit codes: 0 success, 1 failure while running, 2 a configuration that
+cannot start (a bad key or value, an un-migrated index).  Errors are one
+line on stderr naming the cause, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from appliance import __version__
+from appliance.config import Config, load_config, render_config
+from appliance.errors import ApplianceError, ConfigError, SchemaNotCurrent
+from appliance.index import migrate
+from appliance.index.engine import create_index_engine
+from appliance.logs import set_process_name, setup_logging
+from appliance.storage import open_blob_store
+
+PROG = "dicom-appliance"
+LOGGER = logging.getLogger(__name__)
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="the TOML configuration file (default: config/appliance.toml if present, "
+        "else built-in defaults); APPLIANCE_<SECTION>_<KEY> variables override it",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``dicom-appliance``."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Edge DICOM appliance: DIMSE and DICOMweb over one store."
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = commands.add_parser(
+        "serve", help="run DICOMweb and the DIMSE listener in the foreground"
+    )
+    _add_config_option(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    upgrade = commands.add_parser("migrate", help="upgrade the index database schema")
+    _add_config_option(upgrade)
+    upgrade.set_defaults(func=cmd_migrate)
+
+    config = commands.add_parser("config", help="inspect the configuration")
+    config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    show = config_commands.add_parser(
+        "show", help="print the effective configuration, secrets masked"
+    )
+    _add_config_option(show)
+    show.set_defaults(func=cmd_config_show)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``dicom-appliance`` with *argv* (default: the process arguments).
+
+    Returns
+    -------
+    int
+        The exit code.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error (printed)
+        return exc.code if isinstance(exc.code, int) else 2
+    command: Command = args.func
+    try:
+        return command(args)
+    except (ConfigError, SchemaNotCurrent) as exc:
+        return _fail(exc.reason, 2)
+    except ApplianceError as exc:
+        return _fail(exc.reason, 1)
+    except SQLAlchemyError as exc:
+        first_line = (str(exc).splitlines() or [""])[0]
+        return _fail(f"the index database failed: {exc.__class__.__name__}: {first_line}", 1)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - users get one line, not a traceback
+        return _fail(f"unexpected error: {exc.__class__.__name__}: {exc}", 1)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    """``config show``: the effective configuration, secrets masked."""
+    config = load_config(args.config)
+    sys.stdout.write(render_config(config))
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """``migrate``: upgrade the index to the newest revision."""
+    config = load_config(args.config)
+    engine = create_index_engine(config.index.url)
+    try:
+        before = migrate.current_revision(engine)
+        migrate.upgrade(engine)
+        after = migrate.current_revision(engine)
+    finally:
+        engine.dispose()
+    if before == after:
+        print(f"index already at revision {after}")
+    else:
+        print(f"index migrated from {_revision(before)} to revision {after}")
+    return 0
+
+
+def _revision(revision: str | None) -> str:
+    return "an empty database" if revision is None else f"revision {revision}"
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``serve``: check, then run the supervisor until SIGTERM/SIGINT."""
+    config = load_config(args.config)
+    set_process_name("supervisor")
+    setup_logging(config.log.level)
+    prepare(config)
+
+    from appliance import server
+
+    return server.serve(config)
+
+
+def prepare(config: Config) -> None:
+    """What ``serve`` does before starting any child: the index schema is
+    current (or migrated, with ``index.auto_migrate``), the storage is
+    reachable and writable (its folder created).
+
+    Raises
+    ------
+    SchemaNotCurrent
+        if the index is not at this version's revision and
+        ``index.auto_migrate`` is false.
+    StorageError, ConfigError
+        if the storage cannot be opened or written.
+    """
+    engine = create_index_engine(config.index.url)
+    try:
+        if config.index.auto_migrate:
+            before = migrate.current_revision(engine)
+            migrate.upgrade(engine)
+            after = migrate.current_revision(engine)
+            if before != after:
+                LOGGER.info("index migrated from %s to revision %s", _revision(before), after)
+        else:
+            migrate.require_current(engine)
+    finally:
+        engine.dispose()
+    open_blob_store(config.storage).check()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Logging: one line per event on stdout, the same format in every process.
+
+The format names the process (``supervisor``, ``http``, ``http-worker``,
+``dimse``) so the interleaved output of ``dicom-appliance serve`` can be read
+apart.  What is logged is UIDs, AE titles, addresses and key names, never a
+patient's name or ID.  Libraries that print data sets at INFO or DEBUG
+(pynetdicom logs every C-FIND identifier, PatientName included, at INFO) are
+held at WARNING whatever the configured level.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.config
+import multiprocessing
+from typing import Any
+
+FORMAT = "%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s"
+
+#: Loggers that would print data set contents below WARNING.
+PHI_LOGGERS = ("pynetdicom", "pydicom")
+#: Loggers too chatty below WARNING (alembic's per-connection lines).
+QUIET_LOGGERS = ("alembic",)
+
+#: gunicorn's access line: the path without the query string (QIDO-RS query
+#: parameters may carry PatientName or PatientID), status, bytes, duration.
+ACCESS_LOG_FORMAT = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms'
+
+
+def logging_config(level: str) -> dict[str, Any]:
+    """A :func:`logging.config.dictConfig` dictionary for *level*.
+
+    gunicorn takes the same dictionary (its ``logconfig_dict`` setting), so
+    its error and access lines go through the same handler and format.
+
+    Parameters
+    ----------
+    level
+        ``debug``, ``info``, ``warning`` or ``error`` (``log.level``).
+    """
+    name = level.upper()
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"appliance": {"format": FORMAT}},
+        "handlers": {
+            "stdout": {
+                "class": "logging.StreamHandler",
+                "formatter": "appliance",
+                "stream": "ext://sys.stdout",
+            }
+        },
+        "root": {"level": name, "handlers": ["stdout"]},
+        "loggers": {
+            **{logger: {"level": "WARNING"} for logger in PHI_LOGGERS + QUIET_LOGGERS},
+            "gunicorn.error": {"level": name, "handlers": [], "propagate": True},
+            "gunicorn.access": {"level": name, "handlers": [], "propagate": True},
+        },
+    }
+
+
+def setup_logging(level: str) -> None:
+    """Send this process's log records to stdout at *level*."""
+    logging.config.dictConfig(logging_config(level))
+
+
+def set_process_name(name: str) -> None:
+    """Name this process in log lines (the ``processName`` field)."""
+    multiprocessing.current_process().name = name

@@ -1,0 +1,381 @@
+"""The supervisor behind ``dicom-appliance serve``.
+
+It runs the two protocol edges as child processes and keeps them together:
+
+``http``
+    gunicorn serving :func:`dicomweb.app.create_app` (DICOMweb, health).
+``dimse``
+    the pynetdicom listener of :mod:`dimse_bridge.ae`.
+
+This is the composition root: the only module that imports both edges, and
+it does so only inside the child entry points (:func:`run_http`,
+:func:`run_dimse`), so the supervisor process itself loads neither.
+
+Each child is started as ``python -m appliance.server ROLE [--config FILE]``
+with the supervisor's environment and working directory, so it loads the
+same effective configuration.  Each child leads its own process group (the
+gunicorn workers join the ``http`` group), so the supervisor alone decides
+when children stop, and can kill a whole group if a child hangs.  On Linux a
+child also gets SIGTERM if the supervisor dies without stopping it.
+
+Stopping: SIGTERM or SIGINT to the supervisor sends SIGTERM to each child,
+waits up to :data:`STOP_TIMEOUT` seconds, kills what is left, and returns 0.
+A child that exits by itself is logged with its exit code, the other child is
+stopped, and :func:`serve` returns 1, so that systemd restarts the service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import dataclasses
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from appliance import runstate
+from appliance.config import Config, load_config
+from appliance.errors import ApplianceError, ConfigError
+from appliance.logs import ACCESS_LOG_FORMAT, logging_config, set_process_name, setup_logging
+
+if TYPE_CHECKING:
+    from wsgiref.types import WSGIApplication
+
+    from appliance.services import Services
+
+#: Named explicitly: a child runs this module as ``__main__``.
+LOGGER = logging.getLogger("appliance.server")
+
+#: The children, in start order.
+ROLES = ("http", "dimse")
+#: Seconds the children get to stop after SIGTERM before they are killed.
+STOP_TIMEOUT = 10.0
+#: Seconds gunicorn gives its workers to finish requests (below STOP_TIMEOUT).
+HTTP_GRACEFUL_TIMEOUT = 7
+#: Seconds between checks on the children.
+POLL_INTERVAL = 0.2
+#: Linux prctl(2) option: the signal sent when the parent dies.
+_PR_SET_PDEATHSIG = 1
+#: gunicorn settings that older releases lack (skipped there).
+_NEWER_GUNICORN_SETTINGS = frozenset({"control_socket_disable"})
+
+
+# --------------------------------------------------------------------------
+# the supervisor
+
+
+@dataclasses.dataclass
+class Child:
+    """A started child process."""
+
+    role: str
+    process: subprocess.Popen[bytes]
+
+    @property
+    def pid(self) -> int:
+        """The child's process id, also the id of its process group."""
+        return self.process.pid
+
+
+def child_command(role: str, config: Config, run_dir: Path) -> list[str]:
+    """The command line that starts the child *role* with *config*'s file
+    and the run folder shared by the children (see :mod:`appliance.runstate`)."""
+    command = [sys.executable, "-m", "appliance.server", role, "--run-dir", str(run_dir)]
+    if config.source is not None:
+        command += ["--config", str(config.source)]
+    return command
+
+
+def serve(config: Config) -> int:
+    """Run both children until a signal or until one of them exits.
+
+    Parameters
+    ----------
+    config
+        The validated configuration; its file (if any) is passed on to the
+        children, which inherit the environment and working directory.
+
+    Returns
+    -------
+    int
+        0 after a clean stop on SIGTERM/SIGINT, 1 if a child exited by itself.
+    """
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        received.append(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    children: list[Child] = []
+    run_dir = Path(tempfile.mkdtemp(prefix="dicom-appliance-run-"))
+    try:
+        for role in ROLES:
+            if received:
+                break
+            children.append(_start(role, config, run_dir))
+        while not received:
+            for child in children:
+                code = child.process.poll()
+                if code is not None:
+                    LOGGER.error(
+                        "child '%s' (pid %d) %s; stopping the appliance",
+                        child.role,
+                        child.pid,
+                        describe_exit(code),
+                    )
+                    stop_children(children)
+                    return 1
+            time.sleep(POLL_INTERVAL)
+        LOGGER.info("received %s: stopping", signal.Signals(received[0]).name)
+        stop_children(children)
+        LOGGER.info("stopped")
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _start(role: str, config: Config, run_dir: Path) -> Child:
+    process = subprocess.Popen(
+        child_command(role, config, run_dir),
+        process_group=0,
+        preexec_fn=_die_with_parent(),
+    )
+    LOGGER.info("started child '%s' (pid %d)", role, process.pid)
+    return Child(role, process)
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A pre-exec function asking Linux to SIGTERM the child when the
+    supervisor dies (even by SIGKILL); None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+
+    def pre_exec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+    return pre_exec
+
+
+def stop_children(children: Sequence[Child], timeout: float = STOP_TIMEOUT) -> None:
+    """SIGTERM every running child, wait up to *timeout* seconds in all, then
+    SIGKILL the process groups of those still running.  Leftovers of a child
+    group (e.g. workers of a gunicorn master that died) are stopped too."""
+    running = [child for child in children if child.process.poll() is None]
+    for child in running:
+        _signal_process(child.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for child in running:
+        _await_exit(child, deadline, timeout)
+    for child in children:
+        _reap_group(child.pid)
+
+
+def _await_exit(child: Child, deadline: float, timeout: float) -> None:
+    try:
+        child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        LOGGER.warning(
+            "child '%s' (pid %d) did not stop within %.0f s: killing it",
+            child.role,
+            child.pid,
+            timeout,
+        )
+        _signal_group(child.pid, signal.SIGKILL)
+        child.process.wait()
+    else:
+        LOGGER.info(
+            "child '%s' (pid %d) %s", child.role, child.pid, describe_exit(child.process.returncode)
+        )
+
+
+def _signal_process(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Send *sig* to a process group (0: only check it exists); False if the
+    group is empty."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _reap_group(pgid: int, grace: float = 2.0) -> None:
+    """Stop processes left in a child's group after its leader has exited."""
+    if not _signal_group(pgid, signal.SIGTERM):
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        if not _signal_group(pgid, 0):
+            return
+    LOGGER.warning("killing processes left in process group %d", pgid)
+    _signal_group(pgid, signal.SIGKILL)
+
+
+def describe_exit(returncode: int) -> str:
+    """``exited with code 1`` or ``was killed by signal SIGKILL``."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = str(-returncode)
+        return f"was killed by signal {name}"
+    return f"exited with code {returncode}"
+
+
+# --------------------------------------------------------------------------
+# the children
+
+
+def run_dimse(config: Config, run_dir: Path | None) -> int:
+    """Child entry point: the DIMSE listener, until SIGTERM."""
+    from appliance.services import build_services
+    from dimse_bridge.ae import run_listener
+
+    services = build_services(config)
+
+    def listening() -> None:
+        if run_dir is not None:
+            runstate.mark_ready(run_dir, "dimse")
+        threading.Thread(target=_sweep, args=(services,), name="orphan-sweep", daemon=True).start()
+
+    try:
+        run_listener(config, services, on_listening=listening)
+    except OSError as exc:
+        LOGGER.error(
+            "cannot listen for DICOM associations on %s:%d: %s",
+            config.dimse.host,
+            config.dimse.port,
+            exc,
+        )
+        return 1
+    finally:
+        if run_dir is not None:
+            runstate.clear(run_dir, "dimse")
+        services.close()
+    return 0
+
+
+def _sweep(services: Services) -> None:
+    """Remove blobs a crash left without an index row (once, at start)."""
+    from appliance.ingest import sweep_orphans
+
+    try:
+        sweep_orphans(services.storage, services.index)
+    except Exception:
+        LOGGER.exception("the orphan sweep failed; it runs again at the next start")
+
+
+def gunicorn_settings(config: Config) -> dict[str, Any]:
+    """gunicorn's settings for *config*: bind, workers, logging to stdout.
+
+    No ``preload_app``: each worker imports and builds the app (and its own
+    services, database connections included) after the fork.
+    """
+    host, port = config.http.host, config.http.port
+    bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return {
+        "bind": [bind],
+        "workers": config.http.workers,
+        "preload_app": False,
+        "proc_name": "dicom-appliance-http",
+        "graceful_timeout": HTTP_GRACEFUL_TIMEOUT,
+        "loglevel": config.log.level,
+        "logconfig_dict": logging_config(config.log.level),
+        "access_log_format": ACCESS_LOG_FORMAT,
+        # no control socket under $HOME: the supervisor is the only controller
+        "control_socket_disable": True,
+        "post_fork": _post_fork,
+        "worker_exit": _worker_exit,
+    }
+
+
+def _post_fork(_server: Any, _worker: Any) -> None:
+    set_process_name("http-worker")
+
+
+def _worker_exit(_server: Any, worker: Any) -> None:
+    from dicomweb.app import close_app
+
+    app = getattr(worker, "wsgi", None)
+    if app is not None:
+        close_app(app)
+
+
+def run_http(config: Config, run_dir: Path | None) -> int:
+    """Child entry point: gunicorn serving DICOMweb, until SIGTERM."""
+    from gunicorn.app.base import BaseApplication
+
+    from dicomweb.app import create_app
+
+    class HttpApplication(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            for key, value in gunicorn_settings(config).items():
+                if key in self.cfg.settings or key not in _NEWER_GUNICORN_SETTINGS:
+                    self.cfg.set(key, value)
+
+        def load(self) -> WSGIApplication:
+            return create_app(config, run_dir=run_dir)
+
+    HttpApplication(prog="dicom-appliance").run()
+    return 0
+
+
+_RUNNERS: dict[str, Callable[[Config, Path | None], int]] = {
+    "http": run_http,
+    "dimse": run_dimse,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of a child process (``python -m appliance.server ROLE``)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m appliance.server",
+        description="One process of the appliance; started by 'dicom-appliance serve'.",
+    )
+    parser.add_argument("role", choices=ROLES)
+    parser.add_argument("--config", metavar="FILE", help="the TOML configuration file")
+    parser.add_argument("--run-dir", metavar="DIR", type=Path, help="the supervisor's run folder")
+    args = parser.parse_args(argv)
+    set_process_name(args.role)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        setup_logging("info")
+        LOGGER.error("%s", exc.reason)
+        return 2
+    setup_logging(config.log.level)
+    try:
+        return _RUNNERS[args.role](config, args.run_dir)
+    except ApplianceError as exc:
+        LOGGER.error("%s", exc.reason)
+        return 2
+    except Exception:
+        LOGGER.exception("the '%s' process failed", args.role)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

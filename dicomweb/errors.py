@@ -1,0 +1,102 @@
+"""The one place where exceptions become HTTP responses.
+
+- :class:`~appliance.errors.ApplianceError`: the HTTP status of
+  :data:`HTTP_STATUS` (by the most specific class), a JSON body with the
+  reason and the DICOM status code (PS3.18 Table I.2-2: DICOMweb failure
+  reasons are DIMSE status codes), never a stack trace.
+- werkzeug's HTTP errors (unknown path, method not allowed): the same JSON
+  shape with their own status.
+- anything else: 500 with a generic message; the traceback goes to the
+  server log only.
+
+A view that owes the client a richer answer (e.g. a STOW-RS response data
+set listing the failed instances) builds it itself; this is the fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from appliance.errors import (
+    ApplianceError,
+    BlobNotFound,
+    ConfigError,
+    IndexUnavailable,
+    InvalidInstance,
+    QueryError,
+    SchemaNotCurrent,
+    StorageError,
+    StorageFull,
+    UnreadableInstance,
+)
+
+LOGGER = logging.getLogger(__name__)
+
+#: HTTP status per core exception class; the most specific class wins, and
+#: an ApplianceError not listed is a 500.
+HTTP_STATUS: dict[type[ApplianceError], int] = {
+    QueryError: 400,  # PS3.18 8.3.4.5 / 10.6.3: a query that cannot be understood
+    InvalidInstance: 400,
+    UnreadableInstance: 400,
+    BlobNotFound: 404,
+    StorageFull: 507,
+    StorageError: 503,
+    IndexUnavailable: 503,
+    SchemaNotCurrent: 503,
+    ConfigError: 500,
+}
+
+GENERIC_MESSAGE = "internal server error; the server log has the details"
+
+
+def http_status_for(exc: ApplianceError) -> int:
+    """The HTTP status for *exc*: that of its most specific listed class."""
+    for cls in type(exc).__mro__:
+        if issubclass(cls, ApplianceError) and cls in HTTP_STATUS:
+            return HTTP_STATUS[cls]
+    return 500
+
+
+def error_response(status: int, message: str, **extra: Any) -> Response:
+    """A JSON error body ``{"error": message, "status": status, ...}``."""
+    response = jsonify({"error": message, "status": status, **extra})
+    response.status_code = status
+    return response
+
+
+def handle_appliance_error(exc: ApplianceError) -> Response:
+    """A core failure: its reason and DICOM status, no stack trace."""
+    status = http_status_for(exc)
+    level = logging.ERROR if status >= 500 else logging.INFO
+    LOGGER.log(level, "%s %s -> %d: %s", request.method, request.path, status, exc.reason)
+    return error_response(status, exc.reason, dicomStatus=int(exc.status))
+
+
+def handle_http_exception(exc: HTTPException) -> Response:
+    """A werkzeug HTTP error (404 for an unknown path, 405, 413, ...)."""
+    status = exc.code or 500
+    response = error_response(status, exc.description or exc.name)
+    if status == 405:
+        # keep the Allow header werkzeug computed
+        for name, value in exc.get_headers():
+            if name.lower() == "allow":
+                response.headers["Allow"] = value
+    return response
+
+
+def handle_unexpected(exc: Exception) -> Response:
+    """A bug or an unforeseen failure: logged with its traceback, answered
+    with a generic 500."""
+    LOGGER.error("unexpected error on %s %s", request.method, request.path, exc_info=exc)
+    return error_response(500, GENERIC_MESSAGE)
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Install the mapping on *app*."""
+    app.register_error_handler(ApplianceError, handle_appliance_error)
+    app.register_error_handler(HTTPException, handle_http_exception)
+    app.register_error_handler(Exception, handle_unexpected)

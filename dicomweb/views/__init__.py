@@ -1,0 +1,1 @@
+"""Blueprints, one per transaction family (PS3.18 names)."""

@@ -1,0 +1,143 @@
+"""The Application Entity: who may associate, which services it offers, and
+the listener loop run by the ``dimse`` child of ``dicom-appliance serve``."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from pynetdicom import AE, evt
+from pynetdicom.events import EventHandlerType
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from appliance.config import Config
+from appliance.services import Services
+from dimse_bridge import handlers
+
+LOGGER = logging.getLogger(__name__)
+
+#: Seconds open associations get to finish after SIGTERM before they are
+#: aborted (below the supervisor's stop timeout).
+DRAIN_TIMEOUT = 5.0
+#: Seconds between checks for a stop request.
+POLL_INTERVAL = 0.2
+
+
+def build_ae(config: Config, services: Services) -> AE:
+    """The acceptor AE for *config*.
+
+    - Its title is ``dimse.ae_title``; an association whose Called AE Title
+      is another one is rejected (A-ASSOCIATE-RJ, rejected-permanent,
+      service-user, reason 7 "called-AE-title-not-recognized", PS3.8 9.3.4).
+    - With ``dimse.require_known_peers`` only the AE titles of
+      ``dimse.peers`` may associate (others: reason 3
+      "calling-AE-title-not-recognized").
+    - Verification (C-ECHO) is supported.
+
+    Parameters
+    ----------
+    config
+        The appliance configuration.
+    services
+        The core's services the DIMSE services will call.
+    """
+    ae = AE(ae_title=config.dimse.ae_title)
+    ae.require_called_aet = True
+    if config.dimse.require_known_peers:
+        # never empty: load_config refuses require_known_peers without peers
+        ae.require_calling_aet = [peer.ae_title.strip() for peer in config.dimse.peers]
+    ae.add_supported_context(Verification)
+    return ae
+
+
+def evt_handlers(services: Services) -> list[EventHandlerType]:
+    """The event handlers, with their dependencies bound in."""
+    return [
+        (evt.EVT_C_ECHO, handlers.handle_echo),
+        (evt.EVT_ACCEPTED, handlers.log_accepted),
+        (evt.EVT_RELEASED, handlers.log_released),
+        (evt.EVT_ABORTED, handlers.log_aborted),
+        (evt.EVT_REJECTED, handlers.log_rejected),
+    ]
+
+
+def run_listener(
+    config: Config,
+    services: Services,
+    stop: threading.Event | None = None,
+    on_listening: Callable[[], None] | None = None,
+) -> None:
+    """Listen on ``dimse.host:dimse.port`` until asked to stop.
+
+    Parameters
+    ----------
+    config
+        The appliance configuration.
+    services
+        The core's services.
+    stop
+        Stop when this is set.  When None, SIGTERM and SIGINT stop the
+        listener (this must then run in the main thread).
+    on_listening
+        Called once the socket is bound (to tell readiness).
+
+    Raises
+    ------
+    OSError
+        if the address cannot be bound (e.g. the port is in use).
+    """
+    ae = build_ae(config, services)
+    stop = threading.Event() if stop is None else stop
+    received: list[int] = []
+    previous: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            received.append(signum)
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    address = (config.dimse.host, config.dimse.port)
+    try:
+        server = ae.start_server(address, block=False, evt_handlers=evt_handlers(services))
+        assert server is not None  # block=False returns the server
+        LOGGER.info(
+            "listening for DICOM associations as '%s' on %s:%d",
+            config.dimse.ae_title,
+            *address,
+        )
+        if on_listening is not None:
+            on_listening()
+        while not received and not stop.is_set():
+            time.sleep(POLL_INTERVAL)
+        LOGGER.info("stopping the DIMSE listener")
+        server.shutdown()
+        _drain(ae)
+        ae.shutdown()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _established(ae: AE) -> int:
+    return sum(1 for assoc in ae.active_associations if assoc.is_established)
+
+
+def _drain(ae: AE, timeout: float = DRAIN_TIMEOUT) -> None:
+    """Give established associations *timeout* seconds to finish.
+
+    Connections that never sent an A-ASSOCIATE-RQ (e.g. the readiness
+    probe's TCP connect, which pynetdicom keeps for ``acse_timeout``) are
+    not waited for.
+    """
+    deadline = time.monotonic() + timeout
+    while _established(ae) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _established(ae):
+        LOGGER.warning(
+            "aborting %d association(s) still open after %.0f s", _established(ae), timeout
+        )
