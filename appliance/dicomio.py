@@ -23,6 +23,7 @@ from appliance.model import (
     InstanceAttributes,
     InstanceRecord,
     PatientAttributes,
+    RequestAttributes,
     SeriesAttributes,
     StudyAttributes,
 )
@@ -134,6 +135,7 @@ def extract_record(ds: Dataset) -> InstanceRecord:
             study_id=_text(ds, "StudyID"),
             study_description=_text(ds, "StudyDescription"),
             referring_physician_name=_text(ds, "ReferringPhysicianName"),
+            timezone_offset_from_utc=_text(ds, "TimezoneOffsetFromUTC"),
         ),
         series=SeriesAttributes(
             series_instance_uid=series_uid,
@@ -145,6 +147,7 @@ def extract_record(ds: Dataset) -> InstanceRecord:
                 _text(ds, "PerformedProcedureStepStartDate")
             ),
             performed_procedure_step_start_time=_text(ds, "PerformedProcedureStepStartTime"),
+            request_attributes=_request_attributes(ds),
         ),
         instance=InstanceAttributes(
             sop_instance_uid=sop_uid,
@@ -156,8 +159,23 @@ def extract_record(ds: Dataset) -> InstanceRecord:
             bits_allocated=_int(ds, "BitsAllocated"),
             number_of_frames=_int(ds, "NumberOfFrames"),
             specific_character_set=_text(ds, "SpecificCharacterSet"),
-            timezone_offset_from_utc=_text(ds, "TimezoneOffsetFromUTC"),
         ),
+    )
+
+
+def _request_attributes(ds: Dataset) -> tuple[RequestAttributes, ...]:
+    """The items of the Request Attributes Sequence (0040,0275), keeping the
+    two values QIDO-RS matches on (PS3.18 Table 10.6.1-5)."""
+    items = _value(ds, "RequestAttributesSequence")
+    if not items:
+        return ()
+    return tuple(
+        RequestAttributes(
+            scheduled_procedure_step_id=_text(item, "ScheduledProcedureStepID"),
+            requested_procedure_id=_text(item, "RequestedProcedureID"),
+        )
+        for item in items
+        if isinstance(item, Dataset)
     )
 
 

@@ -33,6 +33,15 @@ class StudyAttributes:
     study_id: str = ""
     study_description: str = ""
     referring_physician_name: str = ""
+    timezone_offset_from_utc: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestAttributes:
+    """One item of the Request Attributes Sequence (0040,0275)."""
+
+    scheduled_procedure_step_id: str = ""
+    requested_procedure_id: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +53,7 @@ class SeriesAttributes:
     body_part_examined: str = ""
     performed_procedure_step_start_date: str = ""
     performed_procedure_step_start_time: str = ""
+    request_attributes: tuple[RequestAttributes, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +67,6 @@ class InstanceAttributes:
     bits_allocated: int | None = None
     number_of_frames: int | None = None
     specific_character_set: str = ""
-    timezone_offset_from_utc: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -78,6 +78,7 @@ study = Table(
     Column("study_description", TEXT, nullable=False),
     Column("referring_physician_name", TEXT, nullable=False),
     Column("referring_physician_name_norm", TEXT, nullable=False),
+    Column("timezone_offset_from_utc", SHORT, nullable=False),
     # the patient as this study's header gave it
     Column("patient_id", SHORT, nullable=False, index=True),
     Column("issuer_of_patient_id", SHORT, nullable=False),
@@ -110,6 +111,18 @@ series = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
+#: The items of a series' Request Attributes Sequence (0040,0275), as its
+#: first instance gave them: PS3.18 Table 10.6.1-5 matches on two of their
+#: attributes (sequence matching, PS3.4 C.2.2.2.6).
+request_attribute = Table(
+    "request_attribute",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("series_fk", Id, ForeignKey("series.id"), nullable=False, index=True),
+    Column("scheduled_procedure_step_id", SHORT, nullable=False, index=True),
+    Column("requested_procedure_id", SHORT, nullable=False, index=True),
+)
+
 instance = Table(
     "instance",
     metadata,
@@ -125,7 +138,6 @@ instance = Table(
     Column("number_of_frames", Integer, nullable=True),
     Column("transfer_syntax_uid", UID, nullable=False),
     Column("specific_character_set", SHORT, nullable=False),
-    Column("timezone_offset_from_utc", SHORT, nullable=False),
     Column("blob_key", String(128), nullable=False, unique=True),
     Column("size", BigInteger, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),

@@ -23,7 +23,14 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, SQL
 from appliance.dicomio import tm_key
 from appliance.errors import IndexUnavailable, InvalidInstance
 from appliance.index.engine import WRITE
-from appliance.index.schema import changefeed, instance, patient, series, study
+from appliance.index.schema import (
+    changefeed,
+    instance,
+    patient,
+    request_attribute,
+    series,
+    study,
+)
 from appliance.model import InstanceRecord
 from appliance.storage.base import BlobInfo
 
@@ -89,7 +96,6 @@ def _instance_values(record: InstanceRecord, blob: BlobInfo, now: dt.datetime) -
         "number_of_frames": i.number_of_frames,
         "transfer_syntax_uid": i.transfer_syntax_uid,
         "specific_character_set": i.specific_character_set,
-        "timezone_offset_from_utc": i.timezone_offset_from_utc,
         "blob_key": blob.key,
         "size": blob.size,
         "updated_at": now,
@@ -322,6 +328,7 @@ class SqlIndex:
                 study_description=s.study_description,
                 referring_physician_name=s.referring_physician_name,
                 referring_physician_name_norm=s.referring_physician_name.casefold(),
+                timezone_offset_from_utc=s.timezone_offset_from_utc,
                 patient_id=p.patient_id,
                 issuer_of_patient_id=p.issuer_of_patient_id,
                 patient_name=p.patient_name,
@@ -368,12 +375,25 @@ class SqlIndex:
             .returning(series.c.id)
         ).first()
         if created is not None:
+            series_fk = int(created[0])
             conn.execute(
                 update(study)
                 .where(study.c.id == study_fk)
                 .values(num_series=study.c.num_series + 1)
             )
-            return int(created[0])
+            if s.request_attributes:
+                conn.execute(
+                    request_attribute.insert(),
+                    [
+                        {
+                            "series_fk": series_fk,
+                            "scheduled_procedure_step_id": item.scheduled_procedure_step_id,
+                            "requested_procedure_id": item.requested_procedure_id,
+                        }
+                        for item in s.request_attributes
+                    ],
+                )
+            return series_fk
         row = conn.execute(
             select(series.c.id, series.c.study_fk)
             .where(series.c.series_instance_uid == s.series_instance_uid)
@@ -396,6 +416,9 @@ class SqlIndex:
             select(func.count()).select_from(instance).where(instance.c.series_fk == row.series_fk)
         ).scalar_one()
         if left == 0:
+            conn.execute(
+                delete(request_attribute).where(request_attribute.c.series_fk == row.series_fk)
+            )
             conn.execute(delete(series).where(series.c.id == row.series_fk))
             conn.execute(
                 update(study)

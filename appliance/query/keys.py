@@ -12,8 +12,9 @@ are the same in both tables, so an entry names the column only and
 :func:`table_for` picks the table from the query level.
 
 Some attributes are computed rather than stored (ModalitiesInStudy, the
-``NumberOf...Related...`` counts); they are named in :data:`COMPUTED` and
-handled by :mod:`appliance.query.service`.  Some stored attributes are only
+``NumberOf...Related...`` counts) or kept in a table of their own (the
+Request Attributes Sequence); they are named in :data:`COMPUTED` and handled
+by :mod:`appliance.query.service`.  Some stored attributes are only
 returned, never matched (the instance's Transfer Syntax UID, Specific
 Character Set and Timezone Offset From UTC: PS3.4 C.2.2.2 says Specific
 Character Set "is never matched").
@@ -128,13 +129,31 @@ _TABLE: tuple[Attribute, ...] = (
     _a("BitsAllocated", _IM, "US", "bits_allocated"),
     _a("NumberOfFrames", _IM, "IS", "number_of_frames"),
     # returned only
+    _a("TimezoneOffsetFromUTC", _ST, "SH", "timezone_offset_from_utc", matchable=False),
     _a("TransferSyntaxUID", _IM, "UI", "transfer_syntax_uid", matchable=False),
     _a("SpecificCharacterSet", _IM, "CS", "specific_character_set", matchable=False),
-    _a("TimezoneOffsetFromUTC", _IM, "SH", "timezone_offset_from_utc", matchable=False),
 )
 
 #: keyword -> attribute, for every stored attribute.
 ATTRIBUTES: Mapping[str, Attribute] = MappingProxyType({a.keyword: a for a in _TABLE})
+
+#: The Request Attributes Sequence (0040,0275) of a series, in the
+#: ``request_attribute`` table: returned as a list of items, and matched by
+#: the keys of :data:`REQUEST_ATTRIBUTE_KEYS` (PS3.4 C.2.2.2.6 Sequence
+#: Matching: all keys given must match one and the same item).
+REQUEST_ATTRIBUTES = "RequestAttributesSequence"
+
+#: ``Sequence.Keyword`` matching keys (the attribute path form of PS3.18
+#: 8.3.4.1) -> the attribute of the ``request_attribute`` table they match.
+REQUEST_ATTRIBUTE_KEYS: Mapping[str, Attribute] = MappingProxyType(
+    {
+        f"{REQUEST_ATTRIBUTES}.{keyword}": _a(keyword, _SE, "SH", column)
+        for keyword, column in (
+            ("ScheduledProcedureStepID", "scheduled_procedure_step_id"),
+            ("RequestedProcedureID", "requested_procedure_id"),
+        )
+    }
+)
 
 #: Matched by EXISTS over the study's series (PS3.4 C.6.1.1.3.1: "the set of
 #: distinct values of Modality in the series of the study").
@@ -151,6 +170,7 @@ COMPUTED: Mapping[str, Level] = MappingProxyType(
         "NumberOfStudyRelatedSeries": Level.STUDY,
         "NumberOfStudyRelatedInstances": Level.STUDY,
         "NumberOfSeriesRelatedInstances": Level.SERIES,
+        REQUEST_ATTRIBUTES: Level.SERIES,
     }
 )
 
@@ -159,6 +179,8 @@ def _matching_keys(level: Level) -> frozenset[str]:
     keys = {a.keyword for a in _TABLE if a.matchable and rank(a.level) <= rank(level)}
     if rank(level) >= rank(Level.STUDY):
         keys.add(MODALITIES_IN_STUDY)
+    if rank(level) >= rank(Level.SERIES):
+        keys.update(REQUEST_ATTRIBUTE_KEYS)
     return frozenset(keys)
 
 

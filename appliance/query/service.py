@@ -17,7 +17,7 @@ from sqlalchemy import ColumnElement, Connection, Engine, FromClause, Select, fu
 from sqlalchemy.exc import SQLAlchemyError
 
 from appliance.errors import IndexUnavailable, QueryError
-from appliance.index.schema import instance, patient, series, study
+from appliance.index.schema import instance, patient, request_attribute, series, study
 from appliance.model import Level
 from appliance.query import matching
 from appliance.query.keys import (
@@ -25,13 +25,17 @@ from appliance.query.keys import (
     COMPUTED,
     MATCHING_KEYS,
     MODALITIES_IN_STUDY,
+    REQUEST_ATTRIBUTE_KEYS,
+    REQUEST_ATTRIBUTES,
     RETURN_KEYS,
     rank,
     table_for,
 )
 
-#: Label of the study's primary key in a result row; removed before returning.
+#: Labels of the study's and series' primary keys in a result row; removed
+#: before returning.
 _STUDY_PK = "_study_pk"
+_SERIES_PK = "_series_pk"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +144,11 @@ class QueryService:
                     modalities = _modalities(conn, study_ids)
                     for match in matches:
                         match[MODALITIES_IN_STUDY] = modalities.get(match.pop(_STUDY_PK), [])
+                if rank(query.level) >= rank(Level.SERIES):
+                    series_ids = {match[_SERIES_PK] for match in matches}
+                    items = _request_attributes(conn, series_ids)
+                    for match in matches:
+                        match[REQUEST_ATTRIBUTES] = items.get(match.pop(_SERIES_PK), [])
         except SQLAlchemyError as exc:
             # the reason names no value: SQLAlchemy's text carries the
             # statement's parameters, which may be patient data
@@ -162,6 +171,7 @@ def _conditions(query: Query) -> list[ColumnElement[bool]]:
     match (PS3.4 C.4.1.2.1: in a hierarchical query, keys are at the query
     level or above)."""
     conditions: list[ColumnElement[bool]] = []
+    sequence_keys: dict[str, str] = {}
     allowed = MATCHING_KEYS[query.level]
     for keyword, value in sorted(query.keys.items()):
         if not isinstance(value, str):
@@ -170,6 +180,9 @@ def _conditions(query: Query) -> list[ColumnElement[bool]]:
             raise QueryError(_not_matchable(keyword, query.level))
         if keyword == MODALITIES_IN_STUDY:
             found = matching.modalities_in_study(value)
+        elif keyword in REQUEST_ATTRIBUTE_KEYS:
+            sequence_keys[keyword] = value
+            continue
         else:
             attribute = ATTRIBUTES[keyword]
             table = table_for(attribute.level, query.level)
@@ -177,11 +190,35 @@ def _conditions(query: Query) -> list[ColumnElement[bool]]:
             found = matching.condition(attribute, column, value)
         if found is not None:
             conditions.append(found)
+    found = _request_attributes_condition(sequence_keys)
+    if found is not None:
+        conditions.append(found)
     return conditions
 
 
+def _request_attributes_condition(keys: Mapping[str, str]) -> ColumnElement[bool] | None:
+    """PS3.4 C.2.2.2.6 Sequence Matching on the Request Attributes Sequence:
+    the series matches if one of its items matches every key given (each by
+    the rules of its VR); universal keys add nothing, and a query whose keys
+    are all universal matches every series, with items or without."""
+    item_conditions = []
+    for keyword, value in keys.items():
+        attribute = REQUEST_ATTRIBUTE_KEYS[keyword]
+        found = matching.condition(attribute, request_attribute.c[attribute.column], value)
+        if found is not None:
+            item_conditions.append(found)
+    if not item_conditions:
+        return None
+    return (
+        select(request_attribute.c.id)
+        .where(request_attribute.c.series_fk == series.c.id, *item_conditions)
+        .exists()
+    )
+
+
 def _not_matchable(keyword: str, level: Level) -> str:
-    owner = ATTRIBUTES[keyword].level if keyword in ATTRIBUTES else COMPUTED.get(keyword)
+    known = ATTRIBUTES.get(keyword) or REQUEST_ATTRIBUTE_KEYS.get(keyword)
+    owner = known.level if known is not None else COMPUTED.get(keyword)
     if owner is not None and rank(owner) > rank(level):
         return (
             f"{keyword} is a {owner.value}-level key and cannot be matched "
@@ -206,6 +243,7 @@ def _columns(level: Level) -> list[ColumnElement[Any]]:
     columns.append(study.c.num_instances.label("NumberOfStudyRelatedInstances"))
     if rank(level) >= rank(Level.SERIES):
         columns.append(series.c.num_instances.label("NumberOfSeriesRelatedInstances"))
+        columns.append(series.c.id.label(_SERIES_PK))
     columns.append(study.c.id.label(_STUDY_PK))
     return columns
 
@@ -250,6 +288,31 @@ def _statement(level: Level, conditions: Sequence[ColumnElement[bool]]) -> Selec
         )
         key = instance.c.id
     return select(*_columns(level)).select_from(source).where(*conditions).order_by(key)
+
+
+def _request_attributes(
+    conn: Connection, series_ids: Iterable[int]
+) -> dict[int, list[dict[str, str]]]:
+    """The Request Attributes Sequence items of the series of one page, in
+    one query: series id -> items in stored order."""
+    ids = sorted(set(series_ids))
+    if not ids:
+        return {}
+    rows = conn.execute(
+        select(
+            request_attribute.c.series_fk,
+            request_attribute.c.scheduled_procedure_step_id,
+            request_attribute.c.requested_procedure_id,
+        )
+        .where(request_attribute.c.series_fk.in_(ids))
+        .order_by(request_attribute.c.id)
+    )
+    found: dict[int, list[dict[str, str]]] = {}
+    for series_id, step_id, procedure_id in rows:
+        found.setdefault(series_id, []).append(
+            {"ScheduledProcedureStepID": step_id, "RequestedProcedureID": procedure_id}
+        )
+    return found
 
 
 def _modalities(conn: Connection, study_ids: Iterable[int]) -> dict[int, list[str]]:

@@ -175,6 +175,32 @@ def test_character_sets_are_indexed_as_unicode(index_engine: Engine, blobs: Path
     assert any("Люк" in n for n in rows.values())  # ISO_IR 144 (Cyrillic) decoded
 
 
+def test_request_attributes_and_timezone_are_indexed(index_engine: Engine, blobs: Path) -> None:
+    from appliance.index.schema import request_attribute
+
+    ds = ct_dataset()
+    ds.TimezoneOffsetFromUTC = "+0100"
+    items = []
+    for step, procedure in (("SPS1", "RP1"), ("SPS2", "RP2")):
+        item = Dataset()
+        item.ScheduledProcedureStepID = step
+        item.RequestedProcedureID = procedure
+        items.append(item)
+    ds.RequestAttributesSequence = items
+    service = make_service(index_engine, blobs)
+    assert service.store_part10(io.BytesIO(part10(ds)), ORIGIN).status is Status.SUCCESS
+    with index_engine.connect() as conn:
+        rows = conn.execute(
+            select(
+                request_attribute.c.scheduled_procedure_step_id,
+                request_attribute.c.requested_procedure_id,
+            ).order_by(request_attribute.c.id)
+        ).all()
+        tz = conn.execute(select(study.c.timezone_offset_from_utc)).scalar_one()
+    assert [tuple(r) for r in rows] == [("SPS1", "RP1"), ("SPS2", "RP2")]
+    assert tz == "+0100"
+
+
 # ------------------------------------------------------------ the DIMSE form
 
 
@@ -257,6 +283,9 @@ def test_duplicate_policies(
 
 def test_replace_can_move_an_instance_to_another_series(index_engine: Engine, blobs: Path) -> None:
     first = ct_dataset()
+    item = Dataset()
+    item.ScheduledProcedureStepID = "SPS1"
+    first.RequestAttributesSequence = [item]  # the emptied series' items go with it
     moved = ct_dataset(first.StudyInstanceUID, generate_uid(), first.SOPInstanceUID)
     service = make_service(index_engine, blobs, "replace")
     service.store_part10(io.BytesIO(part10(first)), ORIGIN)

@@ -20,6 +20,7 @@ from appliance.model import (
     InstanceRecord,
     Level,
     PatientAttributes,
+    RequestAttributes,
     SeriesAttributes,
     StudyAttributes,
 )
@@ -590,6 +591,77 @@ def test_matching_keys_per_level() -> None:
     assert {"Modality", "SeriesNumber", "PerformedProcedureStepStartTime"} <= series - study
     assert {"SOPClassUID", "Rows", "NumberOfFrames"} <= image - series
     assert MATCHING_KEYS[Level.SERIES] == series
+
+
+# --------------------------------------------------------------- C.2.2.2.6
+
+SPS = "RequestAttributesSequence.ScheduledProcedureStepID"
+RP = "RequestAttributesSequence.RequestedProcedureID"
+
+
+def test_sequence_matching_on_request_attributes_c_2_2_2_6(
+    index: Index, service: QueryService
+) -> None:
+    """PS3.4 C.2.2.2.6 Sequence Matching (PS3.18 Table 10.6.1-5 series keys):
+    a series matches if one item matches every key given, each by its VR's
+    rules; all-universal keys match every series, items or none."""
+    both = index.add(
+        request_attributes=(
+            RequestAttributes("SPS1", "RP1"),
+            RequestAttributes("SPS2", "RP2"),
+        )
+    )
+    other = index.add(request_attributes=(RequestAttributes("SPS3", "RP1"),))
+    bare = index.add()
+
+    def series_uids(**keys: str) -> set[str]:
+        return set(values(search(service, Level.SERIES, **keys), "SeriesInstanceUID"))
+
+    uid = {r: r.series.series_instance_uid for r in (both, other, bare)}
+    assert series_uids(**{SPS: "SPS2"}) == {uid[both]}
+    assert series_uids(**{RP: "RP1"}) == {uid[both], uid[other]}
+    # both keys must match the same item
+    assert series_uids(**{SPS: "SPS1", RP: "RP1"}) == {uid[both]}
+    assert series_uids(**{SPS: "SPS1", RP: "RP2"}) == set()
+    assert series_uids(**{SPS: "SPS?", RP: "RP1"}) == {uid[both], uid[other]}
+    assert series_uids(**{SPS: "", RP: "*"}) == set(uid.values())
+    # the image level filters by it too; the study level does not know it
+    assert len(search(service, Level.IMAGE, **{SPS: "SPS3"}).matches) == 1
+    with pytest.raises(QueryError, match="SERIES-level key"):
+        search(service, Level.STUDY, **{SPS: "SPS1"})
+
+
+def test_request_attributes_are_returned_as_items(index: Index, service: QueryService) -> None:
+    record = index.add(
+        request_attributes=(RequestAttributes("SPS1", "RP1"), RequestAttributes("SPS2", ""))
+    )
+    index.add()
+    matches = {
+        m["SeriesInstanceUID"]: m["RequestAttributesSequence"]
+        for m in search(service, Level.SERIES).matches
+    }
+    assert matches.pop(record.series.series_instance_uid) == [
+        {"ScheduledProcedureStepID": "SPS1", "RequestedProcedureID": "RP1"},
+        {"ScheduledProcedureStepID": "SPS2", "RequestedProcedureID": ""},
+    ]
+    assert list(matches.values()) == [[]]
+    (image,) = [
+        m
+        for m in search(service, Level.IMAGE).matches
+        if m["SeriesInstanceUID"] == record.series.series_instance_uid
+    ]
+    assert len(image["RequestAttributesSequence"]) == 2
+    assert "RequestAttributesSequence" not in QueryService.return_keys(Level.STUDY)
+
+
+def test_timezone_offset_is_returned_at_every_level_below_patient(
+    index: Index, service: QueryService
+) -> None:
+    """TimezoneOffsetFromUTC is a default return attribute of all three QIDO
+    levels (PS3.18 Tables 10.6.3-3/4/5); the index keeps the study's."""
+    index.add(timezone_offset_from_utc="-0500")
+    for level in (Level.STUDY, Level.SERIES, Level.IMAGE):
+        assert values(search(service, level), "TimezoneOffsetFromUTC") == ["-0500"]
 
 
 # ----------------------------------------------------- paging and maximum

@@ -1,4 +1,5 @@
-"""The initial index: patient, study, series, instance and change feed.
+"""The initial index: patient, study, series (+ request attributes), instance,
+change feed.
 
 Revision ID: 0001
 Revises:
@@ -67,6 +68,7 @@ def upgrade() -> None:
         sa.Column("study_description", sa.String(length=1024), nullable=False),
         sa.Column("referring_physician_name", sa.String(length=1024), nullable=False),
         sa.Column("referring_physician_name_norm", sa.String(length=1024), nullable=False),
+        sa.Column("timezone_offset_from_utc", sa.String(length=64), nullable=False),
         sa.Column("patient_id", sa.String(length=64), nullable=False),
         sa.Column("issuer_of_patient_id", sa.String(length=64), nullable=False),
         sa.Column("patient_name", sa.String(length=1024), nullable=False),
@@ -125,7 +127,6 @@ def upgrade() -> None:
         sa.Column("number_of_frames", sa.Integer(), nullable=True),
         sa.Column("transfer_syntax_uid", sa.String(length=64), nullable=False),
         sa.Column("specific_character_set", sa.String(length=64), nullable=False),
-        sa.Column("timezone_offset_from_utc", sa.String(length=64), nullable=False),
         sa.Column("blob_key", sa.String(length=128), nullable=False),
         sa.Column("size", sa.BigInteger(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
@@ -143,8 +144,34 @@ def upgrade() -> None:
     op.create_index(op.f("ix_instance_series_fk"), "instance", ["series_fk"], unique=False)
     op.create_index(op.f("ix_instance_sop_class_uid"), "instance", ["sop_class_uid"], unique=False)
     op.create_index(op.f("ix_instance_study_fk"), "instance", ["study_fk"], unique=False)
+    op.create_table(
+        "request_attribute",
+        sa.Column("id", ID, autoincrement=True, nullable=False),
+        sa.Column("series_fk", ID, nullable=False),
+        sa.Column("scheduled_procedure_step_id", sa.String(length=64), nullable=False),
+        sa.Column("requested_procedure_id", sa.String(length=64), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["series_fk"], ["series.id"], name=op.f("fk_request_attribute_series_fk_series")
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_request_attribute")),
+    )
+    op.create_index(
+        op.f("ix_request_attribute_requested_procedure_id"),
+        "request_attribute",
+        ["requested_procedure_id"],
+        unique=False,
+    )
+    op.create_index(
+        op.f("ix_request_attribute_scheduled_procedure_step_id"),
+        "request_attribute",
+        ["scheduled_procedure_step_id"],
+        unique=False,
+    )
+    op.create_index(
+        op.f("ix_request_attribute_series_fk"), "request_attribute", ["series_fk"], unique=False
+    )
 
 
 def downgrade() -> None:
-    for table in ("changefeed", "instance", "series", "study", "patient"):
+    for table in ("changefeed", "instance", "request_attribute", "series", "study", "patient"):
         op.drop_table(table)
