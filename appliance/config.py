@@ -88,11 +88,22 @@ def _index_url(value: str) -> str | None:
     return None
 
 
+def _origins(value: tuple[str, ...]) -> str | None:
+    for origin in value:
+        if origin != "*" and re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", origin) is None:
+            return f"{origin!r} is not an origin such as https://viewer.example:8443 or *"
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class HttpConfig:
     host: str = _field("127.0.0.1", check=_host)
     port: int = _field(8080, check=_port)
     workers: int = _field(2, check=_positive)
+    #: browser origins allowed to call the API from another origin (CORS); "*" for any
+    cors_allowed_origins: tuple[str, ...] = _field((), check=_origins)
+    #: the largest request body accepted (STOW-RS); larger ones get 413
+    max_request_mb: int = _field(4096, check=_positive)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,6 +269,9 @@ def _parse_env_value(var: str, raw: str, hint: Any) -> Any:
             return int(raw.strip())
         except ValueError:
             raise ConfigError(var, f"must be a whole number, not {raw!r}") from None
+    if get_origin(hint) is tuple and get_args(hint)[0] is str:
+        # a list of strings: comma-separated
+        return [item.strip() for item in raw.split(",") if item.strip()]
     if get_origin(hint) is tuple:
         # a list of tables, written as a TOML inline array
         try:
@@ -302,6 +316,10 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
         if not isinstance(value, str) or not value:
             raise ConfigError(name, "must be a non-empty path string")
         return Path(value)
+    if origin is tuple and get_args(hint)[0] is str:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(name, "must be an array of strings")
+        return tuple(value)
     if origin is tuple:
         item_cls = get_args(hint)[0]
         if not isinstance(value, list):
@@ -346,6 +364,9 @@ def render_config(config: Config) -> str:
         nested: list[tuple[str, tuple[Any, ...]]] = []
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
+            if typing.get_type_hints(type(obj))[f.name] == tuple[str, ...]:
+                lines.append(f"{f.name} = [{', '.join(_toml_value(v) for v in value)}]")
+                continue
             if isinstance(value, tuple):
                 nested.append((f.name, value))
                 continue

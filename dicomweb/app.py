@@ -9,11 +9,13 @@ that uses them, so a database connection is never shared across a fork.
 
 from __future__ import annotations
 
+import importlib
 import os
+import pkgutil
 import threading
 from pathlib import Path
 
-from flask import Flask, current_app
+from flask import Blueprint, Flask, current_app
 
 from appliance.config import Config
 from appliance.services import Services, build_services
@@ -95,10 +97,21 @@ def create_app(
     app.extensions[EXTENSION] = ApplianceExtension(config, services, run_dir)
     register_error_handlers(app)
 
-    from dicomweb.views import ops
-
-    app.register_blueprint(ops.bp)
+    for blueprint in _blueprints():
+        app.register_blueprint(blueprint)
     return app
+
+
+def _blueprints() -> list[Blueprint]:
+    """The ``bp`` of every module of :mod:`dicomweb.views`, one blueprint per
+    transaction family (each names its own URL prefix)."""
+    from dicomweb import views
+
+    found = []
+    for info in sorted(pkgutil.iter_modules(views.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{views.__name__}.{info.name}")
+        found.append(module.bp)
+    return found
 
 
 def get_extension(app: Flask | None = None) -> ApplianceExtension:

@@ -186,3 +186,27 @@ def test_known_peers_required_but_none_listed_is_refused(tmp_path: Path) -> None
     with pytest.raises(ConfigError) as info:
         load_config(environ={"APPLIANCE_DIMSE_REQUIRE_KNOWN_PEERS": "true"}, cwd=tmp_path)
     assert info.value.key == "dimse.peers"
+
+
+def test_lists_of_strings_from_file_and_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, '[http]\ncors_allowed_origins = ["https://viewer.example:8443"]\n')
+    assert load_config(path, environ={}, cwd=tmp_path).http.cors_allowed_origins == (
+        "https://viewer.example:8443",
+    )
+    env = {"APPLIANCE_HTTP_CORS_ALLOWED_ORIGINS": "http://a.example:3000, *"}
+    config = load_config(environ=env, cwd=tmp_path)
+    assert config.http.cors_allowed_origins == ("http://a.example:3000", "*")
+    assert 'cors_allowed_origins = ["http://a.example:3000", "*"]' in render_config(config)
+    assert "cors_allowed_origins = []" in render_config(load_config(environ={}, cwd=tmp_path))
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            write(tmp_path, '[http]\ncors_allowed_origins = ["javascript:x"]\n'),
+            environ={},
+            cwd=tmp_path,
+        )
+    assert info.value.key == "http.cors_allowed_origins"
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            write(tmp_path, "[http]\ncors_allowed_origins = [1]\n"), environ={}, cwd=tmp_path
+        )
+    assert info.value.key == "http.cors_allowed_origins"
