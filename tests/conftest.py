@@ -6,7 +6,9 @@ CI (``CI=true``), where a missing peer is a failure.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,9 +16,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, create_engine, text
 
+from appliance.config import Config, load_config
 from appliance.index import migrate
 from appliance.index.engine import create_index_engine
 from appliance.index.schema import metadata
+from appliance.services import Services, build_services
 
 PG_ADMIN_URL = os.environ.get(
     "APPLIANCE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -85,3 +89,65 @@ def index_engine(index_url: str) -> Iterator[Engine]:
     engine = create_index_engine(index_url)
     yield engine
     engine.dispose()
+
+
+# --------------------------------------------------------------------------
+# a live DICOMweb server on loopback (real HTTP, for dicomweb-client)
+
+
+@dataclasses.dataclass
+class LiveServer:
+    """The DICOMweb app served on a real loopback port, in this process."""
+
+    base_url: str  # http://127.0.0.1:PORT
+    services: Services
+    config: Config
+
+    @property
+    def root(self) -> str:
+        """The DICOMweb service root, ``.../v1``."""
+        return f"{self.base_url}/v1"
+
+
+def serve_app(config: Config, services: Services) -> Iterator[LiveServer]:
+    """Serve ``create_app(config, services)`` with werkzeug's threaded server
+    on a free loopback port until the generator is closed."""
+    from werkzeug.serving import make_server
+
+    from dicomweb.app import create_app
+
+    app = create_app(config, services)
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, name="live-server", daemon=True)
+    thread.start()
+    try:
+        yield LiveServer(f"http://127.0.0.1:{server.server_port}", services, config)
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+
+
+def make_config(tmp_path: Path, **environ: str) -> Config:
+    """A configuration whose storage and SQLite index live in *tmp_path*."""
+    env = {
+        "APPLIANCE_STORAGE_PATH": str(tmp_path / "blobs"),
+        "APPLIANCE_INDEX_URL": f"sqlite:///{tmp_path / 'index.db'}",
+        **environ,
+    }
+    return load_config(environ=env, cwd=tmp_path)
+
+
+@pytest.fixture
+def live_server(tmp_path: Path) -> Iterator[LiveServer]:
+    """An empty appliance (SQLite + filesystem in tmp_path) behind a real
+    HTTP listener.  Index tests cover PostgreSQL; the protocol tests run on
+    the embedded default."""
+    config = make_config(tmp_path)
+    engine = create_index_engine(config.index.url)
+    migrate.upgrade(engine)
+    engine.dispose()
+    services = build_services(config)
+    try:
+        yield from serve_app(config, services)
+    finally:
+        services.close()
