@@ -67,6 +67,12 @@ class SchemaNotCurrent(ApplianceError):
     """The index database is not migrated to the code's schema revision."""
 
 
+class NotFound(ApplianceError):
+    """Nothing is stored under the UIDs given."""
+
+    status = Status.NO_SUCH_OBJECT_INSTANCE
+
+
 class QueryError(ApplianceError):
     """A query key or value cannot be understood (PS3.4 C.4.1.1.4)."""
 

@@ -12,11 +12,13 @@ import dataclasses
 from sqlalchemy import Engine
 
 from appliance.config import Config
+from appliance.delete import DeleteService
 from appliance.index import migrate
 from appliance.index.engine import create_index_engine
 from appliance.index.sql import SqlIndex
 from appliance.ingest import IngestService
 from appliance.query import QueryService
+from appliance.retrieve import RetrieveService
 from appliance.storage import BlobStore, open_blob_store
 
 
@@ -30,6 +32,8 @@ class Services:
     index: SqlIndex
     ingest: IngestService
     query: QueryService
+    retrieve: RetrieveService
+    delete: DeleteService
 
     def check_ready(self) -> dict[str, str]:
         """Probe the index and the storage; ``{"index": "ok", ...}`` or the
@@ -74,4 +78,6 @@ def build_services(config: Config, *, require_schema: bool = True) -> Services:
         index=index,
         ingest=IngestService(storage, index, config.ingest),
         query=QueryService(engine, max_results=config.query.max_results),
+        retrieve=RetrieveService(index, storage),
+        delete=DeleteService(index, storage),
     )

@@ -46,6 +46,8 @@ class Status(enum.IntEnum):
     PROCESSING_FAILURE = 0x0110
     #: PS3.7 C.5.6: duplicate SOP Instance (duplicate policy "reject").
     DUPLICATE_SOP_INSTANCE = 0x0111
+    #: PS3.7 C.5.7: no such SOP Instance (nothing stored under the UIDs given).
+    NO_SUCH_OBJECT_INSTANCE = 0x0112
     #: PS3.7 C.5.12: the SOP Class is not supported.
     SOP_CLASS_NOT_SUPPORTED = 0x0122
     #: PS3.4 B.2.3 (C-STORE refused): out of resources.

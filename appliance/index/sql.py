@@ -14,6 +14,7 @@ import dataclasses
 import datetime as dt
 import enum
 import logging
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, func, select, text, update
@@ -21,7 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
 
 from appliance.dicomio import tm_key
-from appliance.errors import IndexUnavailable, InvalidInstance
+from appliance.errors import IndexUnavailable, InvalidInstance, NotFound
 from appliance.index.engine import WRITE
 from appliance.index.schema import (
     changefeed,
@@ -38,6 +39,20 @@ log = logging.getLogger(__name__)
 
 #: How often a writer re-creates parent rows that another writer removed.
 _PARENT_ATTEMPTS = 5
+#: PostgreSQL advisory lock key that orders change-feed commits ("DCMF").
+_FEED_LOCK = 0x44434D46
+#: Values per IN (...) list: well under SQLite's 32766 bound parameters.
+_CHUNK = 500
+
+
+def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(values), _CHUNK):
+        yield values[start : start + _CHUNK]
+
+
+def _count_where(table: Any, condition: Any) -> Any:
+    """A correlated ``(SELECT count(*) FROM table WHERE condition)``."""
+    return select(func.count()).select_from(table).where(condition).scalar_subquery()
 
 
 class AddOutcome(enum.Enum):
@@ -70,6 +85,67 @@ class StoredInstance:
     transfer_syntax_uid: str
     blob_key: str
     size: int
+    number_of_frames: int | None = None
+    #: when the instance's bytes were last written (created or replaced)
+    updated_at: dt.datetime | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ChangeEntry:
+    """One change-feed row."""
+
+    sequence: int
+    timestamp: dt.datetime
+    action: str  # create | delete
+    state: str  # current | replaced | deleted
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+
+
+def _stored_instances() -> Any:
+    """SELECT of :class:`StoredInstance` fields, instances joined to parents,
+    in retrieve order: series number, instance number, then arrival."""
+    return (
+        select(
+            instance.c.sop_instance_uid,
+            instance.c.sop_class_uid,
+            series.c.series_instance_uid,
+            study.c.study_instance_uid,
+            instance.c.transfer_syntax_uid,
+            instance.c.blob_key,
+            instance.c.size,
+            instance.c.number_of_frames,
+            instance.c.updated_at,
+        )
+        .join(series, series.c.id == instance.c.series_fk)
+        .join(study, study.c.id == instance.c.study_fk)
+        .order_by(
+            series.c.series_number.is_(None),
+            series.c.series_number,
+            series.c.id,
+            instance.c.instance_number.is_(None),
+            instance.c.instance_number,
+            instance.c.id,
+        )
+    )
+
+
+def _hierarchy_conditions(study_uid: str, series_uid: str | None, sop_uid: str | None) -> list[Any]:
+    conditions = [study.c.study_instance_uid == study_uid]
+    if series_uid is not None:
+        conditions.append(series.c.series_instance_uid == series_uid)
+    if sop_uid is not None:
+        conditions.append(instance.c.sop_instance_uid == sop_uid)
+    return conditions
+
+
+def _what(study_uid: str, series_uid: str | None, sop_uid: str | None) -> str:
+    if sop_uid is not None:
+        return f"instance {sop_uid} of series {series_uid} of study {study_uid}"
+    if series_uid is not None:
+        return f"series {series_uid} of study {study_uid}"
+    return f"study {study_uid}"
 
 
 def _describe(exc: SQLAlchemyError) -> str:
@@ -125,26 +201,60 @@ class SqlIndex:
 
     def find_instance(self, sop_instance_uid: str) -> StoredInstance | None:
         """The stored instance with that SOP Instance UID, or None."""
-        query = (
-            select(
-                instance.c.sop_instance_uid,
-                instance.c.sop_class_uid,
-                series.c.series_instance_uid,
-                study.c.study_instance_uid,
-                instance.c.transfer_syntax_uid,
-                instance.c.blob_key,
-                instance.c.size,
-            )
-            .join(series, series.c.id == instance.c.series_fk)
-            .join(study, study.c.id == instance.c.study_fk)
-            .where(instance.c.sop_instance_uid == sop_instance_uid)
-        )
+        query = _stored_instances().where(instance.c.sop_instance_uid == sop_instance_uid)
         try:
             with self._reading() as conn:
                 row = conn.execute(query).first()
         except SQLAlchemyError as exc:
             raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
         return None if row is None else StoredInstance(*row)
+
+    def instances(
+        self, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None
+    ) -> list[StoredInstance]:
+        """The stored instances of a study, a series of it, or one instance
+        of that series, in retrieve order.
+
+        Raises
+        ------
+        NotFound
+            if nothing is stored there.
+        """
+        query = _stored_instances().where(*_hierarchy_conditions(study_uid, series_uid, sop_uid))
+        try:
+            with self._reading() as conn:
+                rows = conn.execute(query).all()
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
+        if not rows:
+            raise NotFound(f"no {_what(study_uid, series_uid, sop_uid)} is stored")
+        return [StoredInstance(*row) for row in rows]
+
+    # ------------------------------------------------------------ change feed
+
+    def changes(self, after: int, limit: int) -> list[ChangeEntry]:
+        """Change-feed entries with a sequence above *after*, oldest first.
+
+        Sequence numbers may have gaps (a rolled-back transaction), never
+        late arrivals: see :meth:`_log_change`."""
+        query = (
+            select(changefeed).where(changefeed.c.sequence > after).order_by(changefeed.c.sequence)
+        ).limit(limit)
+        try:
+            with self._reading() as conn:
+                return [ChangeEntry(**row._mapping) for row in conn.execute(query)]
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
+
+    def latest_change(self) -> ChangeEntry | None:
+        """The newest change-feed entry, or None for an empty feed."""
+        query = select(changefeed).order_by(changefeed.c.sequence.desc()).limit(1)
+        try:
+            with self._reading() as conn:
+                row = conn.execute(query).first()
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
+        return None if row is None else ChangeEntry(**row._mapping)
 
     def blob_keys(self, keys: list[str]) -> set[str]:
         """Those of *keys* that an instance row references."""
@@ -225,7 +335,7 @@ class SqlIndex:
             )
         else:
             # the instance moved to another series: out of the old, into the new
-            self._remove_instance_row(conn, existing, now)
+            self._remove_instances(conn, [existing])
             self._insert_instance(conn, record, blob, now)
         self._log_change(conn, record, now)
         return AddResult(AddOutcome.REPLACED, orphaned_blob_key=existing.blob_key)
@@ -275,7 +385,23 @@ class SqlIndex:
             .values(num_instances=study.c.num_instances + delta, updated_at=now)
         )
 
+    def _lock_feed(self, conn: Connection) -> None:
+        """Make change-feed sequence numbers commit in order (PostgreSQL).
+
+        A sequence value is taken at insert time but becomes visible at
+        commit; two writers could commit 11 before 10, and a reader polling
+        "after 10" in between would skip 10 for good.  Taking a transaction
+        lock before the insert (held until commit) orders the inserts and
+        commits alike, so a reader that sees N has seen everything below N
+        that will ever exist.  The change-feed insert is the last statement
+        of every writing transaction, so the lock is held only for its
+        commit.  SQLite needs nothing: its writers are serialised already.
+        """
+        if conn.dialect.name == "postgresql":
+            conn.execute(select(func.pg_advisory_xact_lock(_FEED_LOCK)))
+
     def _log_change(self, conn: Connection, record: InstanceRecord, now: dt.datetime) -> None:
+        self._lock_feed(conn)
         conn.execute(
             changefeed.insert().values(
                 timestamp=now,
@@ -407,29 +533,103 @@ class SqlIndex:
             )
         return int(row.id)
 
-    def _remove_instance_row(self, conn: Connection, row: Any, now: dt.datetime) -> None:
-        """Delete one instance row, keep the counters right, and drop a
-        series or study left empty."""
-        conn.execute(delete(instance).where(instance.c.id == row.id))
-        self._count_instance(conn, row.study_fk, row.series_fk, -1, now)
-        left = conn.execute(
-            select(func.count()).select_from(instance).where(instance.c.series_fk == row.series_fk)
-        ).scalar_one()
-        if left == 0:
+    def _remove_instances(self, conn: Connection, rows: Sequence[Any]) -> None:
+        """Delete instance rows (``id``, ``series_fk``, ``study_fk``), keep the
+        counters right, and drop the series, studies and patients left empty."""
+        series_ids = sorted({row.series_fk for row in rows})
+        study_ids = sorted({row.study_fk for row in rows})
+        for chunk in _chunks(sorted(row.id for row in rows)):
+            conn.execute(delete(instance).where(instance.c.id.in_(chunk)))
+        for chunk in _chunks(series_ids):
             conn.execute(
-                delete(request_attribute).where(request_attribute.c.series_fk == row.series_fk)
+                update(series)
+                .where(series.c.id.in_(chunk))
+                .values(num_instances=_count_where(instance, instance.c.series_fk == series.c.id))
             )
-            conn.execute(delete(series).where(series.c.id == row.series_fk))
+            empty = select(series.c.id).where(series.c.id.in_(chunk), series.c.num_instances == 0)
+            conn.execute(delete(request_attribute).where(request_attribute.c.series_fk.in_(empty)))
+            conn.execute(delete(series).where(series.c.id.in_(chunk), series.c.num_instances == 0))
+        patient_ids: set[int] = set()
+        for chunk in _chunks(study_ids):
             conn.execute(
                 update(study)
-                .where(study.c.id == row.study_fk)
-                .values(num_series=study.c.num_series - 1)
+                .where(study.c.id.in_(chunk))
+                .values(
+                    num_instances=_count_where(instance, instance.c.study_fk == study.c.id),
+                    num_series=_count_where(series, series.c.study_fk == study.c.id),
+                )
             )
-            remaining = conn.execute(
-                select(func.count()).select_from(series).where(series.c.study_fk == row.study_fk)
-            ).scalar_one()
-            if remaining == 0:
-                conn.execute(delete(study).where(study.c.id == row.study_fk))
+            patient_ids.update(
+                conn.execute(
+                    select(study.c.patient_fk).where(study.c.id.in_(chunk), study.c.num_series == 0)
+                ).scalars()
+            )
+            conn.execute(delete(study).where(study.c.id.in_(chunk), study.c.num_series == 0))
+        for chunk in _chunks(sorted(patient_ids)):
+            conn.execute(
+                delete(patient).where(
+                    patient.c.id.in_(chunk),
+                    ~select(study.c.id).where(study.c.patient_fk == patient.c.id).exists(),
+                )
+            )
+
+    def delete(
+        self, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None
+    ) -> list[StoredInstance]:
+        """Remove a study, a series of it, or one instance of that series from
+        the index, with one ``delete`` change-feed entry per instance (earlier
+        entries of those instances become ``deleted``), in one transaction.
+
+        Returns
+        -------
+        list of StoredInstance
+            what was removed; the caller deletes their blobs after this
+            returns (a blob whose delete fails is left to the sweeper: an
+            unreferenced blob is harmless, a row without its blob is not).
+
+        Raises
+        ------
+        NotFound
+            if nothing is stored there.
+        """
+        query = (
+            _stored_instances()
+            .add_columns(instance.c.id, instance.c.series_fk, instance.c.study_fk)
+            .where(*_hierarchy_conditions(study_uid, series_uid, sop_uid))
+            .with_for_update(of=instance)
+        )
+        try:
+            with self._writing() as conn:
+                rows = conn.execute(query).all()
+                if not rows:
+                    raise NotFound(f"no {_what(study_uid, series_uid, sop_uid)} is stored")
+                self._remove_instances(conn, rows)
+                now = _now()
+                uids = sorted(row.sop_instance_uid for row in rows)
+                for chunk in _chunks(uids):
+                    conn.execute(
+                        update(changefeed)
+                        .where(changefeed.c.sop_instance_uid.in_(chunk))
+                        .values(state="deleted")
+                    )
+                self._lock_feed(conn)
+                conn.execute(
+                    changefeed.insert(),
+                    [
+                        {
+                            "timestamp": now,
+                            "action": "delete",
+                            "state": "deleted",
+                            "study_instance_uid": row.study_instance_uid,
+                            "series_instance_uid": row.series_instance_uid,
+                            "sop_instance_uid": row.sop_instance_uid,
+                        }
+                        for row in rows
+                    ],
+                )
+        except (OperationalError, InterfaceError) as exc:
+            raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
+        return [StoredInstance(*row[:9]) for row in rows]
 
     # ---------------------------------------------------------------- helpers
 
