@@ -59,6 +59,13 @@ class Status(enum.IntEnum):
     #: Used for a query whose keys cannot be understood.  An alias: the code
     #: is the same as the C-STORE one, the meaning is the query's.
     IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    #: PS3.18 Table I.2-2 / PS3.4 B.2.3, the A9xx range (data set does not
+    #: match SOP Class): the instance's Study Instance UID differs from the
+    #: study named in the STOW-RS URL (PS3.18 10.5.1, Table 10.5.3-1 "Study
+    #: Instance UID mismatch").  The number is the one Microsoft's DICOM
+    #: server uses (43265), so scripts written for it recognise the case;
+    #: see docs/conformance.md.
+    STUDY_INSTANCE_UID_MISMATCH = 0xA901
     #: PS3.4 B.2.3 (C-STORE error): cannot understand (the data set could not
     #: be parsed at all).
     CANNOT_UNDERSTAND = 0xC000

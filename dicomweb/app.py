@@ -19,7 +19,8 @@ from flask import Blueprint, Flask, current_app
 
 from appliance.config import Config
 from appliance.services import Services, build_services
-from dicomweb.errors import register_error_handlers
+from dicomweb.cors import install_cors
+from dicomweb.errors import refuse_hostile_paths, register_error_handlers
 
 #: The key of :class:`ApplianceExtension` in ``app.extensions``.
 EXTENSION = "appliance"
@@ -96,6 +97,8 @@ def create_app(
     app = Flask(__name__)
     app.extensions[EXTENSION] = ApplianceExtension(config, services, run_dir)
     register_error_handlers(app)
+    install_cors(app, config.http.cors_allowed_origins)
+    app.before_request(refuse_hostile_paths)
 
     for blueprint in _blueprints():
         app.register_blueprint(blueprint)

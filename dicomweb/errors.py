@@ -16,33 +16,97 @@ set listing the failed instances) builds it itself; this is the fallback.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from appliance.dicomio import is_valid_uid
 from appliance.errors import (
     ApplianceError,
     BlobNotFound,
     ConfigError,
     IndexUnavailable,
     InvalidInstance,
+    NotFound,
     QueryError,
     SchemaNotCurrent,
     StorageError,
     StorageFull,
     UnreadableInstance,
 )
+from appliance.pixels import CannotDecode, InvalidRenderParameter, NotAnImage
+from appliance.status import Status
 
 LOGGER = logging.getLogger(__name__)
+
+
+class InvalidRequest(ApplianceError):
+    """The request itself is malformed (a bad UID in the path, an unknown
+    parameter): 400."""
+
+    status = Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+
+
+class UnsupportedMediaType(ApplianceError):
+    """The request's Content-Type is not one the transaction accepts: 415
+    (PS3.18 Table 10.5.3-1)."""
+
+    status = Status.CANNOT_UNDERSTAND
+
+
+class PayloadTooLarge(ApplianceError):
+    """The request body is larger than ``http.max_request_mb``: 413."""
+
+    status = Status.OUT_OF_RESOURCES
+
+
+class NotAcceptable(ApplianceError):
+    """No media type the client accepts can be produced: 406 (PS3.18
+    8.3.3.1 / RFC 9110 15.5.7)."""
+
+
+#: In the raw request target: an encoded slash, backslash or NUL, or a dot
+#: segment.  The server decodes ``%2F`` before routing, so without this a
+#: "UID" such as ``..%2F..%2Fetc`` would only miss every route (404).
+_HOSTILE_PATH = re.compile(r"%2f|%5c|%00|(^|/)\.{1,2}(/|$|\?)|(^|/)%2e", re.IGNORECASE)
+
+
+def refuse_hostile_paths() -> None:
+    """``before_request``: 400 for a path under the service root that carries
+    an encoded separator, a NUL or a dot segment (nothing we serve has one)."""
+    raw = request.environ.get("RAW_URI") or request.environ.get("REQUEST_URI") or request.path
+    target = raw.split("?", 1)[0]
+    if target.startswith("/v1") and _HOSTILE_PATH.search(target):
+        raise InvalidRequest(
+            "the path holds an encoded separator, a NUL or a dot segment; a UID cannot"
+        )
+
+
+def check_uids(*uids: str | None) -> None:
+    """Raise InvalidRequest unless each UID given (None: absent) is a valid
+    UID (PS3.5 9.1).  Every UID taken from a URL passes here first."""
+    for uid in uids:
+        if uid is not None and not is_valid_uid(uid):
+            raise InvalidRequest("a UID in the path is not a valid UID (PS3.5 9.1)")
+
 
 #: HTTP status per core exception class; the most specific class wins, and
 #: an ApplianceError not listed is a 500.
 HTTP_STATUS: dict[type[ApplianceError], int] = {
+    InvalidRequest: 400,
+    NotAcceptable: 406,
+    PayloadTooLarge: 413,
+    UnsupportedMediaType: 415,
     QueryError: 400,  # PS3.18 8.3.4.5 / 10.6.3: a query that cannot be understood
+    NotAnImage: 400,  # frames/rendered of an instance without pixel data (PS3.18 9.5.2)
+    InvalidRenderParameter: 400,  # PS3.18 8.3: a supported parameter with a bad value
+    CannotDecode: 406,  # no decoder here: the uncompressed/rendered form cannot be made
     InvalidInstance: 400,
     UnreadableInstance: 400,
     BlobNotFound: 404,
+    NotFound: 404,
     StorageFull: 507,
     StorageError: 503,
     IndexUnavailable: 503,

@@ -55,10 +55,25 @@ class IngestService:
         self.index = index
         self.policy = config.duplicate_policy
 
-    def store_part10(self, source: IO[bytes], origin: Origin) -> IngestResult:
+    def store_part10(
+        self, source: IO[bytes], origin: Origin, *, expected_study_uid: str | None = None
+    ) -> IngestResult:
         """Store a DICOM Part 10 stream (preamble, File Meta, data set), as
-        STOW-RS receives it.  *source* must be seekable."""
-        return self._store(source, origin)
+        STOW-RS receives it.  *source* must be seekable.
+
+        Parameters
+        ----------
+        source
+            The Part 10 bytes, seekable.
+        origin
+            Who sent them.
+        expected_study_uid
+            When given (STOW-RS to ``/studies/{study}``, PS3.18 10.5.1), an
+            instance of another study is refused with
+            :attr:`Status.STUDY_INSTANCE_UID_MISMATCH`, checked on the header
+            before anything is written.
+        """
+        return self._store(source, origin, expected_study_uid)
 
     def store_dataset(
         self,
@@ -87,7 +102,9 @@ class IngestService:
         body = io.BytesIO(dataset) if isinstance(dataset, bytes) else dataset
         return self._store(io.BufferedReader(PrefixedStream(prefix, body)), origin)
 
-    def _store(self, source: IO[bytes], origin: Origin) -> IngestResult:
+    def _store(
+        self, source: IO[bytes], origin: Origin, expected_study_uid: str | None = None
+    ) -> IngestResult:
         try:
             record = extract_record(read_header(source))
         except ApplianceError as exc:
@@ -98,6 +115,15 @@ class IngestService:
 
         ids = _identified(record)
         sop_uid = record.instance.sop_instance_uid
+        if expected_study_uid is not None and record.study.study_instance_uid != expected_study_uid:
+            reason = (
+                f"StudyInstanceUID {record.study.study_instance_uid} differs from the study "
+                f"{expected_study_uid} the request was addressed to"
+            )
+            log.warning("refused %s from %s: %s", sop_uid, origin.protocol, reason)
+            return dataclasses.replace(
+                ids, status=Status.STUDY_INSTANCE_UID_MISMATCH, reason=reason
+            )
         try:
             existing = self.index.find_instance(sop_uid)
         except ApplianceError as exc:
