@@ -7,7 +7,10 @@ several repetitions on a fresh SQLite index and filesystem store each time:
   transaction) for small (64x64, ~10 KB) and CT-like (512x512 16-bit,
   ~0.5 MB) instances: instances/s and MB/s;
 - query latency (p50/p95) over an index of many studies: by PatientID, by
-  PatientName prefix wildcard, by StudyDate range, series of a study.
+  PatientName prefix wildcard, by StudyDate range, series of a study;
+
+and, in :mod:`bench.dicomweb`, STOW-RS and WADO-RS over HTTP next to Orthanc
+with its DICOMweb plugin, started side by side in the same run.
 
 The protocol-level comparison with Orthanc (C-STORE, STOW-RS, QIDO-RS, WADO-RS
 side by side in one run) is built on top of this in the performance issue.
@@ -25,8 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 from appliance.config import IngestConfig
 from appliance.index import migrate
@@ -36,33 +38,10 @@ from appliance.ingest import IngestService
 from appliance.model import Level, Origin
 from appliance.query import Query, QueryService
 from appliance.storage.filesystem import FilesystemBlobStore
+from bench import dicomweb
+from bench.corpus import make_instance
 
 ORIGIN = Origin("import")
-
-
-def make_instance(rng: random.Random, size: int, study_uid: str, series_uid: str) -> bytes:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-    ds.SOPInstanceUID = generate_uid(entropy_srcs=[str(rng.random())])
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.PatientID = f"PID{rng.randrange(10**6):06d}"
-    ds.PatientName = f"{rng.choice(['SMITH', 'JONES', 'MILLER', 'GARCIA'])}^{rng.randrange(999)}"
-    ds.StudyDate = f"20{rng.randrange(10, 25)}{rng.randrange(1, 13):02d}{rng.randrange(1, 29):02d}"
-    ds.StudyTime = "101500"
-    ds.Modality = "CT"
-    ds.Rows = ds.Columns = size
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelData = rng.randbytes(size * size * 2)
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
 
 
 def fresh_service(root: Path) -> IngestService:
@@ -104,7 +83,9 @@ def bench_query(studies: int, seed: int) -> dict[str, float]:
         for _ in range(studies):
             study_uid = generate_uid(entropy_srcs=[str(rng.random())])
             study_uids.append(study_uid)
-            data = make_instance(rng, 8, study_uid, generate_uid(entropy_srcs=[str(rng.random())]))
+            data = make_instance(
+                8, study_uid, generate_uid(entropy_srcs=[str(rng.random())]), rng.random()
+            )
             service.store_part10(io.BytesIO(data), ORIGIN)
         query = QueryService(service.index.engine, max_results=200)
         cases: dict[str, Callable[[], object]] = {
@@ -136,16 +117,27 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=500, help="64x64 instances per run")
     parser.add_argument("--ct", type=int, default=100, help="512x512 instances per run")
     parser.add_argument("--studies", type=int, default=10_000, help="studies in the query index")
+    parser.add_argument(
+        "part",
+        nargs="?",
+        choices=("all", "core", "dicomweb"),
+        default="all",
+        help="core: the pipeline in-process; dicomweb: STOW/WADO next to Orthanc",
+    )
     args = parser.parse_args()
+    if args.part in ("all", "dicomweb"):
+        print(json.dumps({"dicomweb": dicomweb.run(args.reps)}, indent=2))
+    if args.part == "dicomweb":
+        return
     rng = random.Random(20261123)
     study, series = generate_uid(), generate_uid()
     results: dict[str, float] = {}
-    small = [make_instance(rng, 64, study, series) for _ in range(args.small)]
+    small = [make_instance(64, study, series, rng.random()) for _ in range(args.small)]
     results |= bench_ingest("ingest_small", small, args.reps)
-    ct = [make_instance(rng, 512, study, series) for _ in range(args.ct)]
+    ct = [make_instance(512, study, series, rng.random()) for _ in range(args.ct)]
     results |= bench_ingest("ingest_ct", ct, args.reps)
     results |= bench_query(args.studies, seed=7)
-    print(json.dumps(results, indent=2))
+    print(json.dumps({"core": results}, indent=2))
 
 
 if __name__ == "__main__":
