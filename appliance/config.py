@@ -95,6 +95,15 @@ def _origins(value: tuple[str, ...]) -> str | None:
     return None
 
 
+def _public_url(value: str) -> str | None:
+    if (
+        value
+        and re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~\-/]*[^/])?", value) is None
+    ):
+        return "must be empty or an http(s) URL without a trailing slash or query"
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class HttpConfig:
     host: str = _field("127.0.0.1", check=_host)
@@ -104,6 +113,9 @@ class HttpConfig:
     cors_allowed_origins: tuple[str, ...] = _field((), check=_origins)
     #: the largest request body accepted (STOW-RS); larger ones get 413
     max_request_mb: int = _field(4096, check=_positive)
+    #: the URL clients reach this server by (e.g. behind a reverse proxy), used
+    #: in RetrieveURL and BulkDataURI; "" = as each request addressed it
+    public_url: str = _field("", check=_public_url)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -137,12 +137,10 @@ def make_config(tmp_path: Path, **environ: str) -> Config:
     return load_config(environ=env, cwd=tmp_path)
 
 
-@pytest.fixture
-def live_server(tmp_path: Path) -> Iterator[LiveServer]:
-    """An empty appliance (SQLite + filesystem in tmp_path) behind a real
-    HTTP listener.  Index tests cover PostgreSQL; the protocol tests run on
-    the embedded default."""
-    config = make_config(tmp_path)
+def started_server(config: Config) -> Iterator[LiveServer]:
+    """Migrate *config*'s index, build its services and serve them on
+    loopback until the generator is closed (``yield from`` it in a fixture,
+    or ``for server in started_server(config):``)."""
     engine = create_index_engine(config.index.url)
     migrate.upgrade(engine)
     engine.dispose()
@@ -151,3 +149,11 @@ def live_server(tmp_path: Path) -> Iterator[LiveServer]:
         yield from serve_app(config, services)
     finally:
         services.close()
+
+
+@pytest.fixture
+def live_server(tmp_path: Path) -> Iterator[LiveServer]:
+    """An empty appliance (SQLite + filesystem in tmp_path) behind a real
+    HTTP listener.  Index tests cover PostgreSQL; the protocol tests run on
+    the embedded default."""
+    yield from started_server(make_config(tmp_path))

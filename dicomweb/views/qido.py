@@ -59,6 +59,7 @@ from appliance.model import Level
 from appliance.query import Query, QueryService
 from dicomweb.app import current_services
 from dicomweb.jsonmodel import JsonDataset, UnknownAttribute, to_json_dataset, vr_of
+from dicomweb.urls import instance_url, series_url, service_root, study_url
 
 bp = Blueprint("qido", __name__, url_prefix="/v1")
 
@@ -575,11 +576,6 @@ def page_size(limit: int | None, maximum: int) -> tuple[int, bool]:
 # the response (PS3.18 10.6.3)
 
 
-def service_root() -> str:
-    """The service root as the client reached it (``http://host:port/v1``)."""
-    return request.url_root.rstrip("/") + (bp.url_prefix or "")
-
-
 def warning(root: str, text: str) -> str:
     """A Warning header value as PS3.18 writes it: ``299 {+service}: "text"``."""
     return f'299 {root}: "{text}"'
@@ -628,13 +624,12 @@ def available_keywords(level: Level, service: QueryService) -> frozenset[str]:
 def retrieve_url(root: str, level: Level, match: Mapping[str, Any]) -> str:
     """Retrieve URL (0008,1190) of a result: the WADO-RS resource of the
     study, series or instance (PS3.18 10.4.1, Table 10.6.3-3 to -5)."""
-    url = f"{root}/studies/{match['StudyInstanceUID']}"
+    study = match["StudyInstanceUID"]
     if level is Level.STUDY:
-        return url
-    url += f"/series/{match['SeriesInstanceUID']}"
+        return study_url(root, study)
     if level is Level.SERIES:
-        return url
-    return f"{url}/instances/{match['SOPInstanceUID']}"
+        return series_url(root, study, match["SeriesInstanceUID"])
+    return instance_url(root, study, match["SeriesInstanceUID"], match["SOPInstanceUID"])
 
 
 def result_dataset(

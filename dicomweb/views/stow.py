@@ -60,6 +60,7 @@ from dicomweb.media import (
     parse_media_type,
 )
 from dicomweb.multipart import LimitedReader, MultipartReader, Part, spool_body
+from dicomweb.urls import instance_url, service_root, study_url
 
 bp = Blueprint("stow", __name__, url_prefix="/v1")
 log = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ def _store(study: str | None) -> Response:
 
     _locate_duplicates(outcomes)
     status = http_status(outcome.result for outcome in outcomes)
-    body = response_dataset(outcomes, _service_root(), study)
+    body = response_dataset(outcomes, service_root(), study)
     log.info(
         "STOW-RS %s from %s: %d part(s), %d stored, %d warning(s), %d failed, "
         "%d bytes in %.2f s -> %d",
@@ -335,9 +336,8 @@ def response_dataset(outcomes: list[StoredPart], root: str, study: str | None) -
         if result.sop_instance_uid:
             item.ReferencedSOPInstanceUID = result.sop_instance_uid
         if result.stored:
-            item.RetrieveURL = (
-                f"{root}/studies/{outcome.study_uid}/series/{outcome.series_uid}"
-                f"/instances/{result.sop_instance_uid}"
+            item.RetrieveURL = instance_url(
+                root, outcome.study_uid, outcome.series_uid, result.sop_instance_uid
             )
             if result.status.category is StatusCategory.WARNING:
                 item.WarningReason = int(result.status)
@@ -353,9 +353,9 @@ def response_dataset(outcomes: list[StoredPart], root: str, study: str | None) -
     # Type 2: the study's URL when the stored instances are of one study
     studies = {o.study_uid for o in outcomes if o.result.stored}
     if study is not None and studies:
-        ds.RetrieveURL = f"{root}/studies/{study}"
+        ds.RetrieveURL = study_url(root, study)
     elif len(studies) == 1:
-        ds.RetrieveURL = f"{root}/studies/{studies.pop()}"
+        ds.RetrieveURL = study_url(root, studies.pop())
     else:
         ds.RetrieveURL = None
     if failed:
@@ -363,11 +363,6 @@ def response_dataset(outcomes: list[StoredPart], root: str, study: str | None) -
     if referenced:
         ds.ReferencedSOPSequence = Sequence(referenced)
     return ds
-
-
-def _service_root() -> str:
-    """The DICOMweb service root as the client addressed it."""
-    return request.root_url.rstrip("/") + (bp.url_prefix or "")
 
 
 def _stored_count(outcomes: list[StoredPart]) -> int:

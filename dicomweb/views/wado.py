@@ -85,6 +85,7 @@ from dicomweb.metadata import (
     to_little_endian,
 )
 from dicomweb.multipart_writer import close_delimiter, content_type, new_boundary, part_head
+from dicomweb.urls import instance_url, service_root
 
 bp = Blueprint("wado", __name__, url_prefix="/v1")
 log = logging.getLogger(__name__)
@@ -467,14 +468,9 @@ def _conditional(
 # --------------------------------------------------------------------- helpers
 
 
-def _service_root() -> str:
-    return request.url_root.rstrip("/") + (bp.url_prefix or "")
-
-
 def _instance_url(root: str, stored: StoredInstance) -> str:
-    return (
-        f"{root}/studies/{stored.study_instance_uid}/series/{stored.series_instance_uid}"
-        f"/instances/{stored.sop_instance_uid}"
+    return instance_url(
+        root, stored.study_instance_uid, stored.series_instance_uid, stored.sop_instance_uid
     )
 
 
@@ -609,7 +605,7 @@ def retrieve_instances(
             raise _not_acceptable(f"instance {stored.sop_instance_uid}", stored.transfer_syntax_uid)
         plans.append((stored, options))
 
-    root = _service_root()
+    root = service_root()
     # Content-Location carries the service root: a part of the representation
     etag, last_modified = validators(instances, f"retrieve|{root}|{acceptable!r}")
     unchanged = _conditional(etag, last_modified, "retrieve", what)
@@ -725,7 +721,7 @@ def retrieve_metadata(
     _check_json_acceptable()
     retrieve = current_services().retrieve
     instances = retrieve.instances(study, series, instance)
-    root = _service_root()
+    root = service_root()
     # the BulkDataURIs carry the service root: a part of the representation
     etag, last_modified = validators(instances, f"metadata|1|{root}")
     what = _what(study, series, instance)
@@ -836,7 +832,7 @@ def retrieve_bulkdata(study: str, series: str, instance: str, path: str) -> Resp
         )
     retrieve = current_services().retrieve
     stored = retrieve.instances(study, series, instance)[0]
-    url = f"{_instance_url(_service_root(), stored)}/bulk/{path}"
+    url = f"{_instance_url(service_root(), stored)}/bulk/{path}"
     etag, last_modified = validators([stored], f"bulk|{url}|{acceptable!r}")
     what = f"{path} of {_what(study, series, instance)}"
     unchanged = _conditional(etag, last_modified, "bulkdata", what)

@@ -12,12 +12,9 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from appliance.index import migrate
-from appliance.index.engine import create_index_engine
 from appliance.model import Origin
-from appliance.services import build_services
 from appliance.status import Status
-from tests.conftest import LiveServer, make_config, serve_app
+from tests.conftest import LiveServer, make_config, started_server
 
 pytestmark = pytest.mark.integration
 
@@ -86,17 +83,9 @@ def test_hostile_uids_in_paths_are_400(live_server: LiveServer, path: str) -> No
 
 @pytest.fixture
 def cors_server(tmp_path: Path) -> Iterator[LiveServer]:
-    config = make_config(
-        tmp_path, APPLIANCE_HTTP_CORS_ALLOWED_ORIGINS="https://viewer.example:8443"
+    yield from started_server(
+        make_config(tmp_path, APPLIANCE_HTTP_CORS_ALLOWED_ORIGINS="https://viewer.example:8443")
     )
-    engine = create_index_engine(config.index.url)
-    migrate.upgrade(engine)
-    engine.dispose()
-    services = build_services(config)
-    try:
-        yield from serve_app(config, services)
-    finally:
-        services.close()
 
 
 def test_cors_for_an_allowed_origin(cors_server: LiveServer) -> None:
@@ -129,3 +118,12 @@ def test_no_cors_headers_for_other_origins(
         f"{live_server.base_url}/health/live", headers={"Origin": "https://viewer.example:8443"}
     )
     assert "access-control-allow-origin" not in r.headers
+
+
+def test_public_url_is_written_into_retrieve_urls(tmp_path: Path) -> None:
+    config = make_config(tmp_path, APPLIANCE_HTTP_PUBLIC_URL="https://pacs.example/dicom")
+    for server in started_server(config):
+        study = generate_uid()
+        store(server, study, generate_uid())
+        (match,) = httpx.get(f"{server.root}/studies").json()
+        assert match["00081190"]["Value"] == [f"https://pacs.example/dicom/v1/studies/{study}"]

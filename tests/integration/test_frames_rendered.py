@@ -30,12 +30,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from appliance.index import migrate
-from appliance.index.engine import create_index_engine
 from appliance.model import Origin
-from appliance.services import build_services
 from appliance.status import Status
-from tests.conftest import LiveServer, make_config, serve_app
+from tests.conftest import LiveServer, make_config, started_server
 
 pytestmark = pytest.mark.integration
 
@@ -208,19 +205,12 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
     generated images."""
     tmp = tmp_path_factory.mktemp("frames")
     config = make_config(tmp)
-    engine = create_index_engine(config.index.url)
-    migrate.upgrade(engine)
-    engine.dispose()
-    services = build_services(config)
-    try:
-        for server in serve_app(config, services):
-            corpus = Corpus(server, {})
-            for name in NAMES:
-                corpus.store(name, (FILES / name).read_bytes())
-            _store_generated(corpus)
-            yield corpus
-    finally:
-        services.close()
+    for server in started_server(config):
+        corpus = Corpus(server, {})
+        for name in NAMES:
+            corpus.store(name, (FILES / name).read_bytes())
+        _store_generated(corpus)
+        yield corpus
 
 
 def _store_generated(corpus: Corpus) -> None:

@@ -25,12 +25,10 @@ from dicomweb_client import DICOMwebClient
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from appliance.index import migrate
-from appliance.index.engine import create_index_engine
 from appliance.model import Origin
-from appliance.services import Services, build_services
+from appliance.services import Services
 from dicomweb.jsonmodel import to_json_dataset
-from tests.conftest import LiveServer, make_config, serve_app
+from tests.conftest import LiveServer, make_config, started_server
 
 pytestmark = pytest.mark.integration
 
@@ -215,15 +213,7 @@ def generated_files() -> Iterator[bytes]:
 def start_server(tmp_path: Path, **environ: str) -> Iterator[LiveServer]:
     """An empty appliance on loopback, as the ``live_server`` fixture starts
     it, with extra ``APPLIANCE_*`` settings."""
-    config = make_config(tmp_path, **environ)
-    engine = create_index_engine(config.index.url)
-    migrate.upgrade(engine)
-    engine.dispose()
-    services = build_services(config)
-    try:
-        yield from serve_app(config, services)
-    finally:
-        services.close()
+    yield from started_server(make_config(tmp_path, **environ))
 
 
 def load(services: Services) -> None:

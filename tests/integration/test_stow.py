@@ -24,13 +24,10 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from appliance.dicomio import is_valid_uid
 from appliance.errors import StorageError
-from appliance.index import migrate
-from appliance.index.engine import create_index_engine
-from appliance.services import build_services
 from appliance.status import Status
 from appliance.storage.base import BlobInfo
 from dicomweb.multipart import LimitedReader, MultipartError, MultipartReader
-from tests.conftest import LiveServer, make_config, serve_app
+from tests.conftest import LiveServer, make_config, started_server
 
 pytestmark = pytest.mark.integration
 
@@ -491,15 +488,7 @@ def test_a_response_only_in_xml_is_not_acceptable(live_server: LiveServer) -> No
 @pytest.fixture
 def small_server(tmp_path: Path) -> Iterator[LiveServer]:
     """A server whose body limit is 1 MiB."""
-    config = make_config(tmp_path, APPLIANCE_HTTP_MAX_REQUEST_MB="1")
-    engine = create_index_engine(config.index.url)
-    migrate.upgrade(engine)
-    engine.dispose()
-    services = build_services(config)
-    try:
-        yield from serve_app(config, services)
-    finally:
-        services.close()
+    yield from started_server(make_config(tmp_path, APPLIANCE_HTTP_MAX_REQUEST_MB="1"))
 
 
 def test_a_body_over_the_limit_is_413(small_server: LiveServer) -> None:

@@ -25,13 +25,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import generate_frames
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from appliance.index import migrate
-from appliance.index.engine import create_index_engine
 from appliance.model import Origin
-from appliance.services import build_services
 from appliance.status import Status
 from dicomweb.views.wado import can_decode
-from tests.conftest import LiveServer, make_config, serve_app
+from tests.conftest import LiveServer, make_config, started_server
 
 pytestmark = [
     pytest.mark.integration,
@@ -110,35 +107,28 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
     one image in several transfer syntaxes) is stored under new UIDs."""
     tmp = tmp_path_factory.mktemp("wado")
     config = make_config(tmp)
-    engine = create_index_engine(config.index.url)
-    migrate.upgrade(engine)
-    engine.dispose()
-    services = build_services(config)
-    try:
-        for server in serve_app(config, services):
-            stored: list[Stored] = []
-            for path in CORPUS:
-                data = path.read_bytes()
-                ingest = server.services.ingest
+    for server in started_server(config):
+        stored: list[Stored] = []
+        for path in CORPUS:
+            data = path.read_bytes()
+            ingest = server.services.ingest
+            result = ingest.store_part10(io.BytesIO(data), Origin("import"))
+            if result.status is Status.DUPLICATE_INSTANCE_KEPT:
+                data = with_new_uids(data)
                 result = ingest.store_part10(io.BytesIO(data), Origin("import"))
-                if result.status is Status.DUPLICATE_INSTANCE_KEPT:
-                    data = with_new_uids(data)
-                    result = ingest.store_part10(io.BytesIO(data), Origin("import"))
-                if result.status is not Status.SUCCESS:
-                    continue  # not a file the ingest takes
-                stored.append(
-                    Stored(
-                        path.name,
-                        data,
-                        result.study_instance_uid,
-                        result.series_instance_uid,
-                        result.sop_instance_uid,
-                        str(read(data).file_meta.TransferSyntaxUID),
-                    )
+            if result.status is not Status.SUCCESS:
+                continue  # not a file the ingest takes
+            stored.append(
+                Stored(
+                    path.name,
+                    data,
+                    result.study_instance_uid,
+                    result.series_instance_uid,
+                    result.sop_instance_uid,
+                    str(read(data).file_meta.TransferSyntaxUID),
                 )
-            yield Corpus(server, stored)
-    finally:
-        services.close()
+            )
+        yield Corpus(server, stored)
 
 
 def with_new_uids(data: bytes) -> bytes:
@@ -671,39 +661,30 @@ def test_streamed_retrieve_of_a_200_mb_study(tmp_path: Path) -> None:
     """Four 50 MB instances stream through without the server (in this
     process) holding them: resident memory grows by far less than 100 MB."""
     config = make_config(tmp_path)
-    engine = create_index_engine(config.index.url)
-    migrate.upgrade(engine)
-    engine.dispose()
-    services = build_services(config)
     study, series = generate_uid(), generate_uid()
     size = 50 * 1024 * 1024
-    try:
-        for server in serve_app(config, services):
-            for number in range(1, 5):
-                path = tmp_path / f"big{number}.dcm"
-                big_instance(path, study, series, number, size)
-                with path.open("rb") as fh:
-                    result = services.ingest.store_part10(fh, Origin("import"))
-                assert result.status is Status.SUCCESS
-                path.unlink()
-            gc.collect()
-            with PeakRss() as peak:
-                received = 0
-                with (
-                    httpx.Client(timeout=60) as http,
-                    http.stream("GET", f"{server.root}/studies/{study}") as r,
-                ):
-                    assert r.status_code == 200
-                    for chunk in r.iter_bytes(1024 * 1024):
-                        received += len(chunk)
-            assert received > 4 * size
-            growth = peak.growth
-            print(
-                f"RSS growth during a {received / 2**20:.0f} MiB retrieve: {growth / 2**20:.1f} MiB"
-            )
-            assert growth < 100 * 1024 * 1024
-    finally:
-        services.close()
+    for server in started_server(config):
+        for number in range(1, 5):
+            path = tmp_path / f"big{number}.dcm"
+            big_instance(path, study, series, number, size)
+            with path.open("rb") as fh:
+                result = server.services.ingest.store_part10(fh, Origin("import"))
+            assert result.status is Status.SUCCESS
+            path.unlink()
+        gc.collect()
+        with PeakRss() as peak:
+            received = 0
+            with (
+                httpx.Client(timeout=60) as http,
+                http.stream("GET", f"{server.root}/studies/{study}") as r,
+            ):
+                assert r.status_code == 200
+                for chunk in r.iter_bytes(1024 * 1024):
+                    received += len(chunk)
+        assert received > 4 * size
+        growth = peak.growth
+        print(f"RSS growth during a {received / 2**20:.0f} MiB retrieve: {growth / 2**20:.1f} MiB")
+        assert growth < 100 * 1024 * 1024
 
 
 def test_can_decode_reports_the_installed_decoders() -> None:

@@ -210,3 +210,23 @@ def test_lists_of_strings_from_file_and_environment(tmp_path: Path) -> None:
             write(tmp_path, "[http]\ncors_allowed_origins = [1]\n"), environ={}, cwd=tmp_path
         )
     assert info.value.key == "http.cors_allowed_origins"
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        ("", True),
+        ("https://pacs.example", True),
+        ("http://127.0.0.1:8080/dicom", True),
+        ("https://pacs.example/", False),
+        ("ftp://x", False),
+        ("https://pacs.example/a?b=1", False),
+    ],
+)
+def test_public_url(tmp_path: Path, value: str, ok: bool) -> None:
+    env = {"APPLIANCE_HTTP_PUBLIC_URL": value}
+    if ok:
+        assert load_config(environ=env, cwd=tmp_path).http.public_url == value
+    else:
+        with pytest.raises(ConfigError, match=r"http\.public_url"):
+            load_config(environ=env, cwd=tmp_path)
