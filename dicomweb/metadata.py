@@ -47,6 +47,9 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
 from appliance.errors import InvalidInstance, NotFound, UnreadableInstance
+from appliance.index.sql import StoredInstance
+from appliance.retrieve import RetrieveService
+from dicomweb.urls import instance_url
 
 #: Binary values longer than this many bytes go out as a BulkDataURI, shorter
 #: ones inline (PS3.18 F.2.6/F.2.7 leave the threshold to the origin server).
@@ -427,3 +430,19 @@ def _pixel_word_size(ds: Dataset, pixel: PixelLocation) -> int:
     # OW is a string of 16-bit words (PS3.5 6.2), also for 8-bit samples;
     # 32-bit samples are read as 32-bit words, as pydicom does
     return 4 if _int(ds, "BitsAllocated", 16) == 32 else 2
+
+
+def instance_metadata(
+    retrieve: RetrieveService, root: str, stored: StoredInstance
+) -> dict[str, Any]:
+    """One stored instance's metadata (PS3.18 Annex F), its bulk data as
+    ``BulkDataURI`` under the instance's WADO-RS URL *root*-based."""
+    base = (
+        instance_url(
+            root, stored.study_instance_uid, stored.series_instance_uid, stored.sop_instance_uid
+        )
+        + "/bulk/"
+    )
+    with retrieve.open(stored) as stream:
+        header = read_header(stream)
+        return instance_json(header, lambda path: base + path)

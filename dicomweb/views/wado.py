@@ -78,7 +78,7 @@ from dicomweb.media import (
 from dicomweb.metadata import (
     BulkValue,
     InstanceHeader,
-    instance_json,
+    instance_metadata,
     is_tag_path,
     locate_bulk,
     read_header,
@@ -740,10 +740,7 @@ def retrieve_metadata(
 
 def _metadata_json(retrieve: RetrieveService, root: str, stored: StoredInstance) -> bytes:
     """One instance's DICOM JSON object, UTF-8."""
-    base = f"{_instance_url(root, stored)}/bulk/"
-    with retrieve.open(stored) as stream:
-        header = read_header(stream)
-        obj = instance_json(header, lambda path: base + path)
+    obj = instance_metadata(retrieve, root, stored)
     return json.dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
