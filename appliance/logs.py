@@ -15,10 +15,15 @@ import logging.config
 import multiprocessing
 from typing import Any
 
+from pydicom import config as pydicom_config
+
 FORMAT = "%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s"
 
 #: Loggers that would print data set contents below WARNING.
-PHI_LOGGERS = ("pynetdicom", "pydicom")
+PHI_LOGGERS = ("pynetdicom",)
+#: Loggers whose warnings quote element values (pydicom: "Invalid value for
+#: VR PN: '<the name>'"): held at ERROR.
+VALUE_QUOTING_LOGGERS = ("pydicom",)
 #: Loggers too chatty below WARNING (alembic's per-connection lines).
 QUIET_LOGGERS = ("alembic",)
 
@@ -53,6 +58,7 @@ def logging_config(level: str) -> dict[str, Any]:
         "root": {"level": name, "handlers": ["stdout"]},
         "loggers": {
             **{logger: {"level": "WARNING"} for logger in PHI_LOGGERS + QUIET_LOGGERS},
+            **{logger: {"level": "ERROR"} for logger in VALUE_QUOTING_LOGGERS},
             "gunicorn.error": {"level": name, "handlers": [], "propagate": True},
             "gunicorn.access": {"level": name, "handlers": [], "propagate": True},
         },
@@ -60,8 +66,17 @@ def logging_config(level: str) -> dict[str, Any]:
 
 
 def setup_logging(level: str) -> None:
-    """Send this process's log records to stdout at *level*."""
+    """Send this process's log records to stdout at *level*, and keep
+    pydicom from quoting element values in warnings.
+
+    pydicom checks values as it reads them and, in its default mode, warns
+    with the value itself (through both its logger and :mod:`warnings`,
+    which prints to stderr): for a malformed Person Name that is patient
+    data.  The ingest validates what it relies on itself, so pydicom's read
+    validation is turned off for the service's processes.
+    """
     logging.config.dictConfig(logging_config(level))
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
 
 def set_process_name(name: str) -> None:

@@ -4,6 +4,7 @@ no stack trace)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -150,3 +151,48 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
     assert "usage: dicom-appliance" in capsys.readouterr().err
+
+
+def test_logging_setup_keeps_pydicom_from_quoting_values(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """pydicom quotes a malformed value it converts on read ("Invalid value
+    for VR IS: '...'"), through its logger and to stderr; after the
+    service's logging set-up it must not."""
+    import io
+    import warnings
+
+    from pydicom import config as pydicom_config
+    from pydicom import dcmread
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from appliance.logs import setup_logging
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = "1.2.3.4"
+    ds.SeriesNumber = "77"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    # (0020,0011) IS, length 2, value "77" -> "7Q": malformed on disk
+    data = buf.getvalue().replace(b"\x20\x00\x11\x00IS\x02\x0077", b"\x20\x00\x11\x00IS\x02\x007Q")
+
+    def read_quotes_value() -> bool:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with contextlib.suppress(ValueError):
+                dcmread(io.BytesIO(data)).get("SeriesNumber")
+        return any("7Q" in str(w.message) for w in caught)
+
+    before = pydicom_config.settings.reading_validation_mode
+    try:
+        assert read_quotes_value(), "pydicom's default should quote the value (test premise)"
+        capsys.readouterr()
+        setup_logging("debug")
+        assert not read_quotes_value()
+        assert "7Q" not in "".join(capsys.readouterr())
+    finally:
+        pydicom_config.settings.reading_validation_mode = before
