@@ -10,8 +10,13 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 
 def make_instance(size: int, study_uid: str, series_uid: str, seed: object = 0) -> bytes:
-    """A CT-like Part 10 instance of ``size`` x ``size`` 16-bit pixels."""
+    """A CT-like Part 10 instance of ``size`` x ``size`` 16-bit pixels.
+
+    Patient and study attributes follow from *study_uid* (every instance of
+    a study names the same patient, as real studies do); the instance UID and
+    pixels from *seed*."""
     rng = random.Random(str(seed))
+    study_rng = random.Random(study_uid)
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -19,9 +24,14 @@ def make_instance(size: int, study_uid: str, series_uid: str, seed: object = 0) 
     ds.SOPInstanceUID = generate_uid(entropy_srcs=[str(rng.random())])
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
-    ds.PatientID = f"PID{rng.randrange(10**6):06d}"
-    ds.PatientName = f"{rng.choice(['SMITH', 'JONES', 'MILLER', 'GARCIA'])}^{rng.randrange(999)}"
-    ds.StudyDate = f"20{rng.randrange(10, 25)}{rng.randrange(1, 13):02d}{rng.randrange(1, 29):02d}"
+    ds.PatientID = f"PID{study_rng.randrange(10**6):06d}"
+    ds.PatientName = (
+        f"{study_rng.choice(['SMITH', 'JONES', 'MILLER', 'GARCIA'])}^{study_rng.randrange(999)}"
+    )
+    ds.StudyDate = (
+        f"20{study_rng.randrange(10, 25)}"
+        f"{study_rng.randrange(1, 13):02d}{study_rng.randrange(1, 29):02d}"
+    )
     ds.StudyTime = "101500"
     ds.Modality = "CT"
     ds.Rows = ds.Columns = size
