@@ -125,6 +125,18 @@ class PeerConfig:
     port: int = _field(104, check=_port)
 
 
+def _uid_list(value: tuple[str, ...]) -> str | None:
+    for uid in value:
+        if re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*", uid) is None or len(uid) > 64:
+            return f"{uid!r} is not a UID"
+    return None
+
+
+def _pdu(value: int) -> str | None:
+    # PS3.8 D.1: 0 means unlimited; pynetdicom needs a positive length
+    return None if 4096 <= value <= 2**32 - 1 else "must be from 4096 to 4294967295 bytes"
+
+
 @dataclasses.dataclass(frozen=True)
 class DimseConfig:
     ae_title: str = _field("DICOM_EDGE", check=_ae_title)
@@ -132,6 +144,25 @@ class DimseConfig:
     port: int = _field(11112, check=_port)
     require_known_peers: bool = _field(False)
     peers: tuple[PeerConfig, ...] = _field(())
+    #: reject an association whose Called AE Title is not ae_title (reason 7)
+    require_called_ae_title: bool = _field(True)
+    #: with require_known_peers: the peer must also come from its host's address
+    check_peer_address: bool = _field(False)
+    #: associations served at once; more are rejected (transient, reason 2)
+    max_associations: int = _field(16, check=_positive)
+    #: largest P-DATA-TF PDU we receive (PS3.8 D.1 Maximum Length)
+    max_pdu: int = _field(262144, check=_pdu)
+    #: seconds to wait for association messages, DIMSE messages, and network data
+    acse_timeout: int = _field(30, check=_positive)
+    dimse_timeout: int = _field(60, check=_positive)
+    network_timeout: int = _field(120, check=_positive)
+    #: transfer syntaxes accepted for storage; empty = every one listed in
+    #: docs/conformance.md (uncompressed, deflated, JPEG family, JPEG-LS,
+    #: JPEG 2000, RLE, HTJ2K, MPEG/H.264/H.265 video)
+    storage_transfer_syntaxes: tuple[str, ...] = _field((), check=_uid_list)
+    #: Storage Commitment: send the N-EVENT-REPORT on the requesting
+    #: association if it is still open (true), or always on a new one (false)
+    commitment_on_same_association: bool = _field(True)
 
 
 @dataclasses.dataclass(frozen=True)

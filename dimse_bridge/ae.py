@@ -3,7 +3,9 @@ the listener loop run by the ``dimse`` child of ``dicom-appliance serve``."""
 
 from __future__ import annotations
 
+import importlib
 import logging
+import pkgutil
 import signal
 import threading
 import time
@@ -11,13 +13,13 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from pynetdicom import AE, evt
+from pynetdicom import AE
 from pynetdicom.events import EventHandlerType
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from appliance.config import Config
 from appliance.services import Services
 from dimse_bridge import handlers
+from dimse_bridge import services as dimse_services
 
 LOGGER = logging.getLogger(__name__)
 
@@ -28,41 +30,46 @@ DRAIN_TIMEOUT = 5.0
 POLL_INTERVAL = 0.2
 
 
-def build_ae(config: Config, services: Services) -> AE:
-    """The acceptor AE for *config*.
+def build_ae(config: Config, services: Services) -> tuple[AE, list[EventHandlerType]]:
+    """The acceptor AE for *config*, and its event handlers.
 
-    - Its title is ``dimse.ae_title``; an association whose Called AE Title
-      is another one is rejected (A-ASSOCIATE-RJ, rejected-permanent,
-      service-user, reason 7 "called-AE-title-not-recognized", PS3.8 9.3.4).
+    - Its title is ``dimse.ae_title``; with ``dimse.require_called_ae_title``
+      an association whose Called AE Title is another one is rejected
+      (A-ASSOCIATE-RJ, rejected-permanent, service-user, reason 7
+      "called-AE-title-not-recognized", PS3.8 9.3.4).
     - With ``dimse.require_known_peers`` only the AE titles of
       ``dimse.peers`` may associate (others: reason 3
-      "calling-AE-title-not-recognized").
-    - Verification (C-ECHO) is supported.
-
-    Parameters
-    ----------
-    config
-        The appliance configuration.
-    services
-        The core's services the DIMSE services will call.
+      "calling-AE-title-not-recognized"); with ``dimse.check_peer_address``
+      also only from their host's address (see :mod:`dimse_bridge.handlers`).
+    - Limits: ``max_associations``, ``max_pdu``, and the ACSE, DIMSE and
+      network timeouts.
+    - Each module of :mod:`dimse_bridge.services` adds its presentation
+      contexts and handlers.
     """
-    ae = AE(ae_title=config.dimse.ae_title)
-    ae.require_called_aet = True
-    if config.dimse.require_known_peers:
+    dimse = config.dimse
+    ae = AE(ae_title=dimse.ae_title)
+    ae.require_called_aet = dimse.require_called_ae_title
+    if dimse.require_known_peers:
         # never empty: load_config refuses require_known_peers without peers
-        ae.require_calling_aet = [peer.ae_title.strip() for peer in config.dimse.peers]
-    ae.add_supported_context(Verification)
-    return ae
+        ae.require_calling_aet = [peer.ae_title.strip() for peer in dimse.peers]
+    ae.maximum_associations = dimse.max_associations
+    ae.maximum_pdu_size = dimse.max_pdu
+    ae.acse_timeout = dimse.acse_timeout
+    ae.dimse_timeout = dimse.dimse_timeout
+    ae.network_timeout = dimse.network_timeout
+    found: list[EventHandlerType] = []
+    for module in service_modules():
+        found.extend(module.register(ae, config, services))
+    found.extend(handlers.association_handlers(config))
+    return ae, found
 
 
-def evt_handlers(services: Services) -> list[EventHandlerType]:
-    """The event handlers, with their dependencies bound in."""
+def service_modules() -> list[Any]:
+    """The modules of :mod:`dimse_bridge.services`, by name."""
+    package = dimse_services
     return [
-        (evt.EVT_C_ECHO, handlers.handle_echo),
-        (evt.EVT_ACCEPTED, handlers.log_accepted),
-        (evt.EVT_RELEASED, handlers.log_released),
-        (evt.EVT_ABORTED, handlers.log_aborted),
-        (evt.EVT_REJECTED, handlers.log_rejected),
+        importlib.import_module(f"{package.__name__}.{info.name}")
+        for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name)
     ]
 
 
@@ -91,7 +98,7 @@ def run_listener(
     OSError
         if the address cannot be bound (e.g. the port is in use).
     """
-    ae = build_ae(config, services)
+    ae, found = build_ae(config, services)
     stop = threading.Event() if stop is None else stop
     received: list[int] = []
     previous: dict[signal.Signals, Any] = {}
@@ -103,7 +110,7 @@ def run_listener(
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     address = (config.dimse.host, config.dimse.port)
     try:
-        server = ae.start_server(address, block=False, evt_handlers=evt_handlers(services))
+        server = ae.start_server(address, block=False, evt_handlers=found)
         assert server is not None  # block=False returns the server
         LOGGER.info(
             "listening for DICOM associations as '%s' on %s:%d",

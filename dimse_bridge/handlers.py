@@ -1,36 +1,34 @@
-"""pynetdicom event handlers: plain functions, their dependencies bound in
-through ``evt_handlers`` entries ``(event, handler, [args])``.
+"""Association-level event handlers: the address check of known peers and
+the one log line per association.  Plain functions; dependencies are bound
+in through ``(event, handler, [args])`` entries.
 
-Log lines name AE titles and addresses only, never data set contents.
+Log lines name AE titles, addresses and counts only, never data set contents.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import socket
 
-from pynetdicom.events import Event
+from pynetdicom import evt
+from pynetdicom.events import Event, EventHandlerType
 
-from appliance.status import Status
+from appliance.config import Config
+from dimse_bridge.stats import stats_of
 
 LOGGER = logging.getLogger(__name__)
 
 
-def handle_echo(event: Event) -> int:
-    """Answer a C-ECHO request (PS3.4 Annex A, Verification Service Class).
-
-    Parameters
-    ----------
-    event
-        The ``EVT_C_ECHO`` event.
-
-    Returns
-    -------
-    int
-        The response Status; this handler sends:
-
-        - ``0x0000`` :attr:`~appliance.status.Status.SUCCESS`.
-    """
-    return int(Status.SUCCESS)
+def association_handlers(config: Config) -> list[EventHandlerType]:
+    """Handlers for association events, bound to *config*."""
+    handlers: list[EventHandlerType] = [
+        (evt.EVT_ACCEPTED, on_accepted, [config]),
+        (evt.EVT_RELEASED, on_released),
+        (evt.EVT_ABORTED, on_aborted),
+        (evt.EVT_REJECTED, on_rejected),
+    ]
+    return handlers
 
 
 def _peer(event: Event) -> str:
@@ -41,43 +39,75 @@ def _peer(event: Event) -> str:
         return "unknown address"
 
 
-def log_accepted(event: Event) -> None:
-    """Log an association accepted (``EVT_ACCEPTED``)."""
-    LOGGER.info(
-        "association accepted: calling AE '%s' from %s",
-        event.assoc.requestor.ae_title,
-        _peer(event),
+@functools.lru_cache(maxsize=256)
+def _addresses(host: str) -> frozenset[str]:
+    """The IP addresses *host* (a configured peer's) stands for."""
+    try:
+        return frozenset(str(info[4][0]) for info in socket.getaddrinfo(host, None))
+    except OSError:
+        return frozenset()
+
+
+def address_allowed(config: Config, calling_ae: str, address: str) -> bool:
+    """With ``dimse.check_peer_address``: True if *address* is the host of a
+    peer configured with the title *calling_ae*."""
+    if not (config.dimse.require_known_peers and config.dimse.check_peer_address):
+        return True
+    title = calling_ae.strip()
+    return any(
+        peer.ae_title.strip() == title and address in _addresses(peer.host)
+        for peer in config.dimse.peers
     )
 
 
-def log_released(event: Event) -> None:
-    """Log an association released (``EVT_RELEASED``)."""
-    LOGGER.info(
-        "association released: calling AE '%s' from %s",
-        event.assoc.requestor.ae_title,
-        _peer(event),
-    )
+def on_accepted(event: Event, config: Config) -> None:
+    """``EVT_ACCEPTED``: start the association's statistics, log it, and abort
+    it at once if a known AE title calls from an address not its own.
 
-
-def log_aborted(event: Event) -> None:
-    """Log an association aborted by either side (``EVT_ABORTED``).
-
-    A connection closed before any A-ASSOCIATE-RQ (a TCP health probe) is
-    only a DEBUG line.
+    pynetdicom offers no hook to reject on the address (its A-ASSOCIATE-RJ
+    checks only titles), so such an association is aborted before any DIMSE
+    message is read: the handler runs in the association's thread first.
     """
+    assoc = event.assoc
+    stats_of(assoc)
+    calling = assoc.requestor.ae_title
+    address = str(assoc.requestor.address)
+    if not address_allowed(config, calling, address):
+        LOGGER.warning(
+            "association aborted: calling AE '%s' is not allowed from %s", calling, _peer(event)
+        )
+        assoc.abort()
+        return
+    LOGGER.info("association accepted: calling AE '%s' from %s", calling, _peer(event))
+
+
+def on_released(event: Event) -> None:
+    """``EVT_RELEASED``: the association's one summary line."""
+    LOGGER.info(
+        "association released: calling AE '%s' from %s: %s",
+        event.assoc.requestor.ae_title,
+        _peer(event),
+        stats_of(event.assoc).summary(),
+    )
+
+
+def on_aborted(event: Event) -> None:
+    """``EVT_ABORTED``: the summary line, as a warning.  A connection closed
+    before any A-ASSOCIATE-RQ is only a DEBUG line."""
     if event.assoc.requestor.primitive is None:
         LOGGER.debug("connection from %s closed without an association request", _peer(event))
         return
     LOGGER.warning(
-        "association aborted: calling AE '%s' from %s",
+        "association aborted: calling AE '%s' from %s: %s",
         event.assoc.requestor.ae_title,
         _peer(event),
+        stats_of(event.assoc).summary(),
     )
 
 
-def log_rejected(event: Event) -> None:
-    """Log an association request rejected (``EVT_REJECTED``), with the
-    likely reason (PS3.8 9.3.4, A-ASSOCIATE-RJ Reason/Diag.)."""
+def on_rejected(event: Event) -> None:
+    """``EVT_REJECTED``: log the rejection with the likely reason (PS3.8
+    9.3.4, A-ASSOCIATE-RJ Reason/Diag.)."""
     assoc = event.assoc
     calling = assoc.requestor.ae_title
     primitive = assoc.requestor.primitive
@@ -87,6 +117,8 @@ def log_rejected(event: Event) -> None:
         reason = "called AE title not recognised (reason 7)"
     elif allowed and calling.strip() not in allowed:
         reason = "calling AE title not recognised (reason 3)"
+    elif len(assoc.ae.active_associations) > assoc.ae.maximum_associations:
+        reason = "too many associations (transient, local limit exceeded)"
     else:
         reason = "see the preceding pynetdicom message"
     LOGGER.warning(

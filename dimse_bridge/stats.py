@@ -1,0 +1,54 @@
+"""What one association did, for its single log line (no patient data)."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from typing import Any
+
+_ATTRIBUTE = "_appliance_stats"
+
+
+@dataclasses.dataclass
+class AssociationStats:
+    """Counts of one association: per DIMSE service and status class, and
+    the data set bytes received and sent."""
+
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    operations: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    def record(self, service: str, outcome: str, bytes_in: int = 0, bytes_out: int = 0) -> None:
+        """Count one operation of *service* (``C-STORE``...) ending in
+        *outcome* (``success``, ``warning``, ``failure``, ``cancel``)."""
+        self.operations[f"{service} {outcome}"] += 1
+        self.bytes_in += bytes_in
+        self.bytes_out += bytes_out
+
+    def summary(self) -> str:
+        """``C-STORE success 12, C-STORE warning 1; in 6.1 MB, out 0 B; 2.3 s``."""
+        operations = ", ".join(f"{k} {v}" for k, v in sorted(self.operations.items()))
+        return (
+            f"{operations or 'no operations'}; in {_size(self.bytes_in)}, "
+            f"out {_size(self.bytes_out)}; {time.monotonic() - self.started:.1f} s"
+        )
+
+
+def stats_of(assoc: Any) -> AssociationStats:
+    """The statistics of *assoc* (a pynetdicom Association), made on first use."""
+    stats = getattr(assoc, _ATTRIBUTE, None)
+    if stats is None:
+        stats = AssociationStats()
+        setattr(assoc, _ATTRIBUTE, stats)
+    return stats
+
+
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")  # pragma: no cover
