@@ -29,8 +29,20 @@ class Status(enum.IntEnum):
     #: PS3.7 C.1.1: the operation completed.
     SUCCESS = 0x0000
 
-    #: PS3.4 B.2.3 (C-STORE warning): coercion of data elements.
+    #: PS3.4 C.4.1.1.4 / C.4.2.1.5 / C.4.3.1.4: pending, matches (or
+    #: sub-operations) are continuing.
+    PENDING = 0xFF00
+    #: PS3.4 C.4.1.1.4: pending, but one or more Optional Keys were not
+    #: supported for existence and/or matching for this identifier.
+    PENDING_WITH_UNSUPPORTED_KEYS = 0xFF01
+    #: PS3.4 C.4.1.1.4 / C.4.2.1.5 / C.4.3.1.4: cancelled (C-CANCEL).
+    CANCEL = 0xFE00
+
+    #: PS3.4 B.2.3 (C-STORE warning): coercion of data elements.  Also, in
+    #: C-MOVE/C-GET (PS3.4 C.4.2.1.5, C.4.3.1.4): sub-operations complete,
+    #: one or more failures or warnings.
     COERCION_OF_DATA_ELEMENTS = 0xB000
+    SUBOPERATIONS_COMPLETE_WITH_FAILURES = 0xB000
     #: PS3.4 B.2.3 (C-STORE warning): elements discarded.
     ELEMENTS_DISCARDED = 0xB006
     #: PS3.4 B.2.3 (C-STORE warning): data set does not match SOP Class.
@@ -52,6 +64,14 @@ class Status(enum.IntEnum):
     SOP_CLASS_NOT_SUPPORTED = 0x0122
     #: PS3.4 B.2.3 (C-STORE refused): out of resources.
     OUT_OF_RESOURCES = 0xA700
+    #: PS3.4 C.4.2.1.5 / C.4.3.1.4: out of resources, unable to calculate the
+    #: number of matches.
+    OUT_OF_RESOURCES_MATCHES = 0xA701
+    #: PS3.4 C.4.2.1.5 / C.4.3.1.4: out of resources, unable to perform
+    #: sub-operations.
+    OUT_OF_RESOURCES_SUBOPERATIONS = 0xA702
+    #: PS3.4 C.4.2.1.5 (C-MOVE): move destination unknown.
+    MOVE_DESTINATION_UNKNOWN = 0xA801
     #: PS3.4 B.2.3 (C-STORE error): data set does not match SOP Class.  Used
     #: when a required attribute is missing or malformed (e.g. a bad UID).
     DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
@@ -67,8 +87,10 @@ class Status(enum.IntEnum):
     #: see docs/conformance.md.
     STUDY_INSTANCE_UID_MISMATCH = 0xA901
     #: PS3.4 B.2.3 (C-STORE error): cannot understand (the data set could not
-    #: be parsed at all).
+    #: be parsed at all).  Also C-FIND/C-MOVE/C-GET "unable to process"
+    #: (PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4).
     CANNOT_UNDERSTAND = 0xC000
+    UNABLE_TO_PROCESS = 0xC000
 
     @property
     def category(self) -> StatusCategory:

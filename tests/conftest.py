@@ -157,3 +157,88 @@ def live_server(tmp_path: Path) -> Iterator[LiveServer]:
     HTTP listener.  Index tests cover PostgreSQL; the protocol tests run on
     the embedded default."""
     yield from started_server(make_config(tmp_path))
+
+
+# --------------------------------------------------------------------------
+# a live appliance: DIMSE listener and DICOMweb over the same services
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def dcmtk(tool: str) -> str:
+    """The path of dcmtk's *tool* (``storescu``, ``findscu``...): never
+    pynetdicom's console scripts of the same names in ``.venv/bin``.  Skips
+    (fails under CI) when dcmtk is missing."""
+    import subprocess
+
+    path = Path("/usr/bin") / tool
+    if not path.is_file():
+        missing_peer(f"dcmtk is not installed ({path} is missing; apt-get install dcmtk)")
+    out = subprocess.run([str(path), "--version"], capture_output=True, text=True, check=False)
+    if "dcmtk" not in (out.stdout + out.stderr).lower():
+        missing_peer(f"{path} is not dcmtk's {tool}")
+    return str(path)
+
+
+@dataclasses.dataclass
+class LiveAppliance(LiveServer):
+    """A live server (DICOMweb) plus the DIMSE listener, in this process."""
+
+    dimse_host: str = "127.0.0.1"
+    dimse_port: int = 0
+
+    @property
+    def ae_title(self) -> str:
+        return self.config.dimse.ae_title
+
+
+def started_appliance(config: Config) -> Iterator[LiveAppliance]:
+    """Migrate, build the services, and run the DIMSE listener (in a thread)
+    and the DICOMweb app (on a free port) over them until the generator is
+    closed.  *config*'s ``dimse.port`` must be free (see :func:`appliance_config`)."""
+    from dimse_bridge.ae import run_listener
+
+    engine = create_index_engine(config.index.url)
+    migrate.upgrade(engine)
+    engine.dispose()
+    services = build_services(config)
+    stop, listening, failed = threading.Event(), threading.Event(), []
+
+    def listen() -> None:
+        try:
+            run_listener(config, services, stop=stop, on_listening=listening.set)
+        except BaseException as exc:  # noqa: BLE001 - reported to the test below
+            failed.append(exc)
+            listening.set()
+
+    thread = threading.Thread(target=listen, name="live-dimse", daemon=True)
+    thread.start()
+    try:
+        assert listening.wait(30), "the DIMSE listener did not start"
+        assert not failed, failed
+        for server in serve_app(config, services):
+            yield LiveAppliance(
+                server.base_url, services, config, config.dimse.host, config.dimse.port
+            )
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        services.close()
+
+
+def appliance_config(tmp_path: Path, **environ: str) -> Config:
+    """:func:`make_config` with a free DIMSE port and the AE title DICOM_EDGE."""
+    return make_config(tmp_path, APPLIANCE_DIMSE_PORT=str(free_port()), **environ)
+
+
+@pytest.fixture
+def live_appliance(tmp_path: Path) -> Iterator[LiveAppliance]:
+    """An empty appliance with both edges live on loopback (SQLite)."""
+    yield from started_appliance(appliance_config(tmp_path))
