@@ -9,11 +9,10 @@ several repetitions on a fresh SQLite index and filesystem store each time:
 - query latency (p50/p95) over an index of many studies: by PatientID, by
   PatientName prefix wildcard, by StudyDate range, series of a study;
 
-and, in :mod:`bench.dicomweb`, STOW-RS and WADO-RS over HTTP next to Orthanc
-with its DICOMweb plugin, started side by side in the same run.
-
-The protocol-level comparison with Orthanc (C-STORE, STOW-RS, QIDO-RS, WADO-RS
-side by side in one run) is built on top of this in the performance issue.
+and, in :mod:`bench.dicomweb` and :mod:`bench.dimse`, STOW-RS/WADO-RS over
+HTTP and C-STORE/C-FIND/C-MOVE over DIMSE next to Orthanc with its DICOMweb
+plugin, started side by side in the same run.  ``python -m bench core``,
+``dicomweb`` or ``dimse`` runs one part; ``make bench`` runs them all.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ from appliance.ingest import IngestService
 from appliance.model import Level, Origin
 from appliance.query import Query, QueryService
 from appliance.storage.filesystem import FilesystemBlobStore
-from bench import dicomweb
+from bench import dicomweb, dimse
 from bench.corpus import make_instance
 
 ORIGIN = Origin("import")
@@ -120,14 +119,17 @@ def main() -> None:
     parser.add_argument(
         "part",
         nargs="?",
-        choices=("all", "core", "dicomweb"),
+        choices=("all", "core", "dicomweb", "dimse"),
         default="all",
-        help="core: the pipeline in-process; dicomweb: STOW/WADO next to Orthanc",
+        help="core: the pipeline in-process; dicomweb: STOW/WADO, dimse: C-STORE/C-FIND/"
+        "C-MOVE, each next to Orthanc",
     )
     args = parser.parse_args()
     if args.part in ("all", "dicomweb"):
         print(json.dumps({"dicomweb": dicomweb.run(args.reps)}, indent=2))
-    if args.part == "dicomweb":
+    if args.part in ("all", "dimse"):
+        print(json.dumps({"dimse": dimse.run(args.reps)}, indent=2))
+    if args.part not in ("all", "core"):
         return
     rng = random.Random(20261123)
     study, series = generate_uid(), generate_uid()

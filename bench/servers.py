@@ -78,8 +78,17 @@ def _wait(url: str, process: subprocess.Popen[bytes], timeout: float = 60) -> No
     raise RuntimeError(f"{url} did not answer within {timeout} s")
 
 
+@dataclasses.dataclass(frozen=True)
+class Peer:
+    """A DIMSE node the servers know (a C-MOVE destination)."""
+
+    ae_title: str
+    port: int
+    host: str = "127.0.0.1"
+
+
 @contextlib.contextmanager
-def appliance(workers: int = 2) -> Iterator[Server]:
+def appliance(workers: int = 2, peers: tuple[Peer, ...] = ()) -> Iterator[Server]:
     """``dicom-appliance serve`` on the embedded default, in a temp folder."""
     with tempfile.TemporaryDirectory(prefix="bench-appliance-") as tmp:
         http_port, dimse_port = free_port(), free_port()
@@ -91,6 +100,14 @@ def appliance(workers: int = 2) -> Iterator[Server]:
             "APPLIANCE_LOG_LEVEL": "warning",
             "APPLIANCE_INDEX_AUTO_MIGRATE": "true",
         }
+        if peers:
+            env["APPLIANCE_DIMSE_PEERS"] = (
+                "["
+                + ", ".join(
+                    f'{{ae_title="{p.ae_title}", host="{p.host}", port={p.port}}}' for p in peers
+                )
+                + "]"
+            )
         cli = [sys.executable, "-m", "appliance.cli"]
         process = subprocess.Popen(
             [*cli, "serve"], cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
@@ -119,7 +136,7 @@ def orthanc_available() -> str | None:
 
 
 @contextlib.contextmanager
-def orthanc() -> Iterator[Server]:
+def orthanc(peers: tuple[Peer, ...] = ()) -> Iterator[Server]:
     """Orthanc with its DICOMweb plugin, private to this run."""
     problem = orthanc_available()
     if problem:
@@ -140,7 +157,7 @@ def orthanc() -> Iterator[Server]:
             "Plugins": [str(DICOMWEB_PLUGIN)],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "StorageCompression": False,
-            "DicomModalities": {},
+            "DicomModalities": {p.ae_title.lower(): [p.ae_title, p.host, p.port] for p in peers},
             "DicomCheckCalledAet": False,
             "UnknownSopClassAccepted": True,
             "HttpThreadsCount": 50,
