@@ -17,7 +17,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, func, select, text, update
+from sqlalchemy import Connection, Engine, bindparam, delete, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
 
@@ -178,13 +178,75 @@ def _instance_values(record: InstanceRecord, blob: BlobInfo, now: dt.datetime) -
     }
 
 
+# Statements of the ingest transaction, built once: building a statement
+# per call (coercing values, computing its cache key) cost more than running
+# it.  Values travel as bound parameters.
+_EXISTING = (
+    select(
+        instance.c.id,
+        instance.c.blob_key,
+        instance.c.series_fk,
+        instance.c.study_fk,
+        series.c.series_instance_uid,
+    )
+    .join(series, series.c.id == instance.c.series_fk)
+    .where(instance.c.sop_instance_uid == bindparam("sop"))
+    .with_for_update(of=instance)
+)
+_PATIENT = select(patient.c.id).where(
+    patient.c.patient_id == bindparam("pid"),
+    patient.c.issuer_of_patient_id == bindparam("issuer"),
+)
+_STUDY_FOR_UPDATE = (
+    select(study.c.id).where(study.c.study_instance_uid == bindparam("uid")).with_for_update()
+)
+_SERIES_FOR_UPDATE = (
+    select(series.c.id, series.c.study_fk)
+    .where(series.c.series_instance_uid == bindparam("uid"))
+    .with_for_update()
+)
+_INSERT_INSTANCE = instance.insert()
+_INSERT_CHANGE = changefeed.insert()
+_COUNT_SERIES = (
+    update(series)
+    .where(series.c.id == bindparam("row_id"))
+    .values(num_instances=series.c.num_instances + bindparam("delta"), updated_at=bindparam("now"))
+)
+_COUNT_STUDY = (
+    update(study)
+    .where(study.c.id == bindparam("row_id"))
+    .values(num_instances=study.c.num_instances + bindparam("delta"), updated_at=bindparam("now"))
+)
+_COUNT_NEW_SERIES = (
+    update(study).where(study.c.id == bindparam("row_id")).values(num_series=study.c.num_series + 1)
+)
+_MARK_REPLACED = (
+    update(changefeed)
+    .where(changefeed.c.sop_instance_uid == bindparam("sop"), changefeed.c.state == "current")
+    .values(state="replaced")
+)
+_FEED_LOCK_STATEMENT = select(func.pg_advisory_xact_lock(_FEED_LOCK))
+_FIND_INSTANCE = _stored_instances().where(instance.c.sop_instance_uid == bindparam("sop"))
+
+
 class SqlIndex:
     """The index on SQLite or PostgreSQL (same code, same migrations)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._insert: Any = (
-            postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+        insert: Any = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+        # parents are created with INSERT .. ON CONFLICT DO NOTHING, so two
+        # writers creating the same study at once both succeed
+        self._insert_patient = insert(patient).on_conflict_do_nothing(
+            index_elements=["patient_id", "issuer_of_patient_id"]
+        )
+        self._insert_study = insert(study).on_conflict_do_nothing(
+            index_elements=["study_instance_uid"]
+        )
+        self._insert_series = (
+            insert(series)
+            .on_conflict_do_nothing(index_elements=["series_instance_uid"])
+            .returning(series.c.id)
         )
 
     # ------------------------------------------------------------------ reads
@@ -201,10 +263,9 @@ class SqlIndex:
 
     def find_instance(self, sop_instance_uid: str) -> StoredInstance | None:
         """The stored instance with that SOP Instance UID, or None."""
-        query = _stored_instances().where(instance.c.sop_instance_uid == sop_instance_uid)
         try:
             with self._reading() as conn:
-                row = conn.execute(query).first()
+                row = conn.execute(_FIND_INSTANCE, {"sop": sop_instance_uid}).first()
         except SQLAlchemyError as exc:
             raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
         return None if row is None else StoredInstance(*row)
@@ -299,18 +360,7 @@ class SqlIndex:
         self, conn: Connection, record: InstanceRecord, blob: BlobInfo, policy: str
     ) -> AddResult:
         sop_uid = record.instance.sop_instance_uid
-        existing = conn.execute(
-            select(
-                instance.c.id,
-                instance.c.blob_key,
-                instance.c.series_fk,
-                instance.c.study_fk,
-                series.c.series_instance_uid,
-            )
-            .join(series, series.c.id == instance.c.series_fk)
-            .where(instance.c.sop_instance_uid == sop_uid)
-            .with_for_update(of=instance)
-        ).first()
+        existing = conn.execute(_EXISTING, {"sop": sop_uid}).first()
         now = _now()
         if existing is None:
             self._insert_instance(conn, record, blob, now)
@@ -321,17 +371,12 @@ class SqlIndex:
             return AddResult(AddOutcome.DUPLICATE_KEPT)
         if policy == "reject":
             return AddResult(AddOutcome.DUPLICATE_REJECTED)
-        conn.execute(
-            update(changefeed)
-            .where(changefeed.c.sop_instance_uid == sop_uid, changefeed.c.state == "current")
-            .values(state="replaced")
-        )
+        conn.execute(_MARK_REPLACED, {"sop": sop_uid})
         if existing.series_instance_uid == record.series.series_instance_uid:
             # the usual replacement: same place in the hierarchy, new bytes
             conn.execute(
-                update(instance)
-                .where(instance.c.id == existing.id)
-                .values(**_instance_values(record, blob, now))
+                update(instance).where(instance.c.id == bindparam("row_id")),
+                {"row_id": existing.id, **_instance_values(record, blob, now)},
             )
         else:
             # the instance moved to another series: out of the old, into the new
@@ -345,12 +390,13 @@ class SqlIndex:
     ) -> None:
         study_fk, series_fk = self._ensure_parents(conn, record, now)
         conn.execute(
-            instance.insert().values(
-                series_fk=series_fk,
-                study_fk=study_fk,
-                created_at=now,
+            _INSERT_INSTANCE,
+            {
+                "series_fk": series_fk,
+                "study_fk": study_fk,
+                "created_at": now,
                 **_instance_values(record, blob, now),
-            )
+            },
         )
         self._count_instance(conn, study_fk, series_fk, +1, now)
 
@@ -360,10 +406,13 @@ class SqlIndex:
         """The study and series rows of *record*, created if missing and
         locked until commit (PostgreSQL), so no other writer removes them
         under this one.  A row that vanished between the insert attempt and
-        the lock (another writer emptied it) is created again."""
+        the lock (another writer emptied it) is created again.
+
+        The common case, an instance of a study and series already stored,
+        costs two indexed look-ups.
+        """
         for _ in range(_PARENT_ATTEMPTS):
-            patient_fk = self._ensure_patient(conn, record, now)
-            study_fk = self._ensure_study(conn, record, patient_fk, now)
+            study_fk = self._ensure_study(conn, record, now)
             if study_fk is None:
                 continue
             series_fk = self._ensure_series(conn, record, study_fk, now)
@@ -374,16 +423,8 @@ class SqlIndex:
     def _count_instance(
         self, conn: Connection, study_fk: int, series_fk: int, delta: int, now: dt.datetime
     ) -> None:
-        conn.execute(
-            update(series)
-            .where(series.c.id == series_fk)
-            .values(num_instances=series.c.num_instances + delta, updated_at=now)
-        )
-        conn.execute(
-            update(study)
-            .where(study.c.id == study_fk)
-            .values(num_instances=study.c.num_instances + delta, updated_at=now)
-        )
+        conn.execute(_COUNT_SERIES, {"row_id": series_fk, "delta": delta, "now": now})
+        conn.execute(_COUNT_STUDY, {"row_id": study_fk, "delta": delta, "now": now})
 
     def _lock_feed(self, conn: Connection) -> None:
         """Make change-feed sequence numbers commit in order (PostgreSQL).
@@ -398,140 +439,135 @@ class SqlIndex:
         commit.  SQLite needs nothing: its writers are serialised already.
         """
         if conn.dialect.name == "postgresql":
-            conn.execute(select(func.pg_advisory_xact_lock(_FEED_LOCK)))
+            conn.execute(_FEED_LOCK_STATEMENT)
 
     def _log_change(self, conn: Connection, record: InstanceRecord, now: dt.datetime) -> None:
         self._lock_feed(conn)
         conn.execute(
-            changefeed.insert().values(
-                timestamp=now,
-                action="create",
-                state="current",
-                study_instance_uid=record.study.study_instance_uid,
-                series_instance_uid=record.series.series_instance_uid,
-                sop_instance_uid=record.instance.sop_instance_uid,
-            )
+            _INSERT_CHANGE,
+            {
+                "timestamp": now,
+                "action": "create",
+                "state": "current",
+                "study_instance_uid": record.study.study_instance_uid,
+                "series_instance_uid": record.series.series_instance_uid,
+                "sop_instance_uid": record.instance.sop_instance_uid,
+            },
         )
 
     def _ensure_patient(self, conn: Connection, record: InstanceRecord, now: dt.datetime) -> int:
         p = record.patient
+        key = {"pid": p.patient_id, "issuer": p.issuer_of_patient_id}
+        found = conn.execute(_PATIENT, key).scalar_one_or_none()
+        if found is not None:
+            return int(found)
         conn.execute(
-            self._insert(patient)
-            .values(
-                patient_id=p.patient_id,
-                issuer_of_patient_id=p.issuer_of_patient_id,
-                patient_name=p.patient_name,
-                patient_name_norm=p.patient_name.casefold(),
-                patient_birth_date=p.patient_birth_date,
-                patient_sex=p.patient_sex,
-                created_at=now,
-            )
-            .on_conflict_do_nothing(index_elements=["patient_id", "issuer_of_patient_id"])
+            self._insert_patient,
+            {
+                "patient_id": p.patient_id,
+                "issuer_of_patient_id": p.issuer_of_patient_id,
+                "patient_name": p.patient_name,
+                "patient_name_norm": p.patient_name.casefold(),
+                "patient_birth_date": p.patient_birth_date,
+                "patient_sex": p.patient_sex,
+                "created_at": now,
+            },
         )
-        return int(
-            conn.execute(
-                select(patient.c.id).where(
-                    patient.c.patient_id == p.patient_id,
-                    patient.c.issuer_of_patient_id == p.issuer_of_patient_id,
-                )
-            ).scalar_one()
-        )
+        return int(conn.execute(_PATIENT, key).scalar_one())
 
     def _ensure_study(
-        self, conn: Connection, record: InstanceRecord, patient_fk: int, now: dt.datetime
+        self, conn: Connection, record: InstanceRecord, now: dt.datetime
     ) -> int | None:
         s, p = record.study, record.patient
+        key = {"uid": s.study_instance_uid}
+        found = conn.execute(_STUDY_FOR_UPDATE, key).scalar_one_or_none()
+        if found is not None:
+            return int(found)
         conn.execute(
-            self._insert(study)
-            .values(
-                patient_fk=patient_fk,
-                study_instance_uid=s.study_instance_uid,
-                study_date=s.study_date,
-                study_time=s.study_time,
-                study_time_key=tm_key(s.study_time),
-                accession_number=s.accession_number,
-                study_id=s.study_id,
-                study_description=s.study_description,
-                referring_physician_name=s.referring_physician_name,
-                referring_physician_name_norm=s.referring_physician_name.casefold(),
-                timezone_offset_from_utc=s.timezone_offset_from_utc,
-                patient_id=p.patient_id,
-                issuer_of_patient_id=p.issuer_of_patient_id,
-                patient_name=p.patient_name,
-                patient_name_norm=p.patient_name.casefold(),
-                patient_birth_date=p.patient_birth_date,
-                patient_sex=p.patient_sex,
-                num_series=0,
-                num_instances=0,
-                created_at=now,
-                updated_at=now,
-            )
-            .on_conflict_do_nothing(index_elements=["study_instance_uid"])
+            self._insert_study,
+            {
+                "patient_fk": self._ensure_patient(conn, record, now),
+                "study_instance_uid": s.study_instance_uid,
+                "study_date": s.study_date,
+                "study_time": s.study_time,
+                "study_time_key": tm_key(s.study_time),
+                "accession_number": s.accession_number,
+                "study_id": s.study_id,
+                "study_description": s.study_description,
+                "referring_physician_name": s.referring_physician_name,
+                "referring_physician_name_norm": s.referring_physician_name.casefold(),
+                "timezone_offset_from_utc": s.timezone_offset_from_utc,
+                "patient_id": p.patient_id,
+                "issuer_of_patient_id": p.issuer_of_patient_id,
+                "patient_name": p.patient_name,
+                "patient_name_norm": p.patient_name.casefold(),
+                "patient_birth_date": p.patient_birth_date,
+                "patient_sex": p.patient_sex,
+                "num_series": 0,
+                "num_instances": 0,
+                "created_at": now,
+                "updated_at": now,
+            },
         )
-        found = conn.execute(
-            select(study.c.id)
-            .where(study.c.study_instance_uid == s.study_instance_uid)
-            .with_for_update()
-        ).scalar_one_or_none()
+        found = conn.execute(_STUDY_FOR_UPDATE, key).scalar_one_or_none()
         return None if found is None else int(found)
 
     def _ensure_series(
         self, conn: Connection, record: InstanceRecord, study_fk: int, now: dt.datetime
     ) -> int | None:
         s = record.series
-        created = conn.execute(
-            self._insert(series)
-            .values(
-                study_fk=study_fk,
-                series_instance_uid=s.series_instance_uid,
-                modality=s.modality,
-                series_number=s.series_number,
-                series_description=s.series_description,
-                body_part_examined=s.body_part_examined,
-                performed_procedure_step_start_date=s.performed_procedure_step_start_date,
-                performed_procedure_step_start_time=s.performed_procedure_step_start_time,
-                performed_procedure_step_start_time_key=tm_key(
-                    s.performed_procedure_step_start_time
-                ),
-                num_instances=0,
-                created_at=now,
-                updated_at=now,
-            )
-            .on_conflict_do_nothing(index_elements=["series_instance_uid"])
-            .returning(series.c.id)
-        ).first()
-        if created is not None:
-            series_fk = int(created[0])
-            conn.execute(
-                update(study)
-                .where(study.c.id == study_fk)
-                .values(num_series=study.c.num_series + 1)
-            )
-            if s.request_attributes:
-                conn.execute(
-                    request_attribute.insert(),
-                    [
-                        {
-                            "series_fk": series_fk,
-                            "scheduled_procedure_step_id": item.scheduled_procedure_step_id,
-                            "requested_procedure_id": item.requested_procedure_id,
-                        }
-                        for item in s.request_attributes
-                    ],
-                )
-            return series_fk
-        row = conn.execute(
-            select(series.c.id, series.c.study_fk)
-            .where(series.c.series_instance_uid == s.series_instance_uid)
-            .with_for_update()
-        ).first()
+        key = {"uid": s.series_instance_uid}
+        row = conn.execute(_SERIES_FOR_UPDATE, key).first()
         if row is None:
-            return None
+            created = conn.execute(
+                self._insert_series,
+                {
+                    "study_fk": study_fk,
+                    "series_instance_uid": s.series_instance_uid,
+                    "modality": s.modality,
+                    "series_number": s.series_number,
+                    "series_description": s.series_description,
+                    "body_part_examined": s.body_part_examined,
+                    "performed_procedure_step_start_date": s.performed_procedure_step_start_date,
+                    "performed_procedure_step_start_time": s.performed_procedure_step_start_time,
+                    "performed_procedure_step_start_time_key": tm_key(
+                        s.performed_procedure_step_start_time
+                    ),
+                    "num_instances": 0,
+                    "created_at": now,
+                    "updated_at": now,
+                },
+            ).first()
+            if created is not None:
+                return self._created_series(conn, record, study_fk, int(created[0]))
+            row = conn.execute(_SERIES_FOR_UPDATE, key).first()
+            if row is None:
+                return None
         if row.study_fk != study_fk:
             raise InvalidInstance(
                 f"SeriesInstanceUID {s.series_instance_uid} already belongs to another study"
             )
         return int(row.id)
+
+    def _created_series(
+        self, conn: Connection, record: InstanceRecord, study_fk: int, series_fk: int
+    ) -> int:
+        """Count a new series in its study and keep its request attributes."""
+        conn.execute(_COUNT_NEW_SERIES, {"row_id": study_fk})
+        items = record.series.request_attributes
+        if items:
+            conn.execute(
+                request_attribute.insert(),
+                [
+                    {
+                        "series_fk": series_fk,
+                        "scheduled_procedure_step_id": item.scheduled_procedure_step_id,
+                        "requested_procedure_id": item.requested_procedure_id,
+                    }
+                    for item in items
+                ],
+            )
+        return series_fk
 
     def _remove_instances(self, conn: Connection, rows: Sequence[Any]) -> None:
         """Delete instance rows (``id``, ``series_fk``, ``study_fk``), keep the
