@@ -60,6 +60,21 @@ class Status(enum.IntEnum):
     DUPLICATE_SOP_INSTANCE = 0x0111
     #: PS3.7 C.5.7: no such SOP Instance (nothing stored under the UIDs given).
     NO_SUCH_OBJECT_INSTANCE = 0x0112
+    #: PS3.7 10.1.4.1.10 (N-ACTION Status), Annex C: invalid argument value
+    #: (the Action Information is missing, malformed or inappropriate).
+    INVALID_ARGUMENT_VALUE = 0x0115
+    #: PS3.7 Annex C: class-instance conflict.  Also a Failure Reason
+    #: (0008,1197) of Storage Commitment (PS3.3 C.14.1.1): the instance is
+    #: stored under another SOP Class.
+    CLASS_INSTANCE_CONFLICT = 0x0119
+    #: PS3.7 10.1.4.1.10 (N-ACTION Status), Annex C: no such action (an
+    #: Action Type ID the SOP Class does not define).
+    NO_SUCH_ACTION = 0x0123
+    #: PS3.3 C.14.1.1, Failure Reason (0008,1197) of Storage Commitment only:
+    #: duplicate transaction UID (the Transaction UID is already in use).
+    DUPLICATE_TRANSACTION_UID = 0x0131
+    #: PS3.7 10.1.4.1.10 (N-ACTION Status), Annex C: resource limitation.
+    RESOURCE_LIMITATION = 0x0213
     #: PS3.7 C.5.12: the SOP Class is not supported.
     SOP_CLASS_NOT_SUPPORTED = 0x0122
     #: PS3.4 B.2.3 (C-STORE refused): out of resources.

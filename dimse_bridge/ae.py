@@ -14,12 +14,12 @@ from types import FrameType
 from typing import Any
 
 from pynetdicom import AE
-from pynetdicom.events import EventHandlerType
 
 from appliance.config import Config
 from appliance.services import Services
 from dimse_bridge import handlers
 from dimse_bridge import services as dimse_services
+from dimse_bridge.services import ServiceSetup
 
 LOGGER = logging.getLogger(__name__)
 
@@ -28,10 +28,13 @@ LOGGER = logging.getLogger(__name__)
 DRAIN_TIMEOUT = 5.0
 #: Seconds between checks for a stop request.
 POLL_INTERVAL = 0.2
+#: Seconds each background task gets to return once told to stop.
+TASK_STOP_TIMEOUT = 10.0
 
 
-def build_ae(config: Config, services: Services) -> tuple[AE, list[EventHandlerType]]:
-    """The acceptor AE for *config*, and its event handlers.
+def build_ae(config: Config, services: Services) -> ServiceSetup:
+    """The acceptor AE for *config*, with its event handlers and background
+    tasks (a :class:`~dimse_bridge.services.ServiceSetup`).
 
     - Its title is ``dimse.ae_title``; with ``dimse.require_called_ae_title``
       an association whose Called AE Title is another one is rejected
@@ -57,11 +60,11 @@ def build_ae(config: Config, services: Services) -> tuple[AE, list[EventHandlerT
     ae.acse_timeout = dimse.acse_timeout
     ae.dimse_timeout = dimse.dimse_timeout
     ae.network_timeout = dimse.network_timeout
-    found: list[EventHandlerType] = []
+    setup = ServiceSetup(ae, config, services)
     for module in service_modules():
-        found.extend(module.register(ae, config, services))
-    found.extend(handlers.association_handlers(config))
-    return ae, found
+        module.register(setup)
+    setup.handlers.extend(handlers.association_handlers(config))
+    return setup
 
 
 def service_modules() -> list[Any]:
@@ -98,7 +101,8 @@ def run_listener(
     OSError
         if the address cannot be bound (e.g. the port is in use).
     """
-    ae, found = build_ae(config, services)
+    setup = build_ae(config, services)
+    ae = setup.ae
     stop = threading.Event() if stop is None else stop
     received: list[int] = []
     previous: dict[signal.Signals, Any] = {}
@@ -109,14 +113,20 @@ def run_listener(
 
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     address = (config.dimse.host, config.dimse.port)
+    tasks_stop = threading.Event()
+    tasks: list[threading.Thread] = []
     try:
-        server = ae.start_server(address, block=False, evt_handlers=found)
+        server = ae.start_server(address, block=False, evt_handlers=setup.handlers)
         assert server is not None  # block=False returns the server
         LOGGER.info(
             "listening for DICOM associations as '%s' on %s:%d",
             config.dimse.ae_title,
             *address,
         )
+        for name, task in setup.tasks:
+            thread = threading.Thread(target=task, args=(tasks_stop,), name=name, daemon=True)
+            thread.start()
+            tasks.append(thread)
         if on_listening is not None:
             on_listening()
         while not received and not stop.is_set():
@@ -126,6 +136,11 @@ def run_listener(
         _drain(ae)
         ae.shutdown()
     finally:
+        tasks_stop.set()
+        for thread in tasks:
+            thread.join(timeout=TASK_STOP_TIMEOUT)
+            if thread.is_alive():
+                LOGGER.warning("background task %s did not stop in time", thread.name)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -137,9 +152,8 @@ def _established(ae: AE) -> int:
 def _drain(ae: AE, timeout: float = DRAIN_TIMEOUT) -> None:
     """Give established associations *timeout* seconds to finish.
 
-    Connections that never sent an A-ASSOCIATE-RQ (e.g. the readiness
-    probe's TCP connect, which pynetdicom keeps for ``acse_timeout``) are
-    not waited for.
+    Connections that never sent an A-ASSOCIATE-RQ (a bare TCP connect, which
+    pynetdicom keeps for ``acse_timeout``) are not waited for.
     """
     deadline = time.monotonic() + timeout
     while _established(ae) and time.monotonic() < deadline:

@@ -30,6 +30,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     UniqueConstraint,
 )
 
@@ -160,4 +161,36 @@ changefeed = Table(
     Column("sop_instance_uid", UID, nullable=False, index=True),
     # SQLite: never reuse a sequence number, even after the newest row is gone
     sqlite_autoincrement=True,
+)
+
+#: Storage Commitment Push Model (PS3.4 J.3): one row per N-ACTION request,
+#: its result computed when it was received, and the delivery of its
+#: N-EVENT-REPORT (an outbox: ``state`` pending | delivered | failed; a
+#: pending row is claimed by setting ``claim_token`` and moving
+#: ``next_attempt_at`` past the claim's lease).  ``result`` is JSON:
+#: ``{"committed": [[class, instance], ...], "failed": [[class, instance,
+#: reason], ...]}`` in request order.
+commitment_report = Table(
+    "commitment_report",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("transaction_uid", UID, nullable=False),
+    # the SCU's Calling AE Title (16 characters, PS3.5 6.2 AE)
+    Column("requester_ae", String(16), nullable=False),
+    # sha256 of the requester and the referenced instances: tells a repeated
+    # request (same digest) from a reuse of the Transaction UID
+    Column("request_digest", String(64), nullable=False),
+    Column("event_type", Integer, nullable=False),
+    Column("result", Text, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Column("claim_token", String(32), nullable=True),
+    Column("last_error", String(1024), nullable=True),
+    # "same" or "new" association, once delivered
+    Column("delivered_via", String(16), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("transaction_uid", "request_digest"),
+    Index(None, "state", "next_attempt_at"),
 )

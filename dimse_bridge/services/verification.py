@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from pynetdicom import AE, evt
-from pynetdicom.events import Event, EventHandlerType
+from pynetdicom import evt
+from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from appliance.config import Config
-from appliance.services import Services
 from appliance.status import Status
+from dimse_bridge.services import ServiceSetup
 from dimse_bridge.stats import stats_of
 
 
-def register(ae: AE, config: Config, services: Services) -> list[EventHandlerType]:
+def register(setup: ServiceSetup) -> None:
     """Support Verification with every transfer syntax pynetdicom offers."""
-    ae.add_supported_context(Verification)
-    return [(evt.EVT_C_ECHO, handle_echo)]
+    setup.ae.add_supported_context(Verification)
+    setup.handlers.append((evt.EVT_C_ECHO, handle_echo))
 
 
 def handle_echo(event: Event) -> int:

@@ -1,0 +1,363 @@
+"""The C-STORE sub-operations of C-MOVE and C-GET (PS3.4 C.4.2.3, C.4.3.3).
+
+Shared by both retrieve services: which presentation contexts to propose on
+a C-MOVE sub-association, which transfer syntax each instance goes out in,
+and the data set handed to pynetdicom for each C-STORE.
+
+- **As stored when possible.**  The proposed contexts are the (SOP Class,
+  stored transfer syntax) pairs of the matched instances, one context each,
+  plus per SOP Class a fallback context offering Explicit and Implicit VR
+  Little Endian.  Over pynetdicom's limit of 128 contexts (PS3.8 9.3.2.2: odd
+  context IDs 1-255), one context per SOP Class carries all its syntaxes.
+- **Fallback transcoding.**  An instance whose stored syntax the peer did not
+  accept is decoded (encapsulated pixel data decompressed, Big Endian values
+  swapped) and re-encoded in an accepted uncompressed syntax, Explicit VR
+  Little Endian first.  The SOP Instance UID is kept.  If that is impossible
+  (no accepted context, no decoder) the sub-operation fails.
+- **Bytes kept.**  pynetdicom 3 sends a C-MOVE/C-GET sub-operation only from
+  a pydicom Dataset it encodes itself (a file path is refused), so an
+  instance sent as stored is read whole with pydicom and handed over
+  unchanged: pydicom writes back each element it has not decoded exactly as
+  read, and the data set on the wire is the stored one, except for what its
+  writer cannot keep: retired Group Length elements (gggg,0000) are left
+  out; the three elements pynetdicom reads (SOP Class UID, SOP Instance UID,
+  Specific Character Set) are written from their value (a UN VR becomes the
+  dictionary's); and a Deflated Explicit VR Little Endian data set is
+  deflated again (the inflated bytes are the stored ones).
+- **Damaged files.**  A data set not encoded as its File Meta says (e.g.
+  Implicit VR elements under an explicit syntax) is re-encoded in the
+  syntax named; one of odd length (cut short) is not sent: peers abort the
+  association on it.
+
+Nothing here raises: a sub-operation that cannot be prepared is returned as
+a failure with its reason, and pynetdicom counts it as failed.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import io
+import socket
+import struct
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.filewriter import correct_ambiguous_vr, dcmwrite
+from pydicom.pixels.utils import pack_bits
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import build_context
+from pynetdicom.presentation import PresentationContext
+
+from appliance.dicomio import IMPLEMENTATION_VERSION_NAME
+from appliance.errors import ApplianceError
+from appliance.index.sql import StoredInstance
+from appliance.retrieve import RetrieveService
+
+#: The uncompressed syntaxes offered for every SOP Class, in this order of
+#: preference, for instances the peer refuses in their stored syntax.
+FALLBACK_SYNTAXES: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+#: The most presentation contexts one association can propose (PS3.8 9.3.2.2:
+#: Presentation Context IDs are the odd numbers 1 to 255).
+MAX_CONTEXTS = 128
+
+#: Bytes per value word of the binary VRs whose values depend on byte order.
+_WORD_SIZE = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+#: VRs with a 4-byte length in Explicit VR (PS3.5 7.1.2), for the File Meta.
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
+_PIXEL_DATA = 0x7FE00010
+_PREAMBLE = 128 + 4
+
+
+class TranscodeError(ApplianceError):
+    """An instance could not be decoded or re-encoded in another syntax."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SubOperation:
+    """What to hand pynetdicom for one C-STORE sub-operation.
+
+    Attributes
+    ----------
+    stored
+        The instance.
+    dataset
+        The data set pynetdicom encodes and sends.  For a failure it is a
+        stand-in with only the SOP Class and Instance UIDs and no File Meta:
+        pynetdicom refuses it before anything is sent and counts the
+        sub-operation as failed, with its UID in the Failed SOP Instance UID
+        List (0008,0058).
+    transfer_syntax
+        The syntax it is sent in; None for a failure.
+    size
+        Bytes of the data set as sent (0 for a failure).
+    reason
+        Why it failed, or "" (UIDs and syntax names only).
+    repaired
+        True if the stored data set was not encoded as its transfer syntax
+        says and its elements were re-encoded in that syntax.
+    """
+
+    stored: StoredInstance
+    dataset: Dataset
+    transfer_syntax: str | None
+    size: int = 0
+    reason: str = ""
+    repaired: bool = False
+
+    @property
+    def failed(self) -> bool:
+        return self.transfer_syntax is None
+
+    @property
+    def transcoded(self) -> bool:
+        """True if sent in another syntax than the stored one."""
+        return not self.failed and self.transfer_syntax != self.stored.transfer_syntax_uid
+
+
+def send_at_once(assoc: Any) -> None:
+    """Turn off Nagle's algorithm (TCP_NODELAY) on *assoc*'s socket (a
+    pynetdicom Association), so that each C-STORE request and each Pending
+    response leaves at once: pynetdicom writes a message in several small
+    pieces, and with the peer's delayed acknowledgement every sub-operation
+    would otherwise wait about 40 ms."""
+    with contextlib.suppress(AttributeError, OSError):
+        sock = assoc.dul.socket.socket
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def propose_contexts(
+    instances: Iterable[StoredInstance],
+) -> tuple[list[PresentationContext], frozenset[str]]:
+    """The presentation contexts to propose for sending *instances*.
+
+    Returns
+    -------
+    tuple
+        The contexts, and the SOP Classes left without one because more than
+        :data:`MAX_CONTEXTS` classes are needed (the least frequent ones;
+        their sub-operations fail).
+    """
+    syntaxes: dict[str, list[str]] = {}
+    counts: collections.Counter[str] = collections.Counter()
+    for stored in instances:
+        found = syntaxes.setdefault(stored.sop_class_uid, [])
+        if stored.transfer_syntax_uid not in found:
+            found.append(stored.transfer_syntax_uid)
+        counts[stored.sop_class_uid] += 1
+    dedicated: list[PresentationContext] = []
+    for sop_class, stored_syntaxes in syntaxes.items():
+        dedicated.extend(build_context(sop_class, syntax) for syntax in stored_syntaxes)
+        if not set(FALLBACK_SYNTAXES) <= set(stored_syntaxes):
+            dedicated.append(build_context(sop_class, list(FALLBACK_SYNTAXES)))
+    if len(dedicated) <= MAX_CONTEXTS:
+        return dedicated, frozenset()
+    # one context per SOP Class: the peer accepts one of its syntaxes, the
+    # instances in the others are transcoded if that one is uncompressed
+    ranked = sorted(syntaxes, key=lambda uid: -counts[uid])
+    kept, left_out = ranked[:MAX_CONTEXTS], frozenset(ranked[MAX_CONTEXTS:])
+    grouped = [
+        build_context(
+            sop_class,
+            syntaxes[sop_class] + [s for s in FALLBACK_SYNTAXES if s not in syntaxes[sop_class]],
+        )
+        for sop_class in kept
+    ]
+    return grouped, left_out
+
+
+def accepted_syntaxes(contexts: Iterable[PresentationContext], sop_class: str) -> list[str]:
+    """The transfer syntaxes accepted for *sop_class* in which this side
+    may send C-STORE requests (the SCU role), in context order."""
+    found: list[str] = []
+    for context in contexts:
+        if context.abstract_syntax != sop_class or context.as_scu is not True:
+            continue
+        syntax = str(context.transfer_syntax[0])
+        if syntax not in found:
+            found.append(syntax)
+    return found
+
+
+def choose_syntax(stored_syntax: str, accepted: Sequence[str]) -> str | None:
+    """The syntax to send an instance stored in *stored_syntax* in: the
+    stored one if accepted, else the first accepted fallback, else None."""
+    if stored_syntax in accepted:
+        return stored_syntax
+    return next((str(s) for s in FALLBACK_SYNTAXES if s in accepted), None)
+
+
+def prepare(
+    retrieve: RetrieveService, stored: StoredInstance, accepted: Sequence[str]
+) -> SubOperation:
+    """Read *stored* and make the data set to send for it, given the
+    transfer syntaxes the peer *accepted* for its SOP Class.  Never raises."""
+    target = choose_syntax(stored.transfer_syntax_uid, accepted)
+    if target is None:
+        offered = ", ".join(UID(s).name for s in accepted) or "no transfer syntax"
+        return failure(
+            stored,
+            f"the peer accepted {offered} for SOP Class {stored.sop_class_uid}, not "
+            f"{UID(stored.transfer_syntax_uid).name} nor an uncompressed fallback",
+        )
+    repaired = False
+    try:
+        with retrieve.open(stored) as stream:
+            data = stream.read()
+        if target != stored.transfer_syntax_uid:
+            data = transcode(data, target)
+        dataset = dcmread(io.BytesIO(data))
+        if not _encoded_as_labelled(dataset):
+            # e.g. Implicit VR elements under an explicit syntax: pydicom reads
+            # them, nobody can send them as they are; re-encode the elements
+            # (pixel data kept) in the syntax the File Meta names
+            data = transcode(data, target)
+            dataset = dcmread(io.BytesIO(data))
+            repaired = True
+        size = len(data) - dataset_offset(data)
+    except ApplianceError as exc:
+        return failure(stored, exc.reason)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on damaged files
+        return failure(stored, f"the stored instance cannot be read ({exc.__class__.__name__})")
+    if size % 2 and not UID(target).is_deflated:
+        # PS3.5 7.1.1: every value has an even length, so a data set has one;
+        # peers abort the association on an odd one (dcmtk: "Odd Fragment
+        # Length"), which would fail every later sub-operation too
+        return failure(stored, "the stored data set has an odd length (a damaged file); not sent")
+    return SubOperation(stored, dataset, target, size, repaired=repaired)
+
+
+def failure(stored: StoredInstance, reason: str) -> SubOperation:
+    """A failed sub-operation: a stand-in data set pynetdicom will not send."""
+    stand_in = Dataset()
+    stand_in.SOPClassUID = stored.sop_class_uid
+    stand_in.SOPInstanceUID = stored.sop_instance_uid
+    return SubOperation(stored, stand_in, None, 0, reason)
+
+
+def transcode(data: bytes, target: str) -> bytes:
+    """Re-encode the Part 10 instance *data* in *target*.
+
+    *target* is an uncompressed syntax: encapsulated pixel data is
+    decompressed (pydicom and its pylibjpeg plugins; YCbCr JPEG becomes RGB
+    and Photometric Interpretation says so), Big Endian binary values are
+    swapped, and everything is written in *target*.  Or *target* is the
+    stored syntax itself: only the elements are re-encoded, for a data set
+    not encoded as its File Meta says.  The SOP Instance UID is kept; the
+    File Meta names this implementation.
+
+    Raises
+    ------
+    TranscodeError
+        if the instance cannot be decoded or written.
+    """
+    stored = "?"
+    try:
+        ds = dcmread(io.BytesIO(data))
+        stored = UID(ds.file_meta.TransferSyntaxUID).name
+        for _ in ds.iterall():  # raw elements -> typed ones (VRs of implicit data sets)
+            pass
+        syntax = UID(ds.file_meta.TransferSyntaxUID)
+        if target == syntax:
+            pass  # the elements only are re-encoded (see prepare)
+        elif "PixelData" in ds and syntax.is_encapsulated:
+            ds.decompress(generate_instance_uid=False)
+        elif not syntax.is_little_endian:
+            _to_little_endian(ds)
+        correct_ambiguous_vr(ds, is_little_endian=True)
+        meta = ds.file_meta
+        meta.TransferSyntaxUID = UID(target)
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+        buffer = io.BytesIO()
+        # dcmwrite, not save_as: save_as refuses Big -> Little Endian, whose
+        # binary values _to_little_endian has swapped
+        dcmwrite(buffer, ds, enforce_file_format=True)
+    except Exception as exc:  # codecs raise anything; the reason names no value
+        raise TranscodeError(
+            f"cannot convert {stored} to {UID(target).name}: {exc.__class__.__name__}: "
+            f"{str(exc)[:160]}"
+        ) from exc
+    return buffer.getvalue()
+
+
+def _encoded_as_labelled(ds: Dataset) -> bool:
+    """False if pydicom found the data set encoded otherwise than its File
+    Meta's transfer syntax says (it then reads the elements as found)."""
+    syntax = UID(ds.file_meta.TransferSyntaxUID)
+    first = next(iter(ds.keys()), None)
+    if first is None:
+        return True
+    elem = ds.get_item(first)
+    if not isinstance(elem, RawDataElement):
+        return True
+    return (elem.is_implicit_VR, elem.is_little_endian) == (
+        syntax.is_implicit_VR,
+        syntax.is_little_endian,
+    )
+
+
+def _to_little_endian(ds: Dataset) -> None:
+    """Make the binary values of a data set read from Big Endian read Little
+    Endian (numbers and text are already decoded; pydicom does not swap
+    byte-valued elements when writing)."""
+    for elem in ds.iterall():
+        size = _WORD_SIZE.get(str(elem.VR), 0)
+        if elem.tag == _PIXEL_DATA or not size or not isinstance(elem.value, bytes):
+            continue
+        if len(elem.value) % size == 0:
+            words = np.frombuffer(elem.value, dtype=f">u{size}")
+            elem.value = words.astype(f"<u{size}").tobytes()
+    if "PixelData" not in ds:
+        return
+    pixels = ds.pixel_array
+    if int(ds.BitsAllocated) == 1:
+        value = pack_bits(pixels)
+    else:
+        value = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
+    ds.PixelData = value + b"\0" * (len(value) % 2)
+    ds["PixelData"].VR = "OW" if int(ds.BitsAllocated) > 8 else "OB"
+    if int(ds.get("SamplesPerPixel", 1)) > 1:
+        ds.PlanarConfiguration = 0  # pixel_array is colour-by-pixel
+
+
+def dataset_offset(data: bytes) -> int:
+    """Where the data set starts in the Part 10 bytes *data*: after the
+    preamble, ``DICM`` and the File Meta elements (group 0002, Explicit VR
+    Little Endian, PS3.10 7.1).
+
+    Raises
+    ------
+    TranscodeError
+        if *data* has no ``DICM`` prefix or a truncated File Meta.
+    """
+    if data[128:_PREAMBLE] != b"DICM":
+        raise TranscodeError("the stored instance has no DICM prefix")
+    offset = _PREAMBLE
+    while len(data) >= offset + 8:
+        group, _ = struct.unpack_from("<HH", data, offset)
+        if group != 0x0002:
+            return offset
+        if data[offset + 4 : offset + 6] in _LONG_VRS:
+            if len(data) < offset + 12:
+                break
+            (length,) = struct.unpack_from("<I", data, offset + 8)
+            offset += 12 + int(length)
+        else:
+            (length,) = struct.unpack_from("<H", data, offset + 6)
+            offset += 8 + int(length)
+    if offset > len(data) or 0 < len(data) - offset < 8:
+        raise TranscodeError("the stored instance's File Meta is truncated")
+    return offset
