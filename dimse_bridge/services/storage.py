@@ -74,8 +74,12 @@ from dimse_bridge.stats import stats_of
 LOGGER = logging.getLogger(__name__)
 
 #: The transfer syntaxes accepted for storage when
-#: ``dimse.storage_transfer_syntaxes`` is empty, in this order of preference
-#: (the requestor's order of proposal decides among those it proposes).
+#: ``dimse.storage_transfer_syntaxes`` is empty, in this order of preference:
+#: pynetdicom, as acceptor, takes the first of *this* list that the requestor
+#: proposed in a context.  Uncompressed first, so that a modality offering a
+#: lossy syntax beside an uncompressed one in one context is never taken at
+#: its lossy word; a C-GET requester proposing both therefore receives
+#: compressed instances decompressed (docs/conformance.md, C-GET).
 DEFAULT_TRANSFER_SYNTAXES: tuple[str, ...] = (
     ExplicitVRLittleEndian,  # 1.2.840.10008.1.2.1
     ImplicitVRLittleEndian,  # 1.2.840.10008.1.2
