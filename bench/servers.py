@@ -158,6 +158,10 @@ def orthanc(peers: tuple[Peer, ...] = ()) -> Iterator[Server]:
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "StorageCompression": False,
             "DicomModalities": {p.ae_title.lower(): [p.ae_title, p.host, p.port] for p in peers},
+            # the benchmark's SCUs call with titles Orthanc does not know:
+            # without these it refuses their C-FIND and C-MOVE
+            "DicomAlwaysAllowFind": True,
+            "DicomAlwaysAllowMove": True,
             "DicomCheckCalledAet": False,
             "UnknownSopClassAccepted": True,
             "HttpThreadsCount": 50,
