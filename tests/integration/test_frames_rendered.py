@@ -33,6 +33,7 @@ from pydicom.uid import (
 from appliance.model import Origin
 from appliance.status import Status
 from tests.conftest import LiveServer, make_config, started_server
+from tests.helpers import multipart
 
 pytestmark = pytest.mark.integration
 
@@ -279,34 +280,6 @@ def _frame_voi(center: float, width: float) -> Dataset:
 def _extended(frames: list[bytes]) -> tuple[bytes, tuple[bytes, bytes]]:
     pixel_data, offsets, lengths = encapsulate_extended(frames)
     return pixel_data, (offsets, lengths)
-
-
-def multipart(response: httpx.Response) -> list[tuple[dict[str, str], bytes]]:
-    """The parts of a multipart/related response: (headers, content)."""
-    content_type = response.headers["content-type"]
-    assert content_type.startswith("multipart/related"), content_type
-    boundary = next(
-        p.split("=", 1)[1].strip('"')
-        for p in content_type.split(";")
-        if p.strip().startswith("boundary")
-    ).encode()
-    body = response.content
-    delimiter = b"--" + boundary
-    assert body.startswith(delimiter + b"\r\n")
-    chunks = body[len(delimiter) + 2 :].split(b"\r\n" + delimiter)
-    assert chunks.pop() == b"--\r\n", "the close delimiter ends the message"
-    parts = []
-    for number, chunk in enumerate(chunks):
-        if number:
-            assert chunk.startswith(b"\r\n")
-            chunk = chunk[2:]
-        head, _, content = chunk.partition(b"\r\n\r\n")
-        headers = {}
-        for line in head.decode().split("\r\n"):
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        parts.append((headers, content))
-    return parts
 
 
 def expected_native(ds: Dataset, index: int) -> bytes:

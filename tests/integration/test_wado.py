@@ -29,6 +29,7 @@ from appliance.model import Origin
 from appliance.status import Status
 from dicomweb.views.wado import can_decode
 from tests.conftest import LiveServer, make_config, started_server
+from tests.helpers import multipart
 
 pytestmark = [
     pytest.mark.integration,
@@ -138,32 +139,6 @@ def with_new_uids(data: bytes) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf)
     return buf.getvalue()
-
-
-def multipart(response: httpx.Response) -> list[tuple[dict[str, str], bytes]]:
-    """The parts of a multipart/related response: (headers, content)."""
-    ctype = response.headers["content-type"]
-    assert ctype.startswith("multipart/related")
-    boundary = next(
-        p.split("=", 1)[1].strip('"') for p in ctype.split(";") if p.strip().startswith("boundary")
-    ).encode()
-    body = response.content
-    delimiter = b"--" + boundary
-    assert body.startswith(delimiter + b"\r\n")
-    chunks = body[len(delimiter) + 2 :].split(b"\r\n" + delimiter)
-    assert chunks.pop() == b"--\r\n", "the close delimiter ends the message"
-    parts = []
-    for number, chunk in enumerate(chunks):
-        if number:
-            assert chunk.startswith(b"\r\n")
-            chunk = chunk[2:]
-        head, _, content = chunk.partition(b"\r\n\r\n")
-        headers = {}
-        for line in head.decode().split("\r\n"):
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        parts.append((headers, content))
-    return parts
 
 
 # ------------------------------------------------------------------- retrieve
