@@ -100,10 +100,18 @@ class IngestService:
             sop_class_uid, sop_instance_uid, transfer_syntax_uid, origin.calling_ae
         )
         body = io.BytesIO(dataset) if isinstance(dataset, bytes) else dataset
-        return self._store(io.BufferedReader(PrefixedStream(prefix, body)), origin)
+        return self._store(
+            io.BufferedReader(PrefixedStream(prefix, body)),
+            origin,
+            expected_sop=(sop_class_uid, sop_instance_uid),
+        )
 
     def _store(
-        self, source: IO[bytes], origin: Origin, expected_study_uid: str | None = None
+        self,
+        source: IO[bytes],
+        origin: Origin,
+        expected_study_uid: str | None = None,
+        expected_sop: tuple[str, str] | None = None,
     ) -> IngestResult:
         try:
             record = extract_record(read_header(source))
@@ -124,6 +132,15 @@ class IngestService:
             return dataclasses.replace(
                 ids, status=Status.STUDY_INSTANCE_UID_MISMATCH, reason=reason
             )
+        if expected_sop is not None:
+            # PS3.4 B.2.3: a data set that is not the instance the C-STORE
+            # request names "does not match SOP Class" (0xA900)
+            reason = _identity_mismatch(record, *expected_sop)
+            if reason:
+                log.warning("refused %s from %s: %s", sop_uid, origin.protocol, reason)
+                return dataclasses.replace(
+                    ids, status=Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, reason=reason
+                )
         try:
             existing = self.index.find_instance(sop_uid)
         except ApplianceError as exc:
@@ -199,3 +216,12 @@ def _identified(record: InstanceRecord) -> IngestResult:
         study_instance_uid=record.study.study_instance_uid,
         series_instance_uid=record.series.series_instance_uid,
     )
+
+
+def _identity_mismatch(record: InstanceRecord, sop_class: str, sop_instance: str) -> str:
+    """Why the data set is not the instance a request names, or ""."""
+    if record.instance.sop_instance_uid != sop_instance:
+        return f"SOPInstanceUID {record.instance.sop_instance_uid} differs from the request's"
+    if record.instance.sop_class_uid != sop_class:
+        return f"SOPClassUID {record.instance.sop_class_uid} differs from the request's"
+    return ""

@@ -61,10 +61,7 @@ from pynetdicom import AllStoragePresentationContexts, _config, evt
 from pynetdicom.events import Event
 
 from appliance.config import Config
-from appliance.dicomio import part10_prefix, read_header
 from appliance.errors import ApplianceError
-from appliance.ingest import IngestResult
-from appliance.ingest.streams import PrefixedStream
 from appliance.model import Origin
 from appliance.services import Services
 from appliance.status import Status, StatusCategory
@@ -236,17 +233,15 @@ def handle_store(event: Event, services: Services, config: Config) -> Dataset:
         )
         transfer_syntax = str(event.context.transfer_syntax)
         with _received_dataset(event) as (dataset, size):
-            mismatch = _identity_mismatch(dataset, sop_class, sop_instance, transfer_syntax)
-            if mismatch:
-                result = IngestResult(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, mismatch)
-            else:
-                result = services.ingest.store_dataset(
-                    dataset,
-                    sop_class_uid=sop_class,
-                    sop_instance_uid=sop_instance,
-                    transfer_syntax_uid=transfer_syntax,
-                    origin=origin,
-                )
+            # the pipeline also refuses a data set whose own SOP Class or
+            # Instance UID differs from the request's (0xA900)
+            result = services.ingest.store_dataset(
+                dataset,
+                sop_class_uid=sop_class,
+                sop_instance_uid=sop_instance,
+                transfer_syntax_uid=transfer_syntax,
+                origin=origin,
+            )
         status, reason = result.status, result.reason
     except ApplianceError as exc:
         status, reason = exc.status, exc.reason
@@ -345,30 +340,6 @@ def _dataset_offset(fh: IO[bytes]) -> int:
         raise ApplianceError("the received data set's temporary file lacks the meta group length")
     (length,) = struct.unpack("<I", head[_META_START + 8 :])
     return _META_START + 12 + int(length)
-
-
-def _identity_mismatch(
-    dataset: IO[bytes], sop_class: str, sop_instance: str, transfer_syntax: str
-) -> str:
-    """Why the data set is not the instance the request names (its SOP Class
-    UID or SOP Instance UID differs, PS3.4 B.2.3 "data set does not match SOP
-    class"), or "" if it is, or if the header cannot be read (the pipeline
-    then refuses it with its own reason).  *dataset* is left where it was."""
-    start = dataset.tell()
-    try:
-        prefix = part10_prefix(sop_class, sop_instance, transfer_syntax)
-        header = read_header(io.BufferedReader(PrefixedStream(prefix, dataset)))
-        own_class = header.get("SOPClassUID")
-        own_instance = header.get("SOPInstanceUID")
-    except Exception:  # noqa: BLE001 - any parse failure: the pipeline's to answer
-        return ""
-    finally:
-        dataset.seek(start)
-    if isinstance(own_instance, str) and own_instance and own_instance != sop_instance:
-        return f"SOPInstanceUID {own_instance} differs from the request's"
-    if isinstance(own_class, str) and own_class and own_class != sop_class:
-        return f"SOPClassUID {own_class} differs from the request's"
-    return ""
 
 
 def discard_unfinished(event: Event) -> None:
