@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import io
+from typing import Any
+
 import httpx
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from appliance.model import Origin
+from appliance.status import Status
+from tests.conftest import LiveServer
 
 
 def multipart(response: httpx.Response) -> list[tuple[dict[str, str], bytes]]:
@@ -31,3 +40,22 @@ def multipart(response: httpx.Response) -> list[tuple[dict[str, str], bytes]]:
             headers[name.strip().lower()] = value.strip()
         parts.append((headers, content))
     return parts
+
+
+def store(server: LiveServer, study: str, series: str, **values: Any) -> str:
+    """Store a minimal Secondary Capture instance through the core's ingest
+    (attributes from *values*); its SOP Instance UID."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    buf.seek(0)
+    assert server.services.ingest.store_part10(buf, Origin("import")).status is Status.SUCCESS
+    return str(ds.SOPInstanceUID)

@@ -3,34 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
-import io
 
 import httpx
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
-from appliance.model import Origin
-from appliance.status import Status
 from tests.conftest import LiveServer
+from tests.helpers import store
 
 pytestmark = pytest.mark.integration
-
-
-def store(server: LiveServer, study: str, series: str, name: str = "Doe^Jane") -> str:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = study
-    ds.SeriesInstanceUID = series
-    ds.PatientName = name
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    buf.seek(0)
-    assert server.services.ingest.store_part10(buf, Origin("import")).status is Status.SUCCESS
-    return str(ds.SOPInstanceUID)
 
 
 def feed(server: LiveServer, **params: str) -> httpx.Response:
@@ -46,7 +27,7 @@ def test_empty_feed(live_server: LiveServer) -> None:
 
 def test_entries_paging_and_metadata(live_server: LiveServer) -> None:
     study, series = generate_uid(), generate_uid()
-    uids = [store(live_server, study, series) for _ in range(12)]
+    uids = [store(live_server, study, series, PatientName="Doe^Jane") for _ in range(12)]
     r = feed(live_server)
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("application/json")

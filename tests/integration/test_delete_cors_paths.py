@@ -3,35 +3,17 @@
 from __future__ import annotations
 
 import http.client
-import io
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
-from appliance.model import Origin
-from appliance.status import Status
 from tests.conftest import LiveServer, make_config, started_server
+from tests.helpers import store
 
 pytestmark = pytest.mark.integration
-
-
-def store(server: LiveServer, study: str, series: str) -> str:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = study
-    ds.SeriesInstanceUID = series
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    buf.seek(0)
-    assert server.services.ingest.store_part10(buf, Origin("import")).status is Status.SUCCESS
-    return str(ds.SOPInstanceUID)
 
 
 def test_delete_instance_series_study(live_server: LiveServer) -> None:
