@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import IO
 
 from appliance.index.sql import SqlIndex, StoredInstance
@@ -29,3 +31,8 @@ class RetrieveService:
     def open_range(self, stored: StoredInstance, offset: int, length: int | None) -> IO[bytes]:
         """*length* bytes of the instance from *offset* (bulk data, frames)."""
         return self.storage.open_range(stored.blob_key, offset, length)
+
+    def local_path(self, stored: StoredInstance) -> AbstractContextManager[Path]:
+        """A local file of the instance's Part 10 bytes, valid inside the
+        context (see :meth:`BlobStore.local_path`)."""
+        return self.storage.local_path(stored.blob_key)

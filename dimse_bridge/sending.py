@@ -14,20 +14,25 @@ and the data set handed to pynetdicom for each C-STORE.
   swapped) and re-encoded in an accepted uncompressed syntax, Explicit VR
   Little Endian first.  The SOP Instance UID is kept.  If that is impossible
   (no accepted context, no decoder) the sub-operation fails.
-- **Bytes kept.**  pynetdicom 3 sends a C-MOVE/C-GET sub-operation only from
-  a pydicom Dataset it encodes itself (a file path is refused), so an
-  instance sent as stored is read whole with pydicom and handed over
-  unchanged: pydicom writes back each element it has not decoded exactly as
-  read, and the data set on the wire is the stored one, except for what its
-  writer cannot keep: retired Group Length elements (gggg,0000) are left
-  out; the three elements pynetdicom reads (SOP Class UID, SOP Instance UID,
-  Specific Character Set) are written from their value (a UN VR becomes the
-  dictionary's); and a Deflated Explicit VR Little Endian data set is
-  deflated again (the inflated bytes are the stored ones).
-- **Damaged files.**  A data set not encoded as its File Meta says (e.g.
-  Implicit VR elements under an explicit syntax) is re-encoded in the
-  syntax named; one of odd length (cut short) is not sent: peers abort the
-  association on it.
+- **Bytes kept.**  An instance sent as stored goes out as its stored bytes:
+  the data set part of the blob, streamed from its file in PDU-sized chunks
+  (pynetdicom's chunked sending), never decoded or held in memory, so the
+  data set on the wire is the stored one byte for byte (Group Length
+  elements, deflated data and any encoding detail included).  pynetdicom 3
+  sends a C-MOVE/C-GET sub-operation only for a pydicom Dataset, so the
+  handlers hand it a :class:`StoredDataset` stand-in, and the association's
+  ``send_c_store`` is wrapped (:func:`send_stored_bytes`) to send the file
+  behind it (behind a new File Meta if the stored one names another
+  instance: pynetdicom names the instance in the request by it).  Before
+  that, the blob's elements are walked by tag and length
+  (:mod:`appliance.encoding`).
+- **Damaged files.**  A data set whose walk fails is read whole with
+  pydicom and written again: a deflated stream of odd length (unpadded) is
+  deflated again; one not encoded as its File Meta says (e.g.
+  Implicit VR elements under an explicit syntax) is re-encoded in the syntax
+  named; one cut short inside a value goes out as pydicom reads it (the
+  value as far as it goes).  One of odd length (cut short) is not sent:
+  peers abort the association on it.
 
 Nothing here raises: a sub-operation that cannot be prepared is returned as
 a failure with its reason, and pynetdicom counts it as failed.
@@ -39,10 +44,12 @@ import collections
 import contextlib
 import dataclasses
 import io
+import shutil
 import socket
-import struct
-from collections.abc import Iterable, Sequence
-from typing import Any
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 from pydicom import dcmread
@@ -59,10 +66,12 @@ from pydicom.uid import (
 from pynetdicom import build_context
 from pynetdicom.presentation import PresentationContext
 
-from appliance.dicomio import IMPLEMENTATION_VERSION_NAME
+from appliance.dicomio import IMPLEMENTATION_VERSION_NAME, part10_prefix
+from appliance.encoding import Layout, LayoutError, Soundness, check_structure, read_layout
 from appliance.errors import ApplianceError
 from appliance.index.sql import StoredInstance
 from appliance.retrieve import RetrieveService
+from appliance.storage.base import CHUNK_SIZE
 
 #: The uncompressed syntaxes offered for every SOP Class, in this order of
 #: preference, for instances the peer refuses in their stored syntax.
@@ -74,10 +83,7 @@ MAX_CONTEXTS = 128
 
 #: Bytes per value word of the binary VRs whose values depend on byte order.
 _WORD_SIZE = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
-#: VRs with a 4-byte length in Explicit VR (PS3.5 7.1.2), for the File Meta.
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
 _PIXEL_DATA = 0x7FE00010
-_PREAMBLE = 128 + 4
 
 
 class TranscodeError(ApplianceError):
@@ -202,8 +208,10 @@ def choose_syntax(stored_syntax: str, accepted: Sequence[str]) -> str | None:
 def prepare(
     retrieve: RetrieveService, stored: StoredInstance, accepted: Sequence[str]
 ) -> SubOperation:
-    """Read *stored* and make the data set to send for it, given the
-    transfer syntaxes the peer *accepted* for its SOP Class.  Never raises."""
+    """Make what to send for *stored*, given the transfer syntaxes the peer
+    *accepted* for its SOP Class: the stored bytes when it accepted the
+    stored syntax and they are sound, else a data set read with pydicom
+    (transcoded into a fallback syntax, or re-encoded).  Never raises."""
     target = choose_syntax(stored.transfer_syntax_uid, accepted)
     if target is None:
         offered = ", ".join(UID(s).name for s in accepted) or "no transfer syntax"
@@ -212,6 +220,46 @@ def prepare(
             f"the peer accepted {offered} for SOP Class {stored.sop_class_uid}, not "
             f"{UID(stored.transfer_syntax_uid).name} nor an uncompressed fallback",
         )
+    if target == stored.transfer_syntax_uid:
+        try:
+            with retrieve.local_path(stored) as path, path.open("rb") as fp:
+                layout = read_layout(fp)
+                soundness = check_structure(fp, layout)
+        except ApplianceError as exc:
+            return failure(stored, exc.reason)
+        except (LayoutError, OSError) as exc:
+            return failure(stored, f"the stored instance cannot be read ({exc.__class__.__name__})")
+        if soundness is Soundness.ODD_LENGTH:
+            return _odd_length(stored)
+        if soundness is Soundness.SOUND and layout.transfer_syntax == target:
+            # pynetdicom names the instance in the C-STORE request by the
+            # File Meta's UIDs: a File Meta naming another instance (copied
+            # from another file) is replaced by one naming the data set's
+            relabel = None if _labelled_as_indexed(layout, stored) else layout.offset
+            return SubOperation(stored, StoredDataset(stored, relabel), target, layout.size)
+    return _read_and_prepare(retrieve, stored, target)
+
+
+def _labelled_as_indexed(layout: Layout, stored: StoredInstance) -> bool:
+    """True if the File Meta names the instance as the index (its data set)
+    does."""
+    return (layout.sop_class_uid, layout.sop_instance_uid) == (
+        stored.sop_class_uid,
+        stored.sop_instance_uid,
+    )
+
+
+def _odd_length(stored: StoredInstance) -> SubOperation:
+    # PS3.5 7.1.1: every value has an even length, so a data set has one;
+    # peers abort the association on an odd one (dcmtk: "Odd Fragment
+    # Length"), which would fail every later sub-operation too
+    return failure(stored, "the stored data set has an odd length (a damaged file); not sent")
+
+
+def _read_and_prepare(
+    retrieve: RetrieveService, stored: StoredInstance, target: str
+) -> SubOperation:
+    """The data set of *stored* read whole with pydicom, in *target*."""
     repaired = False
     try:
         with retrieve.open(stored) as stream:
@@ -232,11 +280,82 @@ def prepare(
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on damaged files
         return failure(stored, f"the stored instance cannot be read ({exc.__class__.__name__})")
     if size % 2 and not UID(target).is_deflated:
-        # PS3.5 7.1.1: every value has an even length, so a data set has one;
-        # peers abort the association on an odd one (dcmtk: "Odd Fragment
-        # Length"), which would fail every later sub-operation too
-        return failure(stored, "the stored data set has an odd length (a damaged file); not sent")
+        return _odd_length(stored)
     return SubOperation(stored, dataset, target, size, repaired=repaired)
+
+
+class StoredDataset(Dataset):
+    """The stand-in handed to pynetdicom for an instance sent as stored: a
+    data set of only its SOP Class and Instance UIDs (what pynetdicom reads
+    of it), which :func:`send_stored_bytes` replaces with the blob's file.
+
+    Parameters
+    ----------
+    stored
+        The instance.
+    relabel
+        None to send the blob as it is; else where its data set starts, to
+        send it behind a new File Meta naming the instance (the blob's names
+        another one).
+    """
+
+    def __init__(self, stored: StoredInstance, relabel: int | None = None) -> None:
+        super().__init__()
+        self.SOPClassUID = UID(stored.sop_class_uid)
+        self.SOPInstanceUID = UID(stored.sop_instance_uid)
+        self.stored_instance = stored
+        self.relabel = relabel
+
+
+def send_stored_bytes(assoc: Any, retrieve: RetrieveService) -> None:
+    """Make the pynetdicom Association *assoc* send a :class:`StoredDataset`
+    as the stored bytes of its instance.
+
+    pynetdicom's C-MOVE and C-GET loops call ``assoc.send_c_store(dataset,
+    ...)`` for every data set a handler yields.  This wraps that method on
+    this one association: a StoredDataset is sent from the blob's local file
+    (with ``STORE_SEND_CHUNKED_DATASET``, set by the retrieve service, the
+    data set after the File Meta is sent unchanged in PDU-sized chunks, in
+    the accepted context of exactly its stored syntax); anything else is
+    passed on unchanged.  A blob that cannot be read raises, and pynetdicom
+    counts the sub-operation as failed.
+    """
+    send = assoc.send_c_store
+
+    def send_c_store(
+        dataset: Dataset,
+        msg_id: int = 1,
+        priority: int = 2,
+        originator_aet: str | None = None,
+        originator_id: int | None = None,
+    ) -> Dataset:
+        if not isinstance(dataset, StoredDataset):
+            return cast(Dataset, send(dataset, msg_id, priority, originator_aet, originator_id))
+        stored = dataset.stored_instance
+        with contextlib.ExitStack() as stack:
+            path = stack.enter_context(retrieve.local_path(stored))
+            if dataset.relabel is not None:
+                path = stack.enter_context(_relabelled(path, dataset.relabel, stored))
+            return cast(Dataset, send(path, msg_id, priority, originator_aet, originator_id))
+
+    assoc.send_c_store = send_c_store
+
+
+@contextlib.contextmanager
+def _relabelled(path: Path, offset: int, stored: StoredInstance) -> Iterator[Path]:
+    """A temporary copy of the Part 10 file *path* whose File Meta names
+    *stored*; the data set (from *offset*) is copied unchanged."""
+    with tempfile.TemporaryDirectory(prefix="dicom-appliance-send-") as folder:
+        copy = Path(folder) / "instance.dcm"
+        with path.open("rb") as source, copy.open("wb") as target:
+            target.write(
+                part10_prefix(
+                    stored.sop_class_uid, stored.sop_instance_uid, stored.transfer_syntax_uid
+                )
+            )
+            source.seek(offset)
+            shutil.copyfileobj(source, target, CHUNK_SIZE)
+        yield copy
 
 
 def failure(stored: StoredInstance, reason: str) -> SubOperation:
@@ -335,29 +454,14 @@ def _to_little_endian(ds: Dataset) -> None:
 
 def dataset_offset(data: bytes) -> int:
     """Where the data set starts in the Part 10 bytes *data*: after the
-    preamble, ``DICM`` and the File Meta elements (group 0002, Explicit VR
-    Little Endian, PS3.10 7.1).
+    preamble, ``DICM`` and the File Meta elements (PS3.10 7.1).
 
     Raises
     ------
     TranscodeError
         if *data* has no ``DICM`` prefix or a truncated File Meta.
     """
-    if data[128:_PREAMBLE] != b"DICM":
-        raise TranscodeError("the stored instance has no DICM prefix")
-    offset = _PREAMBLE
-    while len(data) >= offset + 8:
-        group, _ = struct.unpack_from("<HH", data, offset)
-        if group != 0x0002:
-            return offset
-        if data[offset + 4 : offset + 6] in _LONG_VRS:
-            if len(data) < offset + 12:
-                break
-            (length,) = struct.unpack_from("<I", data, offset + 8)
-            offset += 12 + int(length)
-        else:
-            (length,) = struct.unpack_from("<H", data, offset + 6)
-            offset += 8 + int(length)
-    if offset > len(data) or 0 < len(data) - offset < 8:
-        raise TranscodeError("the stored instance's File Meta is truncated")
-    return offset
+    try:
+        return read_layout(io.BytesIO(data)).offset
+    except LayoutError as exc:
+        raise TranscodeError(f"the stored instance is not a Part 10 file: {exc}") from None

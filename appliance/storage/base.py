@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import IO, Protocol
 
 #: Bytes copied per read/write call when streaming.
@@ -36,6 +38,13 @@ class BlobStore(Protocol):
 
     def open_range(self, key: str, offset: int, length: int | None = None) -> IO[bytes]:
         """A stream of *length* bytes from *offset* (to the end if None)."""
+        ...
+
+    def local_path(self, key: str) -> AbstractContextManager[Path]:
+        """A local file holding the blob, for readers that take a path (the
+        DIMSE sender streams a file in PDU-sized chunks), valid inside the
+        context.  A local backend yields the blob's own file (read only); a
+        remote one a temporary copy.  Raises BlobNotFound."""
         ...
 
     def delete(self, key: str) -> None:

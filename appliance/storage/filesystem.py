@@ -93,6 +93,13 @@ class FilesystemBlobStore:
             return fh
         return io.BufferedReader(_BoundedReader(fh, length))
 
+    @contextlib.contextmanager
+    def local_path(self, key: str) -> Iterator[Path]:
+        path = self._path(key)
+        if not path.is_file():
+            raise BlobNotFound(f"no blob {key}")
+        yield path
+
     def delete(self, key: str) -> None:
         path = self._path(key)
         try:

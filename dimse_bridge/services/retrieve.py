@@ -36,7 +36,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pynetdicom import AllStoragePresentationContexts, build_context, evt
+from pynetdicom import AllStoragePresentationContexts, _config, build_context, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -103,6 +103,10 @@ def register(setup: ServiceSetup) -> None:
     """Support the four MOVE and GET SOP Classes, and the storage SOP
     classes with SCP/SCU Role Selection for C-GET."""
     ae, config, services = setup.ae, setup.config, setup.services
+    # Send a file given to send_c_store as its bytes, in PDU-sized chunks,
+    # not read and re-encoded by pydicom (see sending.send_stored_bytes).  A
+    # process-wide pynetdicom setting, like the Storage SCP's receiving one.
+    _config.STORE_SEND_CHUNKED_DATASET = True
     for uid in (*MOVE_MODELS, *GET_MODELS):
         ae.add_supported_context(uid)
     # C-GET (PS3.4 C.4.3.1.2): the requestor proposes the storage SOP classes
@@ -195,7 +199,7 @@ def handle_move(event: Event, services: Services, config: Config) -> Iterator[An
     operation.left_out = left_out
     link = _SubAssociation()
     operation.link = link
-    handlers = [(evt.EVT_ACCEPTED, _on_sub_association_accepted, [link])]
+    handlers = [(evt.EVT_ACCEPTED, _on_sub_association_accepted, [link, services])]
     yield peer.host, peer.port, {**association, "contexts": contexts, "evt_handlers": handlers}
     yield len(plan.instances)
     yield from _sub_operations(event, services, plan.instances, link.contexts, operation)
@@ -246,6 +250,7 @@ def handle_get(event: Event, services: Services) -> Iterator[Any]:
     """
     operation = _begin(event, "C-GET", GET_MODELS)
     sending.send_at_once(event.assoc)
+    sending.send_stored_bytes(event.assoc, services.retrieve)
     plan = _plan(event, services, operation)
     if plan.error is not None:
         yield 1
@@ -573,10 +578,12 @@ class _SubAssociation:
         return list(self.assoc.accepted_contexts)
 
 
-def _on_sub_association_accepted(event: Event, link: _SubAssociation) -> None:
-    """``EVT_ACCEPTED`` of a C-MOVE sub-association (requestor side)."""
+def _on_sub_association_accepted(event: Event, link: _SubAssociation, services: Services) -> None:
+    """``EVT_ACCEPTED`` of a C-MOVE sub-association (requestor side), before
+    pynetdicom sends anything on it."""
     link.assoc = event.assoc
     sending.send_at_once(event.assoc)
+    sending.send_stored_bytes(event.assoc, services.retrieve)
 
 
 # ------------------------------------------------------------- the log line

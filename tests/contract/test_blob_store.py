@@ -66,6 +66,16 @@ def test_open_range_streams_in_pieces(store: BlobStore) -> None:
     assert b"".join(parts) == (bytes(range(256)) * 100)[10:1010]
 
 
+def test_local_path_holds_the_blob(store: BlobStore) -> None:
+    data = os.urandom(2 * 1024 * 1024 + 3)
+    info = store.put(io.BytesIO(data))
+    with store.local_path(info.key) as path:
+        assert path.read_bytes() == data
+    store.delete(info.key)
+    with pytest.raises(BlobNotFound), store.local_path(info.key):
+        pass
+
+
 def test_delete_is_idempotent(store: BlobStore) -> None:
     info = store.put(io.BytesIO(b"x"))
     store.delete(info.key)

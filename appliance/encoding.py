@@ -1,0 +1,252 @@
+"""The byte layout of a stored Part 10 file, read without decoding it.
+
+What the retrieve paths need before they send an instance's bytes as
+stored: where the data set starts, the File Meta's UIDs, and whether the
+data set's elements are encoded as its transfer syntax says and end where
+the file ends.  Everything here seeks past values instead of reading them,
+so a 500 MB instance costs a few hundred small reads, never its size in
+memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import struct
+from typing import IO
+
+from pydicom.uid import UID
+
+#: Preamble (128 bytes) and the ``DICM`` prefix (PS3.10 7.1).
+PREAMBLE_LENGTH = 128 + 4
+#: Explicit VR VRs with a 2-byte reserved field and a 4-byte length
+#: (PS3.5 7.1.2, Table 7.1-1).
+LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
+_UNDEFINED = 0xFFFFFFFF
+_ITEM = 0xFFFEE000
+_ITEM_DELIMITER = 0xFFFEE00D
+_SEQUENCE_DELIMITER = 0xFFFEE0DD
+#: Deepest nesting of undefined-length items walked (real data: a handful).
+_MAX_DEPTH = 64
+
+
+class LayoutError(Exception):
+    """The bytes are not a Part 10 file (no ``DICM``, File Meta cut short)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where a Part 10 file's data set is, and what its File Meta says.
+
+    Attributes
+    ----------
+    offset
+        The data set's first byte (after preamble, prefix and File Meta).
+    size
+        The data set's length in bytes (file size minus *offset*).
+    transfer_syntax, sop_class_uid, sop_instance_uid
+        Transfer Syntax UID, Media Storage SOP Class and Instance UIDs
+        (``""`` when absent).
+    """
+
+    offset: int
+    size: int
+    transfer_syntax: str
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
+class Soundness(enum.Enum):
+    """What :func:`check_structure` found."""
+
+    #: every element is encoded as the transfer syntax says; the last one
+    #: ends where the data set ends
+    SOUND = "sound"
+    #: the data set has an odd length (PS3.5 7.1.1: every value has an even
+    #: length), e.g. a file cut short inside a value
+    ODD_LENGTH = "odd length"
+    #: an element is not what the transfer syntax says (Implicit VR data
+    #: under an explicit syntax), or a value runs past the end (cut short)
+    MALFORMED = "malformed"
+
+
+def read_layout(fp: IO[bytes]) -> Layout:
+    """The layout of the Part 10 file *fp* (positioned at its start; a
+    seekable binary stream).
+
+    Raises
+    ------
+    LayoutError
+        if *fp* has no ``DICM`` prefix or its File Meta is cut short.
+    """
+    head = fp.read(PREAMBLE_LENGTH)
+    if head[128:] != b"DICM":
+        raise LayoutError("no DICM prefix")
+    meta: dict[int, bytes] = {}
+    offset = PREAMBLE_LENGTH
+    while True:
+        header = fp.read(8)
+        if len(header) < 8:
+            if not header:
+                break  # a File Meta and no data set
+            raise LayoutError("the File Meta is cut short")
+        group, element = struct.unpack("<HH", header[:4])
+        if group != 0x0002:
+            break
+        if header[4:6] in LONG_VRS:
+            extra = fp.read(4)
+            if len(extra) < 4:
+                raise LayoutError("the File Meta is cut short")
+            (length,) = struct.unpack("<I", extra)
+            start = offset + 12
+        else:
+            (length,) = struct.unpack("<H", header[6:8])
+            start = offset + 8
+        if element in (0x0002, 0x0003, 0x0010):
+            value = fp.read(length)
+            if len(value) < length:
+                raise LayoutError("the File Meta is cut short")
+            meta[element] = value
+        else:
+            fp.seek(start + length)
+        offset = start + length
+    end = fp.seek(0, 2)
+    if offset > end:
+        raise LayoutError("the File Meta is cut short")
+
+    def text(element: int) -> str:
+        return meta.get(element, b"").decode("ascii", "replace").strip(" \0")
+
+    return Layout(offset, end - offset, text(0x0010), text(0x0002), text(0x0003))
+
+
+def check_structure(fp: IO[bytes], layout: Layout) -> Soundness:
+    """Walk the elements of the data set of *fp* (whose layout is *layout*)
+    by their tags and lengths, into undefined-length sequences and items,
+    without reading any value.
+
+    A deflated data set is not walked (it is one zlib stream): it is sound
+    when its length is even.
+    """
+    syntax = UID(layout.transfer_syntax)
+    if not syntax.is_transfer_syntax:
+        return Soundness.MALFORMED
+    if syntax.is_deflated:
+        # a deflated stream has any length; the standard pads it to an even
+        # one with a NULL byte (pydicom's writer does), and peers refuse an
+        # odd data set fragment (dcmtk: "Odd Fragment Length"), so an
+        # unpadded one has to be deflated again before it is sent
+        return Soundness.MALFORMED if layout.size % 2 else Soundness.SOUND
+    if layout.size % 2:
+        return Soundness.ODD_LENGTH
+    walker = _Walker(fp, syntax.is_implicit_VR, syntax.is_little_endian)
+    end = layout.offset + layout.size
+    fp.seek(layout.offset)
+    try:
+        stop = walker.elements(layout.offset, end, 0)
+    except _Malformed:
+        return Soundness.MALFORMED
+    return Soundness.SOUND if stop == end else Soundness.MALFORMED
+
+
+class _Malformed(Exception):
+    pass
+
+
+class _Walker:
+    """Skips elements of one encoding; raises _Malformed at the first one
+    that does not fit."""
+
+    def __init__(self, fp: IO[bytes], implicit: bool, little: bool) -> None:
+        self.fp = fp
+        self.implicit = implicit
+        order = "<" if little else ">"
+        self.tag = struct.Struct(f"{order}HH")
+        self.u16 = struct.Struct(f"{order}H")
+        self.u32 = struct.Struct(f"{order}I")
+
+    @classmethod
+    def implicit_little_endian(cls, fp: IO[bytes]) -> _Walker:
+        return cls(fp, implicit=True, little=True)
+
+    def _read(self, size: int) -> bytes:
+        data = self.fp.read(size)
+        if len(data) < size:
+            raise _Malformed
+        return data
+
+    def _tag(self, data: bytes) -> int:
+        group, element = self.tag.unpack_from(data)
+        return int(group) << 16 | int(element)
+
+    def elements(self, position: int, end: int, depth: int) -> int:
+        """Skip elements from *position* until *end*, or until an Item
+        Delimitation Item (inside an undefined-length item: returns the
+        position after it).  Returns where it stopped."""
+        while position < end:
+            if end - position < 8:
+                raise _Malformed
+            header = self._read(8)
+            tag = self._tag(header)
+            if tag == _ITEM_DELIMITER:
+                if depth == 0:
+                    raise _Malformed
+                return position + 8
+            if tag in (_ITEM, _SEQUENCE_DELIMITER):
+                raise _Malformed
+            vr = b""
+            if self.implicit:
+                (length,) = self.u32.unpack_from(header, 4)
+                position += 8
+            else:
+                vr = header[4:6]
+                if not (vr.isalpha() and vr.isupper()):
+                    raise _Malformed  # e.g. Implicit VR data under an explicit syntax
+                if vr in LONG_VRS:
+                    (length,) = self.u32.unpack(self._read(4))
+                    position += 12
+                else:
+                    (length,) = self.u16.unpack_from(header, 6)
+                    position += 8
+            if length == _UNDEFINED:
+                # an undefined-length UN holds an Implicit VR Little Endian
+                # sequence (PS3.5 6.2.2)
+                walker = (
+                    _Walker.implicit_little_endian(self.fp)
+                    if not self.implicit and vr == b"UN"
+                    else self
+                )
+                position = walker.items(position, end, depth + 1)
+            else:
+                position += length
+                if position > end:
+                    raise _Malformed  # the value runs past the end: cut short
+                self.fp.seek(position)
+        if depth:
+            raise _Malformed  # an undefined-length item without its delimiter
+        return position
+
+    def items(self, position: int, end: int, depth: int) -> int:
+        """Skip the items of an undefined-length value (a sequence, or
+        encapsulated pixel data) up to and past its Sequence Delimitation
+        Item."""
+        if depth > _MAX_DEPTH:
+            raise _Malformed
+        while True:
+            if end - position < 8:
+                raise _Malformed
+            header = self._read(8)
+            tag = self._tag(header)
+            (length,) = self.u32.unpack_from(header, 4)
+            position += 8
+            if tag == _SEQUENCE_DELIMITER:
+                return position
+            if tag != _ITEM:
+                raise _Malformed
+            if length == _UNDEFINED:
+                position = self.elements(position, end, depth)
+                continue
+            position += length
+            if position > end:
+                raise _Malformed
+            self.fp.seek(position)
