@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -142,10 +143,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     set_process_name("supervisor")
     setup_logging(config.log.level)
     prepare(config)
-
-    from appliance import server
-
-    return server.serve(config)
+    # The supervisor only starts and watches the children: it runs in a new
+    # image of this process (same pid, environment and working folder) that
+    # never imports the index, pydicom or the web stack, so that it holds a
+    # few tens of MB rather than what the checks above loaded.
+    command = [sys.executable, "-m", "appliance.server", "supervise"]
+    if config.source is not None:
+        command += ["--config", str(config.source)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, command)  # noqa: S606 - our own interpreter, fixed arguments
 
 
 def prepare(config: Config) -> None:

@@ -132,6 +132,10 @@ def _uid_list(value: tuple[str, ...]) -> str | None:
     return None
 
 
+def _workers(value: int) -> str | None:
+    return None if 1 <= value <= 32 else "must be from 1 to 32"
+
+
 def _pdu(value: int) -> str | None:
     # PS3.8 D.1: 0 means unlimited; pynetdicom needs a positive length
     return None if 4096 <= value <= 2**32 - 1 else "must be from 4096 to 4294967295 bytes"
@@ -142,13 +146,17 @@ class DimseConfig:
     ae_title: str = _field("DICOM_EDGE", check=_ae_title)
     host: str = _field("127.0.0.1", check=_host)
     port: int = _field(11112, check=_port)
+    #: listener processes sharing the port (one per core uses every core:
+    #: each process runs Python code one thread at a time)
+    workers: int = _field(2, check=_workers)
     require_known_peers: bool = _field(False)
     peers: tuple[PeerConfig, ...] = _field(())
     #: reject an association whose Called AE Title is not ae_title (reason 7)
     require_called_ae_title: bool = _field(True)
     #: with require_known_peers: the peer must also come from its host's address
     check_peer_address: bool = _field(False)
-    #: associations served at once; more are rejected (transient, reason 2)
+    #: associations each worker serves at once; more are rejected (transient,
+    #: reason 2)
     max_associations: int = _field(16, check=_positive)
     #: largest P-DATA-TF PDU we receive (PS3.8 D.1 Maximum Length)
     max_pdu: int = _field(262144, check=_pdu)

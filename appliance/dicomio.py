@@ -7,15 +7,14 @@ bytes themselves are stored exactly as received.
 from __future__ import annotations
 
 import re
+import struct
 from typing import IO, Any
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
 from pydicom.multival import MultiValue
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
 from appliance import __version__
 from appliance.errors import InvalidInstance, UnreadableInstance
@@ -88,19 +87,48 @@ def part10_prefix(
 ) -> bytes:
     """The preamble, prefix and File Meta Information (PS3.10 7.1) to put in
     front of a bare data set received over DIMSE, so every blob is a Part 10
-    file."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
-    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
-    meta.TransferSyntaxUID = UID(transfer_syntax_uid)
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    if source_ae:
-        meta.SourceApplicationEntityTitle = source_ae
-    buf = DicomBytesIO()
-    buf.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buf, meta, enforce_standard=True)
-    return buf.getvalue()
+    file.
+
+    Encoded here rather than by pydicom's writer (it is on the path of every
+    C-STORE): Explicit VR Little Endian elements, UI values padded with a NUL
+    and text values with a space to an even length (PS3.5 6.2), and the
+    File Meta Information Group Length computed over them.  The UIDs must
+    have been checked (:func:`validate_uid`).
+    """
+    elements = [
+        _meta_element(0x0001, b"OB", b"\x00\x01"),
+        _meta_element(0x0002, b"UI", _padded(sop_class_uid.encode("ascii"), b"\0")),
+        _meta_element(0x0003, b"UI", _padded(sop_instance_uid.encode("ascii"), b"\0")),
+        _meta_element(0x0010, b"UI", _padded(transfer_syntax_uid.encode("ascii"), b"\0")),
+        _meta_element(0x0012, b"UI", _IMPLEMENTATION_CLASS_UID),
+        _meta_element(0x0013, b"SH", _padded(IMPLEMENTATION_VERSION_NAME.encode("ascii"), b" ")),
+    ]
+    title = source_ae.strip()
+    if title:
+        # AE: default character repertoire (PS3.5 6.2); anything else is replaced
+        elements.append(
+            _meta_element(0x0016, b"AE", _padded(title.encode("ascii", "replace"), b" "))
+        )
+    body = b"".join(elements)
+    group_length = _meta_element(0x0000, b"UL", struct.pack("<I", len(body)))
+    return _PREAMBLE + group_length + body
+
+
+_PREAMBLE = b"\0" * 128 + b"DICM"
+_IMPLEMENTATION_CLASS_UID = PYDICOM_IMPLEMENTATION_UID.encode("ascii") + (
+    b"\0" if len(PYDICOM_IMPLEMENTATION_UID) % 2 else b""
+)
+
+
+def _padded(value: bytes, pad: bytes) -> bytes:
+    return value + pad if len(value) % 2 else value
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One group 0002 element, Explicit VR Little Endian (PS3.5 7.1.2)."""
+    if vr == b"OB":
+        return struct.pack("<HH", 2, element) + vr + struct.pack("<HI", 0, len(value)) + value
+    return struct.pack("<HH", 2, element) + vr + struct.pack("<H", len(value)) + value
 
 
 def extract_record(ds: Dataset) -> InstanceRecord:

@@ -15,8 +15,6 @@ import logging.config
 import multiprocessing
 from typing import Any
 
-from pydicom import config as pydicom_config
-
 FORMAT = "%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s"
 
 #: Loggers that would print data set contents below WARNING.
@@ -65,9 +63,19 @@ def logging_config(level: str) -> dict[str, Any]:
     }
 
 
-def setup_logging(level: str) -> None:
-    """Send this process's log records to stdout at *level*, and keep
-    pydicom from quoting element values in warnings.
+def setup_logging(level: str, *, dicom: bool = True) -> None:
+    """Send this process's log records to stdout at *level*, and (*dicom*)
+    keep pydicom from quoting element values in warnings (see
+    :func:`quiet_pydicom`; processes that read no DICOM, the supervisor and
+    gunicorn's master, skip it and never import pydicom).
+    """
+    logging.config.dictConfig(logging_config(level))
+    if dicom:
+        quiet_pydicom()
+
+
+def quiet_pydicom() -> None:
+    """Keep pydicom from quoting element values in warnings.
 
     pydicom checks values as it reads them and, in its default mode, warns
     with the value itself (through both its logger and :mod:`warnings`,
@@ -75,7 +83,8 @@ def setup_logging(level: str) -> None:
     data.  The ingest validates what it relies on itself, so pydicom's read
     validation is turned off for the service's processes.
     """
-    logging.config.dictConfig(logging_config(level))
+    from pydicom import config as pydicom_config
+
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
 

@@ -1,8 +1,8 @@
 """Readiness of the appliance's processes, told through a run folder.
 
 The supervisor makes a private folder for each ``serve`` and hands it to its
-children.  The DIMSE child writes ``dimse.ready`` (its pid) once its socket is
-bound; the HTTP workers' readiness probe reads it.  This replaces probing the
+children.  Each DIMSE worker writes ``dimse-N.ready`` (its pid) once it
+listens; the HTTP workers' readiness probe reads them.  This replaces probing the
 DIMSE port over TCP: pynetdicom keeps a connection that never sends an
 A-ASSOCIATE-RQ for the whole ACSE timeout, counted against its association
 limit, so frequent probes would lock out real modalities.

@@ -4,8 +4,13 @@ It runs the two protocol edges as child processes and keeps them together:
 
 ``http``
     gunicorn serving :func:`dicomweb.app.create_app` (DICOMweb, health).
-``dimse``
-    the pynetdicom listener of :mod:`dimse_bridge.ae`.
+``dimse-1`` .. ``dimse-N``
+    ``dimse.workers`` pynetdicom listeners (:mod:`dimse_bridge.ae`) sharing
+    one listening socket: the supervisor binds ``dimse.host:dimse.port``
+    (so a port in use stops ``serve`` at once) and hands the socket to each
+    worker, and the kernel gives each new connection to one of them.  One
+    Python process runs Python code on one core at a time; several workers
+    use every core for the associations of several modalities at once.
 
 This is the composition root: the only module that imports both edges, and
 it does so only inside the child entry points (:func:`run_http`,
@@ -34,6 +39,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -57,8 +63,13 @@ if TYPE_CHECKING:
 #: Named explicitly: a child runs this module as ``__main__``.
 LOGGER = logging.getLogger("appliance.server")
 
-#: The children, in start order.
+#: The kinds of children, in start order.
 ROLES = ("http", "dimse")
+#: What ``python -m appliance.server`` runs: a child, or the supervisor.
+COMMANDS = ("supervise", *ROLES)
+#: Connections the kernel queues on the DIMSE socket before the workers
+#: accept them.
+DIMSE_BACKLOG = 128
 #: Seconds the children get to stop after SIGTERM before they are killed.
 STOP_TIMEOUT = 10.0
 #: Seconds gunicorn gives its workers to finish requests (below STOP_TIMEOUT).
@@ -77,10 +88,15 @@ _NEWER_GUNICORN_SETTINGS = frozenset({"control_socket_disable"})
 
 @dataclasses.dataclass
 class Child:
-    """A started child process."""
+    """A started child process; *name* is its role, and its number for a
+    DIMSE worker (``dimse-2``)."""
 
-    role: str
+    name: str
     process: subprocess.Popen[bytes]
+
+    @property
+    def role(self) -> str:
+        return self.name.split("-")[0]
 
     @property
     def pid(self) -> int:
@@ -88,13 +104,43 @@ class Child:
         return self.process.pid
 
 
-def child_command(role: str, config: Config, run_dir: Path) -> list[str]:
+def child_command(
+    role: str, config: Config, run_dir: Path, *, worker: int = 0, listen_fd: int | None = None
+) -> list[str]:
     """The command line that starts the child *role* with *config*'s file
-    and the run folder shared by the children (see :mod:`appliance.runstate`)."""
+    and the run folder shared by the children (see :mod:`appliance.runstate`);
+    for a DIMSE worker, its number and the listening socket's descriptor."""
     command = [sys.executable, "-m", "appliance.server", role, "--run-dir", str(run_dir)]
     if config.source is not None:
         command += ["--config", str(config.source)]
+    if worker:
+        command += ["--worker", str(worker)]
+    if listen_fd is not None:
+        command += ["--listen-fd", str(listen_fd)]
     return command
+
+
+def bind_dimse(config: Config) -> socket.socket:
+    """The listening socket the DIMSE workers share.
+
+    Raises
+    ------
+    OSError
+        if ``dimse.host:dimse.port`` cannot be bound (e.g. in use).
+    """
+    host, port = config.dimse.host, config.dimse.port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # a restart may bind while connections of the last run are in TIME_WAIT
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(DIMSE_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 def serve(config: Config) -> int:
@@ -120,17 +166,29 @@ def serve(config: Config) -> int:
     children: list[Child] = []
     run_dir = Path(tempfile.mkdtemp(prefix="dicom-appliance-run-"))
     try:
-        for role in ROLES:
-            if received:
-                break
-            children.append(_start(role, config, run_dir))
+        try:
+            listener = bind_dimse(config)
+        except OSError as exc:
+            LOGGER.error(
+                "cannot listen for DICOM associations on %s:%d: %s",
+                config.dimse.host,
+                config.dimse.port,
+                exc,
+            )
+            return 1
+        with listener:
+            for name, command in _children(config, run_dir, listener.fileno()):
+                if received:
+                    break
+                children.append(_start(name, command, listener.fileno()))
+        # the workers hold the socket now; the port frees when they stop
         while not received:
             for child in children:
                 code = child.process.poll()
                 if code is not None:
                     LOGGER.error(
                         "child '%s' (pid %d) %s; stopping the appliance",
-                        child.role,
+                        child.name,
                         child.pid,
                         describe_exit(code),
                     )
@@ -147,14 +205,29 @@ def serve(config: Config) -> int:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _start(role: str, config: Config, run_dir: Path) -> Child:
+def dimse_worker_names(config: Config) -> list[str]:
+    """The names of the DIMSE workers (and of their readiness markers)."""
+    return [f"dimse-{number}" for number in range(1, config.dimse.workers + 1)]
+
+
+def _children(config: Config, run_dir: Path, listen_fd: int) -> list[tuple[str, list[str]]]:
+    """(name, command line) of each child, in start order."""
+    children = [("http", child_command("http", config, run_dir))]
+    for number, name in enumerate(dimse_worker_names(config), start=1):
+        command = child_command("dimse", config, run_dir, worker=number, listen_fd=listen_fd)
+        children.append((name, command))
+    return children
+
+
+def _start(name: str, command: list[str], listen_fd: int) -> Child:
     process = subprocess.Popen(
-        child_command(role, config, run_dir),
+        command,
         process_group=0,
         preexec_fn=_die_with_parent(),
+        pass_fds=(listen_fd,) if name.startswith("dimse") else (),
     )
-    LOGGER.info("started child '%s' (pid %d)", role, process.pid)
-    return Child(role, process)
+    LOGGER.info("started child '%s' (pid %d)", name, process.pid)
+    return Child(name, process)
 
 
 def _die_with_parent() -> Callable[[], None] | None:
@@ -194,7 +267,7 @@ def _await_exit(child: Child, deadline: float, timeout: float) -> None:
     except subprocess.TimeoutExpired:
         LOGGER.warning(
             "child '%s' (pid %d) did not stop within %.0f s: killing it",
-            child.role,
+            child.name,
             child.pid,
             timeout,
         )
@@ -202,7 +275,7 @@ def _await_exit(child: Child, deadline: float, timeout: float) -> None:
         child.process.wait()
     else:
         LOGGER.info(
-            "child '%s' (pid %d) %s", child.role, child.pid, describe_exit(child.process.returncode)
+            "child '%s' (pid %d) %s", child.name, child.pid, describe_exit(child.process.returncode)
         )
 
 
@@ -249,20 +322,29 @@ def describe_exit(returncode: int) -> str:
 # the children
 
 
-def run_dimse(config: Config, run_dir: Path | None) -> int:
-    """Child entry point: the DIMSE listener, until SIGTERM."""
+def run_dimse(
+    config: Config, run_dir: Path | None, worker: int = 1, listen_fd: int | None = None
+) -> int:
+    """Child entry point: DIMSE worker number *worker*, until SIGTERM, on
+    the listening socket *listen_fd* (inherited from the supervisor), or on
+    a socket of its own if None."""
     from appliance.services import build_services
     from dimse_bridge.ae import run_listener
 
     services = build_services(config)
+    name = f"dimse-{worker}"
+    listener = socket.socket(fileno=listen_fd) if listen_fd is not None else None
 
     def listening() -> None:
         if run_dir is not None:
-            runstate.mark_ready(run_dir, "dimse")
-        threading.Thread(target=_sweep, args=(services,), name="orphan-sweep", daemon=True).start()
+            runstate.mark_ready(run_dir, name)
+        if worker == 1:  # once per start, not once per worker
+            threading.Thread(
+                target=_sweep, args=(services,), name="orphan-sweep", daemon=True
+            ).start()
 
     try:
-        run_listener(config, services, on_listening=listening)
+        run_listener(config, services, on_listening=listening, listen_socket=listener)
     except OSError as exc:
         LOGGER.error(
             "cannot listen for DICOM associations on %s:%d: %s",
@@ -273,7 +355,7 @@ def run_dimse(config: Config, run_dir: Path | None) -> int:
         return 1
     finally:
         if run_dir is not None:
-            runstate.clear(run_dir, "dimse")
+            runstate.clear(run_dir, name)
         services.close()
     return 0
 
@@ -328,8 +410,6 @@ def run_http(config: Config, run_dir: Path | None) -> int:
     """Child entry point: gunicorn serving DICOMweb, until SIGTERM."""
     from gunicorn.app.base import BaseApplication
 
-    from dicomweb.app import create_app
-
     class HttpApplication(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
             for key, value in gunicorn_settings(config).items():
@@ -337,16 +417,14 @@ def run_http(config: Config, run_dir: Path | None) -> int:
                     self.cfg.set(key, value)
 
         def load(self) -> WSGIApplication:
+            # in each worker, after the fork: the master never imports the
+            # web stack or pydicom (its memory would count in every process)
+            from dicomweb.app import create_app
+
             return create_app(config, run_dir=run_dir)
 
     HttpApplication(prog="dicom-appliance").run()
     return 0
-
-
-_RUNNERS: dict[str, Callable[[Config, Path | None], int]] = {
-    "http": run_http,
-    "dimse": run_dimse,
-}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -355,20 +433,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m appliance.server",
         description="One process of the appliance; started by 'dicom-appliance serve'.",
     )
-    parser.add_argument("role", choices=ROLES)
+    parser.add_argument("role", choices=COMMANDS)
     parser.add_argument("--config", metavar="FILE", help="the TOML configuration file")
     parser.add_argument("--run-dir", metavar="DIR", type=Path, help="the supervisor's run folder")
+    parser.add_argument("--worker", type=int, default=1, help="the DIMSE worker's number")
+    parser.add_argument(
+        "--listen-fd", type=int, help="the DIMSE listening socket, inherited from the supervisor"
+    )
     args = parser.parse_args(argv)
-    set_process_name(args.role)
+    set_process_name(
+        {"supervise": "supervisor", "http": "http"}.get(args.role, f"dimse-{args.worker}")
+    )
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        setup_logging("info")
+        setup_logging("info", dicom=False)
         LOGGER.error("%s", exc.reason)
         return 2
-    setup_logging(config.log.level)
+    # the supervisor and gunicorn's master read no DICOM: they never import pydicom
+    setup_logging(config.log.level, dicom=args.role == "dimse")
     try:
-        return _RUNNERS[args.role](config, args.run_dir)
+        if args.role == "supervise":
+            return serve(config)
+        if args.role == "http":
+            return run_http(config, args.run_dir)
+        return run_dimse(config, args.run_dir, args.worker, args.listen_fd)
     except ApplianceError as exc:
         LOGGER.error("%s", exc.reason)
         return 2

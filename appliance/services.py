@@ -17,6 +17,7 @@ from appliance.index import migrate
 from appliance.index.engine import create_index_engine
 from appliance.index.sql import SqlIndex
 from appliance.ingest import IngestService
+from appliance.logs import quiet_pydicom
 from appliance.query import QueryService
 from appliance.retrieve import RetrieveService
 from appliance.storage import BlobStore, open_blob_store
@@ -62,6 +63,7 @@ def build_services(config: Config, *, require_schema: bool = True) -> Services:
     ConfigError
         for a storage backend that is not available.
     """
+    quiet_pydicom()  # every process that reads DICOM builds its services
     engine = create_index_engine(config.index.url)
     try:
         if require_schema:

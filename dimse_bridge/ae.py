@@ -7,6 +7,8 @@ import importlib
 import logging
 import pkgutil
 import signal
+import socket
+import socketserver
 import threading
 import time
 from collections.abc import Callable
@@ -14,6 +16,7 @@ from types import FrameType
 from typing import Any
 
 from pynetdicom import AE
+from pynetdicom.transport import ThreadedAssociationServer
 
 from appliance.config import Config
 from appliance.services import Services
@@ -76,11 +79,49 @@ def service_modules() -> list[Any]:
     ]
 
 
+class SharedSocketServer(ThreadedAssociationServer):
+    """pynetdicom's association server on a listening socket it is given
+    (bound and listening already, shared by the DIMSE worker processes)
+    instead of one it binds itself.
+
+    Every worker waits on the same socket; the kernel wakes them on a new
+    connection and the first to ``accept()`` serves it.  The socket is
+    non-blocking, so a worker that lost the race gets EAGAIN, which
+    :mod:`socketserver` ignores, rather than blocking in ``accept()``.
+    Closing the server closes only this process's descriptor: a
+    ``shutdown()`` of a listening socket would stop it for every worker.
+    """
+
+    def __init__(self, *args: Any, listen_socket: socket.socket, **kwargs: Any) -> None:
+        self._listen_socket = listen_socket
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        if self.socket is not None:
+            self.socket.close()  # the one TCPServer made; never bound
+        self.socket = self._listen_socket
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        pass  # the supervisor called listen()
+
+    def server_close(self) -> None:
+        if self.socket is not None:
+            self.socket.close()
+
+    def shutdown(self) -> None:
+        # not pynetdicom's: this server is not in the AE's list of servers
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+
+
 def run_listener(
     config: Config,
     services: Services,
     stop: threading.Event | None = None,
     on_listening: Callable[[], None] | None = None,
+    listen_socket: socket.socket | None = None,
 ) -> None:
     """Listen on ``dimse.host:dimse.port`` until asked to stop.
 
@@ -95,6 +136,10 @@ def run_listener(
         listener (this must then run in the main thread).
     on_listening
         Called once the socket is bound (to tell readiness).
+    listen_socket
+        A socket already bound to that address and listening, shared with
+        other worker processes (see :mod:`appliance.server`); None to bind
+        one here.
 
     Raises
     ------
@@ -116,8 +161,19 @@ def run_listener(
     tasks_stop = threading.Event()
     tasks: list[threading.Thread] = []
     try:
-        server = ae.start_server(address, block=False, evt_handlers=setup.handlers)
-        assert server is not None  # block=False returns the server
+        if listen_socket is None:
+            server = ae.start_server(address, block=False, evt_handlers=setup.handlers)
+            assert server is not None  # block=False returns the server
+        else:
+            server = ae.make_server(
+                address,
+                evt_handlers=setup.handlers,
+                server_class=SharedSocketServer,
+                listen_socket=listen_socket,
+            )
+            threading.Thread(
+                target=server.serve_forever, name="dimse-acceptor", daemon=True
+            ).start()
         LOGGER.info(
             "listening for DICOM associations as '%s' on %s:%d",
             config.dimse.ae_title,

@@ -1,7 +1,11 @@
 """Blobs as files on a local disk.
 
-Layout: ``ROOT/ab/cd/abcdef0123...`` where the key is 32 random hex digits
-made here; nothing from the DICOM data reaches a path.  A put writes a
+Layout: ``ROOT/ab/cd/abcdef0123...`` where the key is 32 hex digits made
+here; nothing from the DICOM data reaches a path.  The first four digits
+name the hour the blob was written (hours since the epoch, modulo 65536),
+the other 28 are random: the blobs of one hour share a folder, so a put
+rarely has to create (and fsync) new folders, and one hour's folder holds
+at most a few hundred thousand files.  A put writes a
 temporary file ``.tmp-<random>`` in the final folder, fsyncs it, renames it to
 its key and fsyncs the folder, so the blob is durable when ``put`` returns and
 a put interrupted at any point leaves at most a temporary file, never visible
@@ -17,6 +21,7 @@ import io
 import os
 import re
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -45,7 +50,7 @@ class FilesystemBlobStore:
         return self.root / key[:2] / key[2:4] / key
 
     def put(self, source: IO[bytes]) -> BlobInfo:
-        key = secrets.token_hex(16)
+        key = f"{(int(time.time()) // 3600) & 0xFFFF:04x}{secrets.token_hex(14)}"
         final = self._path(key)
         folder = final.parent
         tmp = folder / f"{_TMP_PREFIX}{secrets.token_hex(8)}"

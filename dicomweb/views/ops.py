@@ -42,8 +42,14 @@ def readiness_checks() -> dict[str, str]:
         checks["services"] = f"failed: {exc.reason}"
     except Exception as exc:  # noqa: BLE001 - a probe reports, never raises
         checks["services"] = f"failed: {exc.__class__.__name__}: {exc}"
-    # not a TCP probe of the DIMSE port: see appliance.runstate for why
-    checks["dimse"] = runstate.check_ready(extension.run_dir, "dimse")
+    # not a TCP probe of the DIMSE port: see appliance.runstate for why; the
+    # first worker that is not ready is reported
+    workers = extension.config.dimse.workers
+    states = (
+        runstate.check_ready(extension.run_dir, f"dimse-{number}")
+        for number in range(1, workers + 1)
+    )
+    checks["dimse"] = next((state for state in states if state != OK), OK)
     return checks
 
 

@@ -330,7 +330,8 @@ def test_sigterm_stops_everything_and_frees_the_ports(tmp_path: Path) -> None:
     assert port_is_free(site.http_port)
     assert port_is_free(site.dimse_port)
     assert "child 'http'" in appliance.log
-    assert "child 'dimse'" in appliance.log
+    assert "child 'dimse-1'" in appliance.log
+    assert "child 'dimse-2'" in appliance.log
     assert "Traceback" not in appliance.log
 
 
@@ -339,7 +340,7 @@ def test_dimse_child_dying_stops_the_service(tmp_path: Path) -> None:
     appliance = site.start()
     try:
         appliance.wait_ready()
-        dimse_pid = appliance.child_pid("dimse")
+        dimse_pid = appliance.child_pid("dimse-2")
 
         os.kill(dimse_pid, signal.SIGKILL)
         exit_code = appliance.wait(STOP_TIMEOUT)
@@ -347,7 +348,7 @@ def test_dimse_child_dying_stops_the_service(tmp_path: Path) -> None:
         appliance.kill()
 
     assert exit_code != 0
-    assert f"child 'dimse' (pid {dimse_pid}) was killed by signal SIGKILL" in appliance.log
+    assert f"child 'dimse-2' (pid {dimse_pid}) was killed by signal SIGKILL" in appliance.log
     assert port_is_free(site.http_port)
 
 
@@ -464,13 +465,18 @@ def test_ready_follows_the_dimse_readiness_marker(tmp_path: Path) -> None:
     # the DIMSE process has not bound its socket yet
     status, dimse = dimse_check(run_dir)
     assert (status, dimse["status"]) == (503, "fail")
-    # bound, and alive (this process stands in for it)
-    runstate.mark_ready(run_dir, "dimse")
+    # one of the two workers listens: not yet
+    runstate.mark_ready(run_dir, "dimse-1")
+    status, dimse = dimse_check(run_dir)
+    assert (status, dimse["status"]) == (503, "fail")
+    assert "dimse-2" in dimse["output"]
+    # both listen, and are alive (this process stands in for them)
+    runstate.mark_ready(run_dir, "dimse-2")
     assert dimse_check(run_dir) == (200, {"status": "pass"})
-    # its process is gone
+    # a process is gone
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (run_dir / "dimse.ready").write_text(str(dead.pid))
+    (run_dir / "dimse-2.ready").write_text(str(dead.pid))
     status, dimse = dimse_check(run_dir)
     assert status == 503
     assert "gone" in dimse["output"]
@@ -483,3 +489,20 @@ def test_readiness_probes_never_take_association_slots(appliance: Appliance) -> 
         assert httpx.get(f"{appliance.base_url}/health/ready", timeout=5).status_code == 200
     code, output = run_echo(appliance.site.dimse_port)
     assert code == 0, output
+
+
+def test_the_supervisor_and_gunicorns_master_stay_lean(appliance: Appliance) -> None:
+    """Memory counts per process: the two processes that read no DICOM never
+    load numpy (pydicom's first import) nor the web stack; the workers do."""
+
+    def loaded(pid: int) -> str:
+        return Path(f"/proc/{pid}/maps").read_text()
+
+    if not Path(f"/proc/{appliance.process.pid}/maps").exists():
+        pytest.skip("no /proc on this system")
+    supervisor = loaded(appliance.process.pid)
+    master = loaded(appliance.child_pid("http"))
+    worker = loaded(appliance.child_pid("dimse-1"))
+    assert "numpy" in worker  # the check sees what it looks for
+    assert "numpy" not in supervisor
+    assert "numpy" not in master

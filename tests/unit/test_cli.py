@@ -189,10 +189,16 @@ def test_logging_setup_keeps_pydicom_from_quoting_values(
 
     before = pydicom_config.settings.reading_validation_mode
     try:
+        # pydicom's default (another test in this process may have quieted it)
+        pydicom_config.settings.reading_validation_mode = pydicom_config.WARN
         assert read_quotes_value(), "pydicom's default should quote the value (test premise)"
         capsys.readouterr()
         setup_logging("debug")
         assert not read_quotes_value()
         assert "7Q" not in "".join(capsys.readouterr())
+        # a process that reads no DICOM leaves pydicom alone
+        pydicom_config.settings.reading_validation_mode = pydicom_config.WARN
+        setup_logging("debug", dicom=False)
+        assert read_quotes_value()
     finally:
         pydicom_config.settings.reading_validation_mode = before

@@ -171,3 +171,30 @@ def test_normalize_da(value: str, expected: str) -> None:
 )
 def test_tm_key(value: str, expected: str) -> None:
     assert tm_key(value) == expected
+
+
+@pytest.mark.parametrize("source_ae", ["", "MODALITY", "CT1"])
+def test_part10_prefix_is_what_pydicom_writes(source_ae: str) -> None:
+    """The hand-encoded File Meta is byte for byte pydicom's."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
+
+    from appliance.dicomio import IMPLEMENTATION_VERSION_NAME
+
+    for sop_class, sop_instance, syntax in [
+        ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2"),
+        ("1.2.840.10008.5.1.4.1.1.7", "1.2.33.44.555", "1.2.840.10008.1.2.4.50"),
+    ]:
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPInstanceUID = sop_instance
+        meta.TransferSyntaxUID = syntax
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+        if source_ae:
+            meta.SourceApplicationEntityTitle = source_ae
+        buffer = DicomBytesIO()
+        buffer.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(buffer, meta, enforce_standard=True)
+        assert part10_prefix(sop_class, sop_instance, syntax, source_ae) == buffer.getvalue()
