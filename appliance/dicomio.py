@@ -11,12 +11,16 @@ import struct
 from typing import IO, Any
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
+from pydicom.tag import BaseTag
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 
 from appliance import __version__
+from appliance.encoding import LONG_VRS, LayoutError, read_layout
 from appliance.errors import InvalidInstance, UnreadableInstance
 from appliance.model import (
     InstanceAttributes,
@@ -63,13 +67,29 @@ def is_valid_uid(value: str) -> bool:
 
 
 def read_header(source: IO[bytes]) -> Dataset:
-    """Parse a Part 10 stream up to the pixel data.
+    """Parse a Part 10 stream for what the index keeps (:func:`extract_record`).
+
+    The common case is read by :func:`_read_indexed`: the File Meta, then
+    the data set's elements walked by tag and length only as far as the last
+    indexed attribute, keeping the indexed ones undecoded (pydicom decodes
+    a value when :func:`extract_record` asks for it, with the data set's
+    character set).  Anything it does not expect (a deflated data set, a
+    damaged or unusual encoding) is read by pydicom up to the pixel data, as
+    is every file whose header the fast path could not read.
 
     Raises
     ------
     UnreadableInstance
         if the bytes are not a DICOM Part 10 file.
     """
+    start = source.tell()
+    try:
+        ds = _read_indexed(source)
+    except (LayoutError, OSError, ValueError, struct.error):
+        ds = None
+    if ds is not None:
+        return ds
+    source.seek(start)
     try:
         ds = dcmread(source, stop_before_pixels=True, defer_size=_DEFER_SIZE)
     except InvalidDicomError as exc:
@@ -80,6 +100,140 @@ def read_header(source: IO[bytes]) -> Dataset:
     if "TransferSyntaxUID" not in ds.file_meta:
         raise InvalidInstance("the File Meta Information lacks TransferSyntaxUID (0002,0010)")
     return ds
+
+
+#: The top-level attributes :func:`extract_record` reads.
+INDEXED_KEYWORDS = (
+    "SpecificCharacterSet",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "Modality",
+    "TimezoneOffsetFromUTC",
+    "ReferringPhysicianName",
+    "StudyDescription",
+    "SeriesDescription",
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "BodyPartExamined",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "StudyID",
+    "SeriesNumber",
+    "InstanceNumber",
+    "NumberOfFrames",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "PerformedProcedureStepStartDate",
+    "PerformedProcedureStepStartTime",
+    "RequestAttributesSequence",
+)
+_INDEXED_TAGS = frozenset(int(tag_for_keyword(k) or 0) for k in INDEXED_KEYWORDS)
+#: Elements come in ascending tag order (PS3.5 7.1): nothing indexed follows.
+_LAST_INDEXED = max(_INDEXED_TAGS)
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_SEQUENCE_DELIMITER = 0xFFFEE0DD
+
+
+def _read_indexed(source: IO[bytes]) -> Dataset | None:
+    """The File Meta and the indexed top-level elements of the Part 10
+    stream *source* as a Dataset of raw (undecoded) elements, or None if
+    the file is not one this reader handles (pydicom reads those)."""
+    layout = read_layout(source)
+    syntax = UID(layout.transfer_syntax)
+    if not syntax.is_transfer_syntax or syntax.is_deflated or not layout.sop_instance_uid:
+        return None
+    implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
+    order = "<" if little else ">"
+    tag_format, u16, u32 = (
+        struct.Struct(order + "HH"),
+        struct.Struct(order + "H"),
+        struct.Struct(order + "I"),
+    )
+    end = layout.offset + layout.size
+    position = layout.offset
+    source.seek(position)
+    elements: dict[BaseTag, DataElement | RawDataElement] = {}
+    while position < end:
+        header = source.read(8)
+        if len(header) < 8:
+            return None
+        group, element = tag_format.unpack_from(header)
+        tag = group << 16 | element
+        if tag > _LAST_INDEXED:
+            break
+        vr: str | None = None
+        if implicit:
+            (length,) = u32.unpack_from(header, 4)
+            position += 8
+        else:
+            raw_vr = header[4:6]
+            if not (raw_vr.isalpha() and raw_vr.isupper()):
+                return None  # not encoded as the transfer syntax says
+            vr = raw_vr.decode("ascii")
+            if raw_vr in LONG_VRS:
+                extra = source.read(4)
+                if len(extra) < 4:
+                    return None
+                (length,) = u32.unpack(extra)
+                position += 12
+            else:
+                (length,) = u16.unpack_from(header, 6)
+                position += 8
+        value_at = position
+        if length == _UNDEFINED_LENGTH:
+            if tag != 0x00400275 or vr not in (None, "SQ"):
+                return None  # undefined length in anything but a wanted sequence
+            position = _sequence_end(source, tag_format, u32, position, end)
+            length = position - 8 - value_at  # without its delimitation item
+        elif position + length > end:
+            return None  # cut short
+        else:
+            position += length
+        if tag in _INDEXED_TAGS:
+            source.seek(value_at)
+            value = source.read(length)
+            if len(value) < length:
+                return None
+            elements[BaseTag(tag)] = RawDataElement(
+                BaseTag(tag), vr, length, value, value_at, implicit, little
+            )
+        source.seek(position)
+    ds = Dataset(elements)
+    ds.set_original_encoding(implicit, little)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(layout.sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(layout.sop_instance_uid)
+    meta.TransferSyntaxUID = syntax
+    ds.file_meta = meta
+    return ds
+
+
+def _sequence_end(
+    source: IO[bytes], tag_format: struct.Struct, u32: struct.Struct, position: int, end: int
+) -> int:
+    """The position after the Sequence Delimitation Item of the
+    undefined-length sequence whose value starts at *position* (items of
+    defined length only; else ValueError, and pydicom reads the file)."""
+    source.seek(position)
+    while position + 8 <= end:
+        header = source.read(8)
+        group, element = tag_format.unpack_from(header)
+        (length,) = u32.unpack_from(header, 4)
+        position += 8
+        if group << 16 | element == _SEQUENCE_DELIMITER:
+            return position
+        if length == _UNDEFINED_LENGTH:
+            raise ValueError("an undefined-length item")
+        position += length
+        source.seek(position)
+    raise ValueError("a sequence without its delimitation item")
 
 
 def part10_prefix(
