@@ -26,18 +26,29 @@ the instance had that attribute.  Group Length elements (gggg,0000) and Data
 Set Trailing Padding (FFFC,FFFC) are left out: they describe an encoding,
 not the data set.  Binary values of an instance stored Big Endian are given
 in Little Endian byte order, in ``InlineBinary`` as in bulk data.
+
+Each instance's JSON is cached in the index (:mod:`appliance.index.metadata_cache`)
+in the form :func:`metadata_template` makes: the UTF-8 JSON text with the
+BulkDataURIs' base, the instance's URL under the request's service root,
+left as :data:`BULK_BASE`; :func:`fill_template` puts the base in when the
+entry is served.  So a request reads no blob for an instance whose entry is
+there, and the service root (the request's host, or ``http.public_url``)
+may change between requests.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import json
 import re
+import secrets
 import struct
 from collections.abc import Callable
 from typing import IO, Any
 
 import numpy as np
+import pydicom
 from pydicom import dcmread
 from pydicom.datadict import dictionary_has_tag, dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
@@ -78,6 +89,17 @@ _LONG_VRS = frozenset(
     {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
 )
 _PIXEL_VRS = frozenset({b"OB", b"OW", b"OF", b"OD", b"UN"})
+#: The format of cached metadata (:func:`metadata_template`): raise the
+#: number with any change to what :func:`instance_json` writes or how it is
+#: serialised; pydicom's version is part of it, as its conversions of values
+#: are.  Entries of another format are not served (and are rebuilt).
+CACHE_VERSION = f"1 pydicom {pydicom.__version__}"
+#: Stands for the BulkDataURIs' base in a template: a control character,
+#: which JSON text never holds unescaped (RFC 8259 7: strings escape
+#: U+0000 to U+001F), so it cannot be mistaken for a value's text; nor is it
+#: a part of any other character's UTF-8 encoding.
+BULK_BASE = b"\x01"
+
 _TAG_PATH = re.compile(r"[0-9A-Fa-f]{8}(\.[0-9]{1,6}\.[0-9A-Fa-f]{8}){0,8}")
 
 
@@ -437,12 +459,54 @@ def instance_metadata(
 ) -> dict[str, Any]:
     """One stored instance's metadata (PS3.18 Annex F), its bulk data as
     ``BulkDataURI`` under the instance's WADO-RS URL *root*-based."""
-    base = (
+    base = bulk_base(root, stored)
+    with retrieve.open(stored) as stream:
+        header = read_header(stream)
+        return instance_json(header, lambda path: base + path)
+
+
+def bulk_base(root: str, stored: StoredInstance) -> str:
+    """The part of the instance's BulkDataURIs before their tag paths."""
+    return (
         instance_url(
             root, stored.study_instance_uid, stored.series_instance_uid, stored.sop_instance_uid
         )
         + "/bulk/"
     )
+
+
+def serialise(obj: dict[str, Any]) -> bytes:
+    """A DICOM JSON object as UTF-8 JSON text, as the metadata sends it."""
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def metadata_template(retrieve: RetrieveService, stored: StoredInstance) -> bytes:
+    """One stored instance's metadata as :func:`serialise` writes it, but
+    with :data:`BULK_BASE` where each BulkDataURI's :func:`bulk_base` is.
+
+    Raises
+    ------
+    UnreadableInstance
+        if the blob's header cannot be parsed.
+    """
+    # the URIs are built around a random token, which no value of the data
+    # set can hold by chance or by design, and the token is swapped for the
+    # placeholder once the text is written
+    token = secrets.token_hex(16)
     with retrieve.open(stored) as stream:
         header = read_header(stream)
-        return instance_json(header, lambda path: base + path)
+        obj = instance_json(header, lambda path: token + path)
+    return serialise(obj).replace(token.encode("ascii"), BULK_BASE)
+
+
+def fill_template(template: bytes, base: bytes) -> bytes:
+    """The metadata text of *template* with *base* (from :func:`json_base`)
+    in place of :data:`BULK_BASE`."""
+    return template.replace(BULK_BASE, base)
+
+
+def json_base(root: str, stored: StoredInstance) -> bytes:
+    """:func:`bulk_base` as it reads inside a JSON string (UTF-8, escaped as
+    :func:`serialise` escapes it: each character on its own, so the text of
+    base + path is the text of base followed by that of path)."""
+    return json.dumps(bulk_base(root, stored), ensure_ascii=False)[1:-1].encode("utf-8")

@@ -27,6 +27,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -143,6 +144,27 @@ instance = Table(
     Column("size", BigInteger, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+#: Each instance's WADO-RS metadata (DICOM JSON, PS3.18 Annex F) as UTF-8
+#: text, its BulkDataURIs' instance URL left as a placeholder (it depends on
+#: the service root of the request): filled on the first metadata request,
+#: served without reading the blob afterwards (``metadata_cache.py``).  An
+#: entry is valid only for the ``blob_key`` and format ``version`` it was
+#: made from; deleting the instance row deletes it (ON DELETE CASCADE).
+metadata_cache = Table(
+    "metadata_cache",
+    metadata,
+    Column(
+        "instance_fk",
+        Id,
+        ForeignKey("instance.id", ondelete="CASCADE"),
+        primary_key=True,
+        autoincrement=False,
+    ),
+    Column("blob_key", String(128), nullable=False, unique=True),
+    Column("version", String(64), nullable=False),
+    Column("json", LargeBinary, nullable=False),
 )
 
 #: One row per change, in commit order of the ingest/delete transactions.

@@ -10,7 +10,8 @@ Routes (service root ``/v1``):
   file as a single-part body.
 - ``GET .../metadata`` at the same three levels: an ``application/dicom+json``
   array, one object per instance (PS3.18 10.4.1.1.2, Annex F; see
-  :mod:`dicomweb.metadata`).
+  :mod:`dicomweb.metadata`), each from the index's metadata cache once a
+  request has built it (:mod:`appliance.index.metadata_cache`).
 - ``GET /studies/{study}/series/{series}/instances/{instance}/bulk/{tag path}``:
   the bulk data values the metadata's BulkDataURIs name (PS3.18 10.4.1.1.3).
 
@@ -44,7 +45,6 @@ import datetime as dt
 import functools
 import hashlib
 import io
-import json
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from typing import IO
@@ -58,9 +58,11 @@ from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.encoders.base import get_encoder
 from pydicom.pixels.utils import pack_bits
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
+from werkzeug.wsgi import ClosingIterator
 
 from appliance.dicomio import IMPLEMENTATION_VERSION_NAME
 from appliance.errors import ApplianceError
+from appliance.index.metadata_cache import WRITE_BATCH, MetadataCache
 from appliance.index.sql import StoredInstance
 from appliance.retrieve import RetrieveService
 from appliance.storage.base import CHUNK_SIZE
@@ -76,11 +78,14 @@ from dicomweb.media import (
     parse_media_type,
 )
 from dicomweb.metadata import (
+    CACHE_VERSION,
     BulkValue,
     InstanceHeader,
-    instance_metadata,
+    fill_template,
     is_tag_path,
+    json_base,
     locate_bulk,
+    metadata_template,
     read_header,
     to_little_endian,
 )
@@ -715,12 +720,13 @@ def retrieve_metadata(
     Answers 200 with a DICOM JSON array, one object per instance in
     retrieve order, 304 if the client's copy is current, 400 for a malformed
     UID, 404 if nothing is stored there, 406 unless the client accepts
-    DICOM JSON.
+    DICOM JSON.  Each instance's object comes from the metadata cache, or
+    is built from its blob and then cached (:class:`_MetadataSource`).
     """
     check_uids(study, series, instance)
     _check_json_acceptable()
-    retrieve = current_services().retrieve
-    instances = retrieve.instances(study, series, instance)
+    services = current_services()
+    instances = services.retrieve.instances(study, series, instance)
     root = service_root()
     # the BulkDataURIs carry the service root: a part of the representation
     etag, last_modified = validators(instances, f"metadata|1|{root}")
@@ -729,45 +735,138 @@ def retrieve_metadata(
     if unchanged is not None:
         return unchanged
     counter = _Counter()
-    first = _metadata_json(retrieve, root, instances[0])  # failures before the status
-    response = Response(
-        _metadata_array(retrieve, root, instances, first, counter, what),
-        content_type=APPLICATION_DICOM_JSON,
-        direct_passthrough=True,
-    )
+    source = _MetadataSource(services.retrieve, MetadataCache(services.engine), root, instances)
+    first = source.json(instances[0])  # failures before the status
+    # new entries are written when the server closes the body, after the
+    # last byte is sent: the client does not wait for that commit
+    body = ClosingIterator(_metadata_array(source, instances, first, counter, what), source.save)
+    response = Response(body, content_type=APPLICATION_DICOM_JSON, direct_passthrough=True)
     return _cache_headers(response, etag, last_modified)
 
 
-def _metadata_json(retrieve: RetrieveService, root: str, stored: StoredInstance) -> bytes:
-    """One instance's DICOM JSON object, UTF-8."""
-    obj = instance_metadata(retrieve, root, stored)
-    return json.dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8")
+#: Bytes of metadata gathered before they are handed to the server: one
+#: write per few dozen instances rather than per instance.
+_METADATA_CHUNK = 64 * 1024
+#: Instances whose cache entries are read in one query.
+_METADATA_WINDOW = 500
+
+
+class _MetadataSource:
+    """Instances' DICOM JSON text: from the metadata cache when it has the
+    instance's entry, else built from the blob and kept for the cache.
+
+    Parameters
+    ----------
+    retrieve
+        Opens the blobs of instances not cached.
+    cache
+        The metadata cache of the index.
+    root
+        The service root the BulkDataURIs are under.
+    instances
+        The instances of the request, in the order :meth:`json` is asked
+        for them.
+    """
+
+    def __init__(
+        self,
+        retrieve: RetrieveService,
+        cache: MetadataCache,
+        root: str,
+        instances: Sequence[StoredInstance],
+    ) -> None:
+        self._retrieve = retrieve
+        self._cache = cache
+        self._root = root
+        self._keys = [stored.blob_key for stored in instances]
+        self._position = {key: number for number, key in enumerate(self._keys)}
+        # the entries of a window of instances, read ahead of their turn
+        self._window: range = range(0)
+        self._cached: dict[str, bytes] = {}
+        self._new: dict[str, bytes] = {}
+        #: instances served from the cache, and built from their blobs
+        self.hits = self.misses = 0
+
+    def json(self, stored: StoredInstance) -> bytes:
+        """One instance's DICOM JSON object, UTF-8.
+
+        Raises
+        ------
+        UnreadableInstance
+            if it is not cached and its blob cannot be parsed.
+        """
+        template = self._entry(stored.blob_key)
+        if template is None:
+            template = metadata_template(self._retrieve, stored)
+            self._new[stored.blob_key] = template
+            self.misses += 1
+            if len(self._new) >= WRITE_BATCH:
+                self.save()
+        else:
+            self.hits += 1
+        return fill_template(template, json_base(self._root, stored))
+
+    def _entry(self, key: str) -> bytes | None:
+        """The cached entry of blob *key*; entries are read
+        :data:`_METADATA_WINDOW` instances at a time, in retrieve order, so
+        a large study is never held in memory whole."""
+        position = self._position.get(key)
+        if position is None:
+            return None
+        if position not in self._window:
+            self._window = range(position, position + _METADATA_WINDOW)
+            keys = self._keys[position : position + _METADATA_WINDOW]
+            self._cached = self._cache.load(keys, CACHE_VERSION)
+        return self._cached.get(key)
+
+    def save(self) -> None:
+        """Write the entries built so far to the cache (every
+        :data:`WRITE_BATCH` new ones, and when the response is closed); a
+        failure is logged and forgotten (the cache only saves work, it never
+        fails a request)."""
+        new, self._new = self._new, {}
+        if not new:
+            return
+        try:
+            self._cache.store(new, CACHE_VERSION)
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            log.warning("metadata cache not written: %s", type(exc).__name__)
 
 
 def _metadata_array(
-    retrieve: RetrieveService,
-    root: str,
+    source: _MetadataSource,
     instances: Sequence[StoredInstance],
     first: bytes,
     counter: _Counter,
     what: str,
 ) -> Iterator[bytes]:
-    """The JSON array, one instance read at a time."""
+    """The JSON array, one instance read at a time, sent in chunks of about
+    :data:`_METADATA_CHUNK` bytes."""
+    pending = [b"[", first]
+    size = len(first) + 1
+    counter.parts = 1
     try:
-        yield b"[" + first
-        counter.parts, counter.bytes = 1, len(first) + 1
         for stored in instances[1:]:
-            obj = b"," + _metadata_json(retrieve, root, stored)
+            obj = source.json(stored)
+            pending += (b",", obj)
+            size += len(obj) + 1
             counter.parts += 1
-            counter.bytes += len(obj)
-            yield obj
-        yield b"]"
-        counter.bytes += 1
+            if size >= _METADATA_CHUNK:
+                counter.bytes += size
+                yield b"".join(pending)
+                pending, size = [], 0
+        pending.append(b"]")
+        counter.bytes += size + 1
+        yield b"".join(pending)
         counter.done = True
     except (ApplianceError, ValueError) as exc:
         # the array stays unterminated: the client sees invalid JSON
         log.error("WADO-RS metadata of %s stopped: %s", what, exc)
+        if pending:
+            counter.bytes += size
+            yield b"".join(pending)
     finally:
+        log.debug("metadata of %s: %d cached, %d built", what, source.hits, source.misses)
         _log_done("metadata", what, counter)
 
 
