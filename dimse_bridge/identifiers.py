@@ -45,7 +45,7 @@ from typing import Any, Final
 from pydicom import config as pydicom_config
 from pydicom.charset import custom_encoders, python_encoding
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
@@ -220,8 +220,16 @@ class FindRequest:
 
     def query(self) -> Query:
         """The query-layer search for this request (the configured maximum
-        of matches)."""
-        return Query(self.level, dict(self.keys))
+        of matches), asking only for the attributes its responses carry."""
+        return Query(self.level, dict(self.keys), returned=self.sources())
+
+    def sources(self) -> frozenset[str]:
+        """The attributes of a match that the response identifiers are
+        filled from."""
+        found = {key.source for key in self.returned if key.source is not None}
+        if "AvailableTransferSyntaxUID" in found:
+            found.add("TransferSyntaxUID")
+        return frozenset(found)
 
     def key_names(self) -> list[str]:
         """The keywords requested (for log lines: names, never values)."""
@@ -545,8 +553,11 @@ def response_identifier(find: FindRequest, match: Mapping[str, Any], ae_title: s
     writes it.
     """
     texts: list[str] = []
-    identifier = Dataset()
-    identifier.add(_element(QUERY_RETRIEVE_LEVEL, "CS", find.level.value))
+    # the elements by tag, then one Dataset made of them (cheaper than
+    # Dataset.add per element; the returned keys are distinct tags)
+    elements: dict[BaseTag, DataElement | RawDataElement] = {}
+    level = _element(QUERY_RETRIEVE_LEVEL, "CS", find.level.value)
+    elements[level.tag] = level
     for key in find.returned:
         if key.keyword == "RetrieveAETitle":
             value: Any = ae_title
@@ -558,12 +569,14 @@ def response_identifier(find: FindRequest, match: Mapping[str, Any], ae_title: s
             value = None
         else:
             value = match.get(key.source)
-        identifier.add(_response_element(key, value, texts))
+        element = _response_element(key, value, texts)
+        elements[element.tag] = element
     character_sets = response_character_sets(texts, find.character_sets)
     if character_sets:
         terms: Any = list(character_sets) if len(character_sets) > 1 else character_sets[0]
-        identifier.add(_element(SPECIFIC_CHARACTER_SET, "CS", terms))
-    return identifier
+        charset = _element(SPECIFIC_CHARACTER_SET, "CS", terms)
+        elements[charset.tag] = charset
+    return Dataset(elements)
 
 
 def _response_element(key: ReturnKey, value: Any, texts: list[str]) -> DataElement:

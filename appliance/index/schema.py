@@ -47,6 +47,14 @@ metadata = MetaData(
 #: A 64-bit key that is still SQLite's ROWID (only INTEGER PRIMARY KEY is).
 Id = BigInteger().with_variant(Integer(), "sqlite")
 
+#: PostgreSQL operator class of the indexes of columns matched with wild
+#: cards (LIKE, PS3.4 C.2.2.2.4) as well as "=": only it serves a LIKE prefix
+#: in a database whose collation is not "C" (migration 0004).
+PATTERN_OPS = {
+    column: {column: "varchar_pattern_ops"}
+    for column in ("patient_name_norm", "patient_id", "accession_number")
+}
+
 UID = String(64)  # PS3.5 6.2: UI is at most 64 characters
 SHORT = String(64)  # CS, SH, LO, DA, TM, IS values (LO is the longest, 64)
 TEXT = String(1024)  # PN (3 groups x 64 chars x up to 4 bytes) and LO multi-values
@@ -63,7 +71,7 @@ patient = Table(
     Column("patient_sex", SHORT, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("patient_id", "issuer_of_patient_id"),
-    Index(None, "patient_name_norm"),
+    Index(None, "patient_name_norm", postgresql_ops=PATTERN_OPS["patient_name_norm"]),
 )
 
 study = Table(
@@ -75,17 +83,17 @@ study = Table(
     Column("study_date", SHORT, nullable=False, index=True),
     Column("study_time", SHORT, nullable=False),
     Column("study_time_key", SHORT, nullable=False),
-    Column("accession_number", SHORT, nullable=False, index=True),
+    Column("accession_number", SHORT, nullable=False),
     Column("study_id", SHORT, nullable=False),
     Column("study_description", TEXT, nullable=False),
     Column("referring_physician_name", TEXT, nullable=False),
     Column("referring_physician_name_norm", TEXT, nullable=False),
     Column("timezone_offset_from_utc", SHORT, nullable=False),
     # the patient as this study's header gave it
-    Column("patient_id", SHORT, nullable=False, index=True),
+    Column("patient_id", SHORT, nullable=False),
     Column("issuer_of_patient_id", SHORT, nullable=False),
     Column("patient_name", TEXT, nullable=False),
-    Column("patient_name_norm", TEXT, nullable=False, index=True),
+    Column("patient_name_norm", TEXT, nullable=False),
     Column("patient_birth_date", SHORT, nullable=False),
     Column("patient_sex", SHORT, nullable=False),
     # maintained in the ingest transaction (faster than counting per query)
@@ -93,6 +101,10 @@ study = Table(
     Column("num_instances", Integer, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # matched with LIKE as well as "=" (migration 0004)
+    Index(None, "accession_number", postgresql_ops=PATTERN_OPS["accession_number"]),
+    Index(None, "patient_id", postgresql_ops=PATTERN_OPS["patient_id"]),
+    Index(None, "patient_name_norm", postgresql_ops=PATTERN_OPS["patient_name_norm"]),
 )
 
 series = Table(

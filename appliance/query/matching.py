@@ -151,7 +151,10 @@ def _match_person_name(norm: ColumnElement[Any], value: str) -> ColumnElement[bo
         # may span a "=", so "*x" can also match "...x=" in a later group.
         pattern = wildcard_pattern(folded)
         whole = norm.like(pattern, escape=ESCAPE)
-        if with_groups:
+        if with_groups or folded.endswith("*"):
+            # a trailing "*" already matches the "=..." of the later groups:
+            # the second LIKE would add no match, only work (the prefix
+            # search "SMI*" is the common case)
             return whole
         return or_(whole, norm.like(pattern + "=%", escape=ESCAPE))
     # PS3.4 C.2.2.2.1 Single Value Matching.  A value without "=" names the

@@ -10,10 +10,20 @@ refused).  The matching rules themselves are in :mod:`appliance.query.matching`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+import functools
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Engine, FromClause, Select, func, select
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    FromClause,
+    Label,
+    bindparam,
+    func,
+    select,
+)
 from sqlalchemy.exc import SQLAlchemyError
 
 from appliance.errors import IndexUnavailable, QueryError
@@ -36,6 +46,8 @@ from appliance.query.keys import (
 #: before returning.
 _STUDY_PK = "_study_pk"
 _SERIES_PK = "_series_pk"
+#: Label of the one column selected when no key is wanted.
+_ROW_PK = "_row_pk"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,12 +67,19 @@ class Query:
         values are lowered to the maximum.
     offset
         Matches to skip, in the stable order of the index's primary keys.
+    returned
+        The attributes each match must carry (keywords of
+        :meth:`QueryService.return_keys` at *level*; others are ignored), or
+        None for all of them.  Naming only what the response needs spares
+        the columns, and the look-ups of ModalitiesInStudy and the Request
+        Attributes Sequence, that nobody asked for.
     """
 
     level: Level
     keys: Mapping[str, str]
     limit: int | None = None
     offset: int = 0
+    returned: frozenset[str] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +90,8 @@ class QueryResult:
     ----------
     matches
         One dict per match: keyword -> value for every attribute of
-        :meth:`QueryService.return_keys` at the query level.  Strings as
+        :meth:`QueryService.return_keys` at the query level (of those in
+        :attr:`Query.returned` when that is given).  Strings as
         stored (a PN with its ``=`` component groups untouched), ``int`` or
         None for IS/US numbers, ``int`` for the ``NumberOf...`` counts, and
         ModalitiesInStudy as the sorted list of the distinct non-empty
@@ -131,24 +151,31 @@ class QueryService:
             if the database fails.
         """
         limit = self._page_size(query)
+        shape = _shape(query.level, _wanted(query))
         statement = (
-            _statement(query.level, _conditions(query)).limit(limit + 1).offset(query.offset)
+            select(*shape.columns)
+            .select_from(_SOURCES[query.level])
+            .where(*_conditions(query))
+            .order_by(_ORDER[query.level])
+            .limit(limit + 1)
+            .offset(query.offset)
         )
         try:
             with self._engine.connect() as conn:
-                rows = conn.execute(statement).mappings().all()
+                rows = conn.execute(statement).all()
                 truncated = len(rows) > limit
-                matches = [dict(row) for row in rows[:limit]]
-                if query.level is not Level.PATIENT:
-                    study_ids = {match[_STUDY_PK] for match in matches}
-                    modalities = _modalities(conn, study_ids)
+                labels = shape.labels
+                matches = [dict(zip(labels, row, strict=True)) for row in rows[:limit]]
+                if shape.modalities:
+                    modalities = _modalities(conn, [match[_STUDY_PK] for match in matches])
                     for match in matches:
                         match[MODALITIES_IN_STUDY] = modalities.get(match.pop(_STUDY_PK), [])
-                if rank(query.level) >= rank(Level.SERIES):
-                    series_ids = {match[_SERIES_PK] for match in matches}
-                    items = _request_attributes(conn, series_ids)
+                if shape.request_attributes:
+                    items = _request_attributes(conn, [match[_SERIES_PK] for match in matches])
                     for match in matches:
                         match[REQUEST_ATTRIBUTES] = items.get(match.pop(_SERIES_PK), [])
+                if shape.labels == (_ROW_PK,):
+                    matches = [{} for _ in matches]
         except SQLAlchemyError as exc:
             # the reason names no value: SQLAlchemy's text carries the
             # statement's parameters, which may be patient data
@@ -229,30 +256,75 @@ def _not_matchable(keyword: str, level: Level) -> str:
     return f"{keyword} is not a supported matching key"
 
 
-def _columns(level: Level) -> list[ColumnElement[Any]]:
-    """The labelled columns every match at *level* carries, parents first."""
+def _wanted(query: Query) -> frozenset[str]:
+    """The return keys of *query* that its matches carry."""
+    held = RETURN_KEYS[query.level]
+    return held if query.returned is None else held & query.returned
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shape:
+    """What the search at one level selects for one set of wanted keys.
+
+    Attributes
+    ----------
+    columns
+        The labelled columns, parents first.
+    labels
+        Their labels, in the same order: the keys of a match.
+    modalities
+        True if ModalitiesInStudy is wanted (one more look-up; the study's
+        primary key is then selected as :data:`_STUDY_PK`).
+    request_attributes
+        True if the Request Attributes Sequence is wanted (the series'
+        primary key is then selected as :data:`_SERIES_PK`).
+    """
+
+    columns: tuple[ColumnElement[Any], ...]
+    labels: tuple[str, ...]
+    modalities: bool
+    request_attributes: bool
+
+
+@functools.lru_cache(maxsize=256)
+def _shape(level: Level, wanted: frozenset[str]) -> _Shape:
+    """The columns of a search at *level* carrying the *wanted* keys; built
+    once per level and set of keys (a C-FIND identifier or a QIDO-RS
+    request names the same few sets again and again)."""
     columns: list[ColumnElement[Any]] = []
     for attribute in ATTRIBUTES.values():
-        if rank(attribute.level) <= rank(level):
+        if attribute.keyword in wanted and rank(attribute.level) <= rank(level):
             table = table_for(attribute.level, level)
             columns.append(table.c[attribute.column].label(attribute.keyword))
     if level is Level.PATIENT:
-        columns.extend(_patient_counts())
-        return columns
-    columns.append(study.c.num_series.label("NumberOfStudyRelatedSeries"))
-    columns.append(study.c.num_instances.label("NumberOfStudyRelatedInstances"))
-    if rank(level) >= rank(Level.SERIES):
-        columns.append(series.c.num_instances.label("NumberOfSeriesRelatedInstances"))
+        columns.extend(count for count in _patient_counts() if count.name in wanted)
+        if not columns:  # nothing wanted: a SELECT still needs a column
+            columns.append(patient.c.id.label(_ROW_PK))
+        return _Shape(tuple(columns), tuple(c.name for c in columns), False, False)
+    counters = [
+        (study.c.num_series, "NumberOfStudyRelatedSeries"),
+        (study.c.num_instances, "NumberOfStudyRelatedInstances"),
+        (series.c.num_instances, "NumberOfSeriesRelatedInstances"),
+    ]
+    for column, keyword in counters:
+        if keyword in wanted:
+            columns.append(column.label(keyword))
+    request_attributes = REQUEST_ATTRIBUTES in wanted
+    if request_attributes:
         columns.append(series.c.id.label(_SERIES_PK))
-    columns.append(study.c.id.label(_STUDY_PK))
-    return columns
+    modalities = MODALITIES_IN_STUDY in wanted
+    if modalities:
+        columns.append(study.c.id.label(_STUDY_PK))
+    if not columns:  # nothing wanted: a SELECT still needs a column
+        columns.append(_ORDER[level].label(_ROW_PK))
+    return _Shape(tuple(columns), tuple(c.name for c in columns), modalities, request_attributes)
 
 
-def _patient_counts() -> list[ColumnElement[Any]]:
+def _patient_counts() -> list[Label[Any]]:
     """NumberOfPatientRelated{Studies,Series,Instances} (PS3.4 C.6.1.1.2) as
     correlated subqueries over the patient's studies and their counters."""
 
-    def over_studies(expression: ColumnElement[Any], label: str) -> ColumnElement[Any]:
+    def over_studies(expression: ColumnElement[Any], label: str) -> Label[Any]:
         return (
             select(expression)
             .where(study.c.patient_fk == patient.c.id)
@@ -272,22 +344,44 @@ def _patient_counts() -> list[ColumnElement[Any]]:
     ]
 
 
-def _statement(level: Level, conditions: Sequence[ColumnElement[bool]]) -> Select[Any]:
-    """The search at *level*, joined up the hierarchy, ordered by primary key
-    so that offset paging is stable."""
-    source: FromClause
-    if level is Level.PATIENT:
-        source, key = patient, patient.c.id
-    elif level is Level.STUDY:
-        source, key = study, study.c.id
-    elif level is Level.SERIES:
-        source, key = series.join(study, series.c.study_fk == study.c.id), series.c.id
-    else:
-        source = instance.join(series, instance.c.series_fk == series.c.id).join(
-            study, series.c.study_fk == study.c.id
-        )
-        key = instance.c.id
-    return select(*_columns(level)).select_from(source).where(*conditions).order_by(key)
+#: What a search at each level selects from: the level's table joined up the
+#: hierarchy.
+_SOURCES: Mapping[Level, FromClause] = {
+    Level.PATIENT: patient,
+    Level.STUDY: study,
+    Level.SERIES: series.join(study, series.c.study_fk == study.c.id),
+    Level.IMAGE: instance.join(series, instance.c.series_fk == series.c.id).join(
+        study, series.c.study_fk == study.c.id
+    ),
+}
+
+#: The order of a search's matches: the primary key of the level's table, so
+#: that offset paging is stable.
+_ORDER: Mapping[Level, ColumnElement[Any]] = {
+    Level.PATIENT: patient.c.id,
+    Level.STUDY: study.c.id,
+    Level.SERIES: series.c.id,
+    Level.IMAGE: instance.c.id,
+}
+
+#: The Request Attributes Sequence items of a page's series, in stored order
+#: (built once; the ids are one expanding parameter).
+_REQUEST_ATTRIBUTES = (
+    select(
+        request_attribute.c.series_fk,
+        request_attribute.c.scheduled_procedure_step_id,
+        request_attribute.c.requested_procedure_id,
+    )
+    .where(request_attribute.c.series_fk.in_(bindparam("series_ids", expanding=True)))
+    .order_by(request_attribute.c.id)
+)
+
+#: The distinct non-empty modalities of a page's studies (built once).
+_MODALITIES = (
+    select(series.c.study_fk, series.c.modality)
+    .where(series.c.study_fk.in_(bindparam("study_ids", expanding=True)), series.c.modality != "")
+    .distinct()
+)
 
 
 def _request_attributes(
@@ -298,17 +392,8 @@ def _request_attributes(
     ids = sorted(set(series_ids))
     if not ids:
         return {}
-    rows = conn.execute(
-        select(
-            request_attribute.c.series_fk,
-            request_attribute.c.scheduled_procedure_step_id,
-            request_attribute.c.requested_procedure_id,
-        )
-        .where(request_attribute.c.series_fk.in_(ids))
-        .order_by(request_attribute.c.id)
-    )
     found: dict[int, list[dict[str, str]]] = {}
-    for series_id, step_id, procedure_id in rows:
+    for series_id, step_id, procedure_id in conn.execute(_REQUEST_ATTRIBUTES, {"series_ids": ids}):
         found.setdefault(series_id, []).append(
             {"ScheduledProcedureStepID": step_id, "RequestedProcedureID": procedure_id}
         )
@@ -321,12 +406,7 @@ def _modalities(conn: Connection, study_ids: Iterable[int]) -> dict[int, list[st
     ids = sorted(set(study_ids))
     if not ids:
         return {}
-    rows = conn.execute(
-        select(series.c.study_fk, series.c.modality)
-        .where(series.c.study_fk.in_(ids), series.c.modality != "")
-        .distinct()
-    )
     found: dict[int, set[str]] = {}
-    for study_id, modality in rows:
+    for study_id, modality in conn.execute(_MODALITIES, {"study_ids": ids}):
         found.setdefault(study_id, set()).add(modality)
     return {study_id: sorted(values) for study_id, values in found.items()}

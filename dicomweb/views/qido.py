@@ -41,6 +41,7 @@ the values (names are patient data).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import re
@@ -58,7 +59,15 @@ from appliance.errors import QueryError
 from appliance.model import Level
 from appliance.query import Query, QueryService
 from dicomweb.app import current_services
-from dicomweb.jsonmodel import JsonDataset, UnknownAttribute, to_json_dataset, vr_of
+from dicomweb.jsonmodel import (
+    NUMBER_VRS,
+    JsonDataset,
+    UnknownAttribute,
+    json_element,
+    tag_hex,
+    tag_of,
+    vr_of,
+)
 from dicomweb.urls import instance_url, series_url, service_root, study_url
 
 bp = Blueprint("qido", __name__, url_prefix="/v1")
@@ -243,13 +252,21 @@ def _search(level: Level, study: str | None = None, series: str | None = None) -
     service = current_services().query
     search = parse_search(level, request.args, service, study=study, series=series)
     page, limited_by_server = page_size(search.limit, service.max_results)
+    keywords = return_keywords(search, service)
+    query = Query(
+        level,
+        search.keys,
+        limit=page,
+        offset=search.offset,
+        returned=needed_keys(level, keywords),
+    )
     try:
-        result = service.search(Query(level, search.keys, limit=page, offset=search.offset))
+        result = service.search(query)
     except QueryError as exc:
         raise QueryError(_name_parameter(exc.reason, search.parameters)) from None
     root = service_root()
-    keywords = return_keywords(search, service)
-    body = [result_dataset(match, level, keywords, root) for match in result.matches]
+    plan = _result_plan(level, keywords)
+    body = [_result_json(plan, match, level, root) for match in result.matches]
 
     warnings: list[str] = []
     if search.fuzzymatching:
@@ -261,13 +278,14 @@ def _search(level: Level, study: str | None = None, series: str | None = None) -
         # own text when it was the client's limit.
         warnings.append(MAXIMUM_WARNING if limited_by_server else MORE_WARNING)
 
-    LOGGER.info(
-        "QIDO-RS %s parameters=%s -> %d match(es)%s",
-        request.path,
-        sorted(set(request.args.keys())),
-        len(body),
-        " (more available)" if result.truncated else "",
-    )
+    if LOGGER.isEnabledFor(logging.INFO):
+        LOGGER.info(
+            "QIDO-RS %s parameters=%s -> %d match(es)%s",
+            request.path,
+            sorted(set(request.args.keys())),
+            len(body),
+            " (more available)" if result.truncated else "",
+        )
     response = Response(
         json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
         status=200,
@@ -632,28 +650,110 @@ def retrieve_url(root: str, level: Level, match: Mapping[str, Any]) -> str:
     return instance_url(root, study, match["SeriesInstanceUID"], match["SOPInstanceUID"])
 
 
-def result_dataset(
-    match: Mapping[str, Any], level: Level, keywords: Iterable[str], root: str
-) -> JsonDataset:
-    """One result in the DICOM JSON Model (PS3.18 Annex F)."""
-    values: dict[str, Any] = {}
-    for keyword in keywords:
+def needed_keys(level: Level, keywords: Iterable[str]) -> frozenset[str]:
+    """The attributes the query layer must return for results carrying
+    *keywords*: those it holds, the UIDs a Retrieve URL is built from, and
+    the Transfer Syntax UID behind Available Transfer Syntax UID."""
+    needed = set(keywords)
+    if "RetrieveURL" in needed:
+        needed.update(_URL_UIDS[level])
+    if "AvailableTransferSyntaxUID" in needed:
+        needed.add("TransferSyntaxUID")
+    return frozenset(needed)
+
+
+#: The UIDs in the Retrieve URL of a result at each level.
+_URL_UIDS: Final = {
+    Level.STUDY: ("StudyInstanceUID",),
+    Level.SERIES: ("StudyInstanceUID", "SeriesInstanceUID"),
+    Level.IMAGE: ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"),
+}
+
+#: How a result gets each attribute (see :func:`_result_plan`).
+_CONSTANT, _URL, _TRANSFER_SYNTAX, _IF_KNOWN, _FROM_MATCH = range(5)
+
+#: One attribute of a result: its JSON member name (the tag, PS3.18 F.2.2),
+#: keyword, VR, how its value is found, and the element when it is constant.
+_PlanItem = tuple[str, str, str, int, dict[str, Any] | None]
+
+#: String VRs whose value is copied as is (not PN, not a number, not SQ).
+_PLAIN_TEXT_VRS: Final = frozenset(
+    {"AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
+)
+
+
+@functools.lru_cache(maxsize=256)
+def _result_plan(level: Level, keywords: tuple[str, ...]) -> tuple[_PlanItem, ...]:
+    """The attributes of every result of one request, in ascending tag order
+    (the order of PS3.18 F.2), each with how its value is found; worked out
+    once per level and set of return keys rather than once per result."""
+    items: list[tuple[int, _PlanItem]] = []
+    for keyword in dict.fromkeys(keywords):
+        tag = tag_of(keyword)
+        vr = vr_of(tag)
+        constant: dict[str, Any] | None = None
         if keyword == "SpecificCharacterSet":
-            values[keyword] = UTF8_CHARSET
+            kind, constant = _CONSTANT, json_element(vr, UTF8_CHARSET)
         elif keyword == "InstanceAvailability":
             # every instance the index lists is in the blob store: on line
-            values[keyword] = "ONLINE"
+            kind, constant = _CONSTANT, json_element(vr, "ONLINE")
         elif keyword == "RetrieveURL":
-            values[keyword] = retrieve_url(root, level, match)
+            kind = _URL
         elif keyword == "AvailableTransferSyntaxUID":
-            values[keyword] = match.get("TransferSyntaxUID")
+            kind = _TRANSFER_SYNTAX
         elif keyword == "TimezoneOffsetFromUTC":
             # Tables 10.6.3-3 to -5: present only if known
-            if match.get(keyword):
-                values[keyword] = match[keyword]
-        elif keyword in match:
-            values[keyword] = match[keyword]
-    return to_json_dataset(values)
+            kind = _IF_KNOWN
+        else:
+            kind = _FROM_MATCH
+        items.append((tag, (tag_hex(tag), keyword, vr, kind, constant)))
+    items.sort(key=lambda item: item[0])
+    return tuple(item for _, item in items)
+
+
+def _result_json(
+    plan: Sequence[_PlanItem], match: Mapping[str, Any], level: Level, root: str
+) -> JsonDataset:
+    """One result in the DICOM JSON Model (PS3.18 Annex F) following *plan*."""
+    result: JsonDataset = {}
+    for member, keyword, vr, kind, constant in plan:
+        if kind == _FROM_MATCH:
+            if keyword in match:
+                result[member] = _element(vr, match[keyword])
+        elif kind == _CONSTANT:
+            assert constant is not None
+            result[member] = constant
+        elif kind == _URL:
+            result[member] = _element(vr, retrieve_url(root, level, match))
+        elif kind == _TRANSFER_SYNTAX:
+            result[member] = _element(vr, match.get("TransferSyntaxUID"))
+        elif match.get(keyword):  # _IF_KNOWN
+            result[member] = _element(vr, match[keyword])
+    return result
+
+
+def _element(vr: str, value: Any) -> dict[str, Any]:
+    """:func:`~dicomweb.jsonmodel.json_element` of *value*, the common cases
+    (no value, one string, one integer) without its general machinery; the
+    result is the same."""
+    if value is None or (type(value) is str and not value):
+        return {"vr": vr}  # PS3.18 F.2.5: no Value member
+    if type(value) is str and "\\" not in value:
+        if vr in _PLAIN_TEXT_VRS:
+            return {"vr": vr, "Value": [value]}
+        if vr == "PN" and "=" not in value and value.strip():
+            # PS3.18 F.2.2: one name of only its alphabetic group
+            return {"vr": vr, "Value": [{"Alphabetic": value}]}
+    elif type(value) is int and vr in NUMBER_VRS:
+        return {"vr": vr, "Value": [value]}
+    elif (
+        type(value) is list
+        and vr in _PLAIN_TEXT_VRS
+        and all(type(item) is str and item and "\\" not in item for item in value)
+    ):
+        # several plain strings (ModalitiesInStudy)
+        return {"vr": vr, "Value": value} if value else {"vr": vr}
+    return json_element(vr, value)
 
 
 __all__ = [
