@@ -3,6 +3,7 @@ the listener loop run by the ``dimse`` child of ``dicom-appliance serve``."""
 
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 import pkgutil
@@ -16,6 +17,7 @@ from types import FrameType
 from typing import Any
 
 from pynetdicom import AE
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
 from appliance.config import Config
@@ -77,6 +79,25 @@ def service_modules() -> list[Any]:
         importlib.import_module(f"{package.__name__}.{info.name}")
         for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name)
     ]
+
+
+class SharedSyntaxContexts(list[PresentationContext]):
+    """The acceptor's presentation contexts, as the server holds them.
+
+    pynetdicom gives each accepted association a ``deepcopy`` of the
+    server's contexts (it writes the negotiation's outcome into its own
+    copies).  With every storage SOP class and transfer syntax that is some
+    thousands of UIDs, and a ``UID`` (a ``str`` subclass) is deep-copied
+    through ``__reduce_ex__``: most of the work of accepting an association.
+    UIDs are immutable, so this list's deep copy copies the contexts but
+    shares their UIDs (entered in the copy's memo as their own copies).
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SharedSyntaxContexts:
+        for context in self:
+            for uid in (context.abstract_syntax, *context.transfer_syntax):
+                memo[id(uid)] = uid
+        return SharedSyntaxContexts(copy.deepcopy(context, memo) for context in self)
 
 
 class SharedSocketServer(ThreadedAssociationServer):
@@ -158,16 +179,20 @@ def run_listener(
 
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     address = (config.dimse.host, config.dimse.port)
+    contexts = SharedSyntaxContexts(ae.supported_contexts)
     tasks_stop = threading.Event()
     tasks: list[threading.Thread] = []
     try:
         if listen_socket is None:
-            server = ae.start_server(address, block=False, evt_handlers=setup.handlers)
+            server = ae.start_server(
+                address, block=False, evt_handlers=setup.handlers, contexts=contexts
+            )
             assert server is not None  # block=False returns the server
         else:
             server = ae.make_server(
                 address,
                 evt_handlers=setup.handlers,
+                contexts=contexts,
                 server_class=SharedSocketServer,
                 listen_socket=listen_socket,
             )
