@@ -35,8 +35,11 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit
 
+## the appliance next to Orthanc on one corpus (installs Orthanc and dcmtk
+## when missing); results in bench/results/, a table at the end
 bench: $(STAMP)
-	$(BIN)/python -m bench
+	sh bench/ensure_tools.sh
+	$(BIN)/python -m bench all
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,146 +1,98 @@
-"""``make bench``: the core's ingest and query speed on the embedded default.
+"""``make bench``: the appliance next to Orthanc, and the core alone.
 
-Builds a deterministic corpus with pydicom, then measures, as medians of
-several repetitions on a fresh SQLite index and filesystem store each time:
+Usage::
 
-- ingest through the one pipeline (header parse, durable blob, one index
-  transaction) for small (64x64, ~10 KB) and CT-like (512x512 16-bit,
-  ~0.5 MB) instances: instances/s and MB/s;
-- query latency (p50/p95) over an index of many studies: by PatientID, by
-  PatientName prefix wildcard, by StudyDate range, series of a study;
+    python -m bench [all|dicomweb|dimse|core] [--reps N] [--quick]
 
-and, in :mod:`bench.dicomweb` and :mod:`bench.dimse`, STOW-RS/WADO-RS over
-HTTP and C-STORE/C-FIND/C-MOVE over DIMSE next to Orthanc with its DICOMweb
-plugin, started side by side in the same run.  ``python -m bench core``,
-``dicomweb`` or ``dimse`` runs one part; ``make bench`` runs them all.
+``all`` (the default, what ``make bench`` runs) measures both protocol
+families on the appliance and then on Orthanc (:mod:`bench.compare`);
+``dicomweb`` (STOW-RS, QIDO-RS, WADO-RS) or ``dimse`` (C-STORE, C-FIND,
+C-MOVE) measures one family on both servers (the index fill and the
+verification always run); ``core`` measures the ingest pipeline and the
+queries in this process, without a server or Orthanc (:mod:`bench.core`;
+not part of ``all``, to keep ``make bench`` within 20 minutes).
+``--reps`` sets the repetitions (at least 3 for figures worth quoting);
+``--quick`` uses small counts, for a smoke run of every path.
+
+The results go to ``bench/results/bench-<UTC timestamp>.json`` (the machine,
+each server's version and settings, every repetition's value, the medians,
+the ratios appliance/Orthanc and the issue's targets), and a table of them is
+printed at the end.  A failed verification (an instance acknowledged but not
+found, or not stored as sent) stops the run with an error.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
-import json
-import random
-import statistics
-import tempfile
+import dataclasses
+import datetime
+import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
+from typing import Any
 
-from pydicom.uid import generate_uid
-
-from appliance.config import IngestConfig
-from appliance.index import migrate
-from appliance.index.engine import create_index_engine
-from appliance.index.sql import SqlIndex
-from appliance.ingest import IngestService
-from appliance.model import Level, Origin
-from appliance.query import Query, QueryService
-from appliance.storage.filesystem import FilesystemBlobStore
-from bench import dicomweb, dimse
-from bench.corpus import make_instance
-
-ORIGIN = Origin("import")
+from bench import compare, core, report
+from bench.servers import appliance, orthanc, orthanc_available
 
 
-def fresh_service(root: Path) -> IngestService:
-    engine = create_index_engine(f"sqlite:///{root / 'index.db'}")
-    migrate.upgrade(engine)
-    return IngestService(FilesystemBlobStore(root / "blobs"), SqlIndex(engine), IngestConfig())
-
-
-def bench_ingest(label: str, corpus: list[bytes], reps: int) -> dict[str, float]:
-    rates = []
-    for _ in range(reps):
-        with tempfile.TemporaryDirectory() as tmp:
-            service = fresh_service(Path(tmp))
-            start = time.perf_counter()
-            for data in corpus:
-                service.store_part10(io.BytesIO(data), ORIGIN)
-            rates.append(len(corpus) / (time.perf_counter() - start))
-            service.index.engine.dispose()
-    per_s = statistics.median(rates)
-    mb = sum(map(len, corpus)) / len(corpus) / 1e6
-    return {f"{label}_instances_per_s": round(per_s, 1), f"{label}_mb_per_s": round(per_s * mb, 1)}
-
-
-def latency(run: Callable[[], object], n: int) -> tuple[float, float]:
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - start) * 1000)
-    times.sort()
-    return round(times[len(times) // 2], 2), round(times[int(len(times) * 0.95) - 1], 2)
-
-
-def bench_query(studies: int, seed: int) -> dict[str, float]:
-    rng = random.Random(seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        service = fresh_service(Path(tmp))
-        study_uids = []
-        for _ in range(studies):
-            study_uid = generate_uid(entropy_srcs=[str(rng.random())])
-            study_uids.append(study_uid)
-            data = make_instance(
-                8, study_uid, generate_uid(entropy_srcs=[str(rng.random())]), rng.random()
-            )
-            service.store_part10(io.BytesIO(data), ORIGIN)
-        query = QueryService(service.index.engine, max_results=200)
-        cases: dict[str, Callable[[], object]] = {
-            "by_patient_id": lambda: query.search(
-                Query(Level.STUDY, {"PatientID": f"PID{rng.randrange(10**6):06d}"})
-            ),
-            "by_name_prefix": lambda: query.search(
-                Query(Level.STUDY, {"PatientName": "SMI*"}, limit=100)
-            ),
-            "by_date_range": lambda: query.search(
-                Query(Level.STUDY, {"StudyDate": "20150101-20151231"}, limit=100)
-            ),
-            "series_of_study": lambda: query.search(
-                Query(Level.SERIES, {"StudyInstanceUID": rng.choice(study_uids)})
-            ),
-        }
-        results: dict[str, float] = {}
-        for name, run in cases.items():
-            p50, p95 = latency(run, 200)
-            results[f"query_{name}_p50_ms"] = p50
-            results[f"query_{name}_p95_ms"] = p95
-        service.index.engine.dispose()
-    return results
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--small", type=int, default=500, help="64x64 instances per run")
-    parser.add_argument("--ct", type=int, default=100, help="512x512 instances per run")
-    parser.add_argument("--studies", type=int, default=10_000, help="studies in the query index")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "part",
         nargs="?",
-        choices=("all", "core", "dicomweb", "dimse"),
+        choices=("all", "dicomweb", "dimse", "core"),
         default="all",
-        help="core: the pipeline in-process; dicomweb: STOW/WADO, dimse: C-STORE/C-FIND/"
-        "C-MOVE, each next to Orthanc",
+        help="all (default): both protocol families on the appliance and on Orthanc; "
+        "dicomweb: STOW/QIDO/WADO only; dimse: C-STORE/C-FIND/C-MOVE only; "
+        "core: the ingest pipeline and queries in-process, no server",
     )
-    args = parser.parse_args()
-    if args.part in ("all", "dicomweb"):
-        print(json.dumps({"dicomweb": dicomweb.run(args.reps)}, indent=2))
-    if args.part in ("all", "dimse"):
-        print(json.dumps({"dimse": dimse.run(args.reps)}, indent=2))
-    if args.part not in ("all", "core"):
-        return
-    rng = random.Random(20261123)
-    study, series = generate_uid(), generate_uid()
-    results: dict[str, float] = {}
-    small = [make_instance(64, study, series, rng.random()) for _ in range(args.small)]
-    results |= bench_ingest("ingest_small", small, args.reps)
-    ct = [make_instance(512, study, series, rng.random()) for _ in range(args.ct)]
-    results |= bench_ingest("ingest_ct", ct, args.reps)
-    results |= bench_query(args.studies, seed=7)
-    print(json.dumps({"core": results}, indent=2))
+    parser.add_argument("--reps", type=int, default=3, help="repetitions per figure (default 3)")
+    parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
+    args = parser.parse_args(argv)
+    if args.reps < 1:
+        parser.error("--reps must be at least 1")
+    plan = compare.Plan.quick(args.reps) if args.quick else compare.Plan(reps=args.reps)
+    started = datetime.datetime.now(datetime.UTC)
+    begin = time.perf_counter()
+
+    parts = {"dicomweb", "dimse"} if args.part == "all" else {args.part}
+    servers: list[tuple[str, Callable[..., Any]]] = []
+    if args.part != "core":
+        servers.append(("appliance", appliance))
+        problem = orthanc_available()
+        if problem:
+            print(f"Orthanc left out, ratios will be missing: {problem}", file=sys.stderr)
+        else:
+            servers.append(("orthanc", orthanc))
+    reports = {r.name: r for r in compare.run(plan, parts, servers)} if servers else {}
+    core_figures: dict[str, float] = {}
+    if args.part == "core":
+        compare.log("core: in-process pipeline and queries")
+        core_figures = core.run(plan)
+    entries = report.comparison(reports)
+    duration = time.perf_counter() - begin
+    document = {
+        "started_utc": started.isoformat(timespec="seconds"),
+        "duration_s": round(duration, 1),
+        "command": ["python", "-m", "bench", *(argv if argv is not None else sys.argv[1:])],
+        "plan": dataclasses.asdict(plan),
+        "machine": report.machine(reports["orthanc"].version if "orthanc" in reports else None),
+        "servers": {name: dataclasses.asdict(r) for name, r in reports.items()},
+        "comparison": entries,
+        "core": core_figures,
+    }
+    path = report.write(document, started)
+    if entries:
+        print()
+        print(report.table(entries))
+    if core_figures:
+        print("\ncore, in-process (no server):")
+        for key, value in core_figures.items():
+            print(f"  {key}: {value}")
+    print(f"\nresults: {path}")
+    print(f"total duration: {duration / 60:.1f} min ({duration:.0f} s)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

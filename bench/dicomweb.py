@@ -1,122 +1,165 @@
-"""STOW-RS and WADO-RS throughput, the appliance next to Orthanc in one run.
+"""The DICOMweb side of the benchmark: STOW-RS, QIDO-RS and WADO-RS.
 
-Both servers get the same requests over loopback HTTP with keep-alive:
-
-- STOW-RS: batches of 50 small (64x64) instances and of 20 CT-sized
-  (512x512x16 bit, ~0.5 MB) instances per request, one client; instances/s.
-- WADO-RS: whole-study retrieve (``transfer-syntax=*``, multipart) of the
-  study the CT batches built, MB/s; study metadata, ms.
-
-Each figure is the median of ``reps`` repetitions on fresh instances.
+Every client is an ``httpx.Client`` with keep-alive on loopback; parallel
+clients are threads, each with its own client (own connection).
 """
 
 from __future__ import annotations
 
-import statistics
+import json
+import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import httpx
-from pydicom.uid import generate_uid
 
-from bench.corpus import make_instance
-from bench.servers import Server, appliance, orthanc, orthanc_available
+from bench.corpus import Instance
+from bench.servers import Server
 
 BOUNDARY = "bench-boundary-7d1f"
 STOW_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
 RETRIEVE_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+JSON = "application/dicom+json"
+#: PS3.18 Table 10.6.3-2 / 10.6.3-3: the STOW-RS response's sequences
+FAILED_SOP_SEQUENCE = "00081198"
+REFERENCED_SOP_SEQUENCE = "00081199"
+
+
+def client() -> httpx.Client:
+    return httpx.Client(timeout=600)
 
 
 def multipart(instances: list[bytes]) -> bytes:
-    parts = []
-    for data in instances:
-        parts.append(
-            f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data + b"\r\n"
-        )
+    """A STOW-RS request body of *instances* (PS3.18 8.6.1.1)."""
+    parts = [
+        f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data + b"\r\n"
+        for data in instances
+    ]
     return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
 
 
-def batches(size: int, pixels: int, count: int, study: str) -> Iterator[bytes]:
-    for _ in range(count):
-        series = generate_uid()
-        yield multipart(
-            [make_instance(pixels, study, series, seed=uuid.uuid4().hex) for _ in range(size)]
-        )
+def split_multipart(body: bytes, content_type: str) -> list[bytes]:
+    """The parts' bodies of a multipart/related response."""
+    boundary = None
+    for param in content_type.split(";"):
+        name, _, value = param.strip().partition("=")
+        if name.lower() == "boundary":
+            boundary = value.strip('"')
+    if not boundary:
+        raise ValueError(f"no boundary in {content_type!r}")
+    delimiter = b"\r\n--" + boundary.encode()
+    # the first delimiter may lack its CRLF (nothing precedes it)
+    chunks = (b"\r\n" + body).split(delimiter)
+    parts = []
+    for chunk in chunks[1:]:
+        if chunk.startswith(b"--"):
+            break
+        _headers, sep, data = chunk.partition(b"\r\n\r\n")
+        if not sep:
+            raise ValueError("a part without a header/body separator")
+        parts.append(data)
+    return parts
 
 
-def timed(run: Callable[[], object]) -> float:
+def stow(server: Server, bodies: list[list[bytes]]) -> tuple[float, int]:
+    """Send each list of *bodies* from its own thread and client; (seconds,
+    instances acknowledged).
+
+    The responses are checked after the clock stops: every request must be
+    answered 200 with each instance referenced and none failed."""
+    # every thread makes its client first, then all start sending at once
+    barrier = threading.Barrier(len(bodies) + 1, timeout=120)
+
+    def send(share: list[bytes]) -> list[tuple[int, bytes]]:
+        answers = []
+        with client() as http:
+            try:
+                barrier.wait()
+            except BaseException:
+                barrier.abort()  # the caller must not wait for this client
+                raise
+            for body in share:
+                r = http.post(
+                    f"{server.root}/studies",
+                    content=body,
+                    headers={"Content-Type": STOW_TYPE, "Accept": JSON},
+                )
+                answers.append((r.status_code, r.content))
+        return answers
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        futures = [pool.submit(send, share) for share in bodies]
+        barrier.wait()
+        start = time.perf_counter()
+        answers = [future.result() for future in futures]
+        seconds = time.perf_counter() - start
+    acknowledged = 0
+    for status, content in (answer for share in answers for answer in share):
+        if status != 200:
+            raise RuntimeError(f"{server.name}: STOW-RS answered {status}: {content[:300]!r}")
+        result = json.loads(content)
+        if result.get(FAILED_SOP_SEQUENCE, {}).get("Value"):
+            raise RuntimeError(f"{server.name}: STOW-RS failed instances: {content[:300]!r}")
+        acknowledged += len(result.get(REFERENCED_SOP_SEQUENCE, {}).get("Value", []))
+    return seconds, acknowledged
+
+
+def stow_bodies(instances: list[bytes], clients: int, per_request: int) -> list[list[bytes]]:
+    """*instances* split round-robin among *clients*, each share cut into
+    request bodies of up to *per_request* instances."""
+    shares = [instances[i::clients] for i in range(clients)]
+    return [
+        [multipart(share[i : i + per_request]) for i in range(0, len(share), per_request)]
+        for share in shares
+    ]
+
+
+def timed_get(http: httpx.Client, url: str, accept: str) -> tuple[float, httpx.Response]:
+    """GET *url*, reading the whole body; (ms, response)."""
     start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
+    response = http.get(url, headers={"Accept": accept})
+    ms = (time.perf_counter() - start) * 1000
+    if response.status_code != 200:
+        raise RuntimeError(f"GET {url} answered {response.status_code}: {response.text[:300]}")
+    return ms, response
 
 
-def stow_rate(client: httpx.Client, server: Server, bodies: list[bytes], per_body: int) -> float:
-    def send_all() -> None:
-        for body in bodies:
-            r = client.post(
-                f"{server.root}/studies",
-                content=body,
-                headers={"Content-Type": STOW_TYPE, "Accept": "application/dicom+json"},
-            )
-            if r.status_code != 200:
-                raise RuntimeError(f"{server.name} STOW answered {r.status_code}: {r.text[:200]}")
+def search_url(server: Server, path: str, params: dict[str, str]) -> str:
+    """The QIDO-RS URL of *path* with *params*, ``*`` left as it is.
 
-    return len(bodies) * per_body / timed(send_all)
+    ``*`` needs no escaping in a query (RFC 3986 3.4), and Orthanc 1.10's
+    DICOMweb plugin does not decode ``%2A`` (its wildcard search then finds
+    nothing), so it is not escaped for either server."""
+    return f"{server.root}{path}?{urllib.parse.urlencode(params, safe='*')}"
 
 
-def measure(server: Server, reps: int) -> dict[str, float]:
-    results: dict[str, list[float]] = {}
-    with httpx.Client(timeout=300) as client:
-        for _ in range(reps):
-            small = list(batches(50, 64, 4, generate_uid()))
-            results.setdefault("stow_small_50_per_request_instances_per_s", []).append(
-                stow_rate(client, server, small, 50)
-            )
-            study = generate_uid()
-            ct = list(batches(20, 512, 3, study))
-            results.setdefault("stow_ct_20_per_request_instances_per_s", []).append(
-                stow_rate(client, server, ct, 20)
-            )
-            size = 0
-
-            def retrieve(study: str = study) -> None:
-                nonlocal size
-                with client.stream(
-                    "GET", f"{server.root}/studies/{study}", headers={"Accept": RETRIEVE_ACCEPT}
-                ) as r:
-                    if r.status_code != 200:
-                        raise RuntimeError(f"{server.name} WADO answered {r.status_code}")
-                    size = sum(len(chunk) for chunk in r.iter_bytes())
-
-            seconds = timed(retrieve)
-            results.setdefault("wado_study_retrieve_mb_per_s", []).append(size / 1e6 / seconds)
-            seconds = timed(
-                lambda study=study: client.get(
-                    f"{server.root}/studies/{study}/metadata",
-                    headers={"Accept": "application/dicom+json"},
-                ).raise_for_status()
-            )
-            results.setdefault("wado_study_metadata_ms", []).append(seconds * 1000)
-        results["rss_mb_after"] = [server.rss_mb()]
-    return {key: round(statistics.median(values), 1) for key, values in results.items()}
+def qido(
+    http: httpx.Client, server: Server, path: str, params: dict[str, str]
+) -> tuple[float, list[dict[str, Any]]]:
+    """One QIDO-RS search; (ms to the whole answer, the matches)."""
+    start = time.perf_counter()
+    response = http.get(search_url(server, path, params), headers={"Accept": JSON})
+    ms = (time.perf_counter() - start) * 1000
+    if response.status_code == 204:  # PS3.18 8.3.4.1 allows it for no match (Orthanc)
+        return ms, []
+    if response.status_code != 200:
+        raise RuntimeError(f"{server.name}: QIDO {path} answered {response.status_code}")
+    matches: list[dict[str, Any]] = response.json()
+    return ms, matches
 
 
-def run(reps: int = 3) -> dict[str, dict[str, float]]:
-    """The figures for both servers and the appliance/Orthanc ratios."""
-    report: dict[str, dict[str, float]] = {}
-    with appliance() as server:
-        report["appliance"] = measure(server, reps)
-    problem = orthanc_available()
-    if problem:
-        report["orthanc"] = {"unavailable": 0.0}
-        print(f"orthanc skipped: {problem}")
-        return report
-    with orthanc() as server:
-        report["orthanc"] = measure(server, reps)
-    report["ratio_appliance_over_orthanc"] = {
-        key: round(value / report["orthanc"][key], 2)
-        for key, value in report["appliance"].items()
-        if report["orthanc"].get(key)
-    }
-    return report
+def instance_url(server: Server, instance: Instance) -> str:
+    return (
+        f"{server.root}/studies/{instance.study}/series/{instance.series}/instances/{instance.sop}"
+    )
+
+
+def retrieve_instance(http: httpx.Client, server: Server, instance: Instance) -> bytes:
+    """The stored bytes of *instance*, by WADO-RS in its stored syntax."""
+    _ms, response = timed_get(http, instance_url(server, instance), RETRIEVE_ACCEPT)
+    parts = split_multipart(response.content, response.headers["content-type"])
+    if len(parts) != 1:
+        raise RuntimeError(f"{server.name}: instance retrieve gave {len(parts)} parts")
+    return parts[0]

@@ -1,12 +1,21 @@
-"""Start the appliance and Orthanc side by side on loopback, for benchmarks.
+"""Start the appliance and Orthanc, one after the other, for the benchmark.
 
 Orthanc (Debian packages ``orthanc`` and ``orthanc-dicomweb``) runs with its
 own configuration in a temporary folder: loopback ports, no remote access,
-its default SQLite index, and ``TCP_NODELAY=1`` in its environment (without
-it the Debian build leaves Nagle's algorithm on and every DIMSE reply waits
-~40 ms, which would make any comparison unfair in our favour).  Known trap:
-Orthanc 1.10 listens on all interfaces whatever its bind settings, so
-``RemoteAccessAllowed`` stays false and the ports are ephemeral.
+its default SQLite index and storage settings (``SyncStorageArea`` true:
+each file fsync'd, as the appliance does), and ``TCP_NODELAY=1`` in its
+environment (without it the Debian build leaves Nagle's algorithm on and
+every DIMSE reply waits ~40 ms, which would make any comparison unfair in
+our favour).  Known trap: Orthanc 1.10 listens on all interfaces whatever
+its bind settings, so ``RemoteAccessAllowed`` stays false and the ports are
+ephemeral.
+
+The appliance runs ``dicom-appliance serve`` on its embedded default
+(SQLite index and filesystem store under a temporary working folder).
+
+Both get the same cap on the matches of one C-FIND (``query.max_results``
+and ``LimitFindResults``), so a wide C-FIND returns as many matches from
+each.
 """
 
 from __future__ import annotations
@@ -20,20 +29,45 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 def free_port() -> int:
+    """A TCP port free on loopback right now (ephemeral range)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def wait_for_echo(ae_title: str, port: int, timeout: float = 60) -> None:
+    """Return once a C-ECHO (dcmtk ``echoscu``) to *port* succeeds.
+
+    A proper association rather than a bare TCP connect: a connection that
+    never sends an A-ASSOCIATE-RQ would hold one of the server's association
+    slots until its ACSE timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = subprocess.run(
+            ["/usr/bin/echoscu", "-aec", ae_title, "127.0.0.1", str(port)],
+            capture_output=True,
+            timeout=30,
+            env=dict(os.environ, TCP_NODELAY="1"),
+            check=False,
+        )
+        if result.returncode == 0:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"no C-ECHO answer from {ae_title} on port {port} after {timeout} s")
 
 
 @dataclasses.dataclass
@@ -44,38 +78,141 @@ class Server:
     root: str  # DICOMweb service root
     dimse_port: int
     ae_title: str
-    pids: list[int]
+    pid: int
+    version: str
+    settings: dict[str, Any]
 
     def rss_mb(self) -> float:
-        """Resident memory of the server's processes and their children."""
-        total = 0
-        for pid in _with_children(self.pids):
-            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-        return total / 1024
+        """Resident memory of the server's whole process tree, in MB."""
+        return rss_kb(process_tree(self.pid)) / 1024
 
 
-def _with_children(pids: list[int]) -> list[int]:
-    found = list(pids)
-    for pid in pids:
-        with contextlib.suppress(FileNotFoundError):
-            kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-            found += _with_children([int(k) for k in kids])
+def process_tree(root: int) -> list[int]:
+    """*root* and all its descendants (from the parent ids in /proc, so
+    children started by any thread and grandchildren are all found)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+            # the command name is in parentheses and may contain spaces
+            ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
     return found
 
 
-def _wait(url: str, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
+def rss_kb(pids: list[int]) -> int:
+    """The sum of the resident set sizes of *pids*, in KiB (shared pages
+    count once per process, as ``ps`` shows them)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/statm", "rb") as f:
+            total += int(f.read().split()[1]) * PAGE_SIZE // 1024
+    return total
+
+
+def pss_kb(pids: list[int]) -> int:
+    """The sum of the proportional set sizes of *pids*, in KiB: each shared
+    page counts once in all, split among the processes sharing it (what
+    the processes really cost; dearer to read than RSS)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    total += int(line.split()[1])
+                    break
+    return total
+
+
+class RssSampler:
+    """Samples a server's process-tree memory in a thread and keeps the peak
+    of each phase (:meth:`phase` names the current one): the RSS sum every
+    *interval* seconds, the PSS sum every tenth sample.  The tree itself is
+    re-read every tenth sample, so that workers started or replaced later
+    are counted."""
+
+    def __init__(self, server: Server, interval: float = 0.1) -> None:
+        self.server = server
+        self.interval = interval
+        self.peaks: dict[str, float] = {}
+        self.pss_peaks: dict[str, float] = {}
+        self._phase = "start"
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def phase(self, name: str) -> None:
+        """Close the current phase with one last sample and start *name*."""
+        self.sample(process_tree(self.server.pid), pss=True)
+        with self._lock:
+            self._phase = name
+
+    def sample(self, pids: list[int], pss: bool = False) -> None:
+        rss = rss_kb(pids) / 1024
+        proportional = pss_kb(pids) / 1024 if pss else 0.0
+        with self._lock:
+            phase = self._phase
+            self.peaks[phase] = max(self.peaks.get(phase, 0.0), rss)
+            self.pss_peaks[phase] = max(self.pss_peaks.get(phase, 0.0), proportional)
+
+    def _run(self) -> None:
+        pids: list[int] = []
+        tick = 0
+        while not self._stop.wait(self.interval):
+            refresh = tick % 10 == 0
+            if refresh:
+                pids = process_tree(self.server.pid)
+            tick += 1
+            self.sample(pids, pss=refresh)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample(process_tree(self.server.pid), pss=True)  # the last phase's closing sample
+
+
+def _wait(
+    url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 120
+) -> httpx.Response:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{url}: the server exited with {process.returncode}")
+            tail = log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{url}: the server exited with {process.returncode}:\n{tail}")
         with contextlib.suppress(httpx.TransportError):
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
+            response = httpx.get(url, timeout=2)
+            if response.status_code == 200:
+                return response
         time.sleep(0.2)
-    raise RuntimeError(f"{url} did not answer within {timeout} s")
+    tail = log.read_text(errors="replace")[-2000:]
+    raise RuntimeError(f"{url} did not answer within {timeout} s:\n{tail}")
+
+
+def _show_log(name: str, log: Path) -> None:
+    """Print the end of a server's output (after a failure in the run)."""
+    tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+    print(f"--- last output of {name} ---\n{tail}\n--- end ---", file=sys.stderr)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,43 +224,75 @@ class Peer:
     host: str = "127.0.0.1"
 
 
+def _appliance_version() -> str:
+    from importlib.metadata import version
+
+    described = version("dicom-appliance")
+    repo = Path(__file__).resolve().parent.parent
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(
+            ["git", "--no-optional-locks", "rev-parse", "--short", "HEAD"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "--no-optional-locks", "diff", "--quiet", "HEAD"], cwd=repo, check=False
+        ).returncode
+        described += f" ({commit}{', with uncommitted changes' if dirty else ''})"
+    return described
+
+
 @contextlib.contextmanager
-def appliance(workers: int = 2, peers: tuple[Peer, ...] = ()) -> Iterator[Server]:
-    """``dicom-appliance serve`` on the embedded default, in a temp folder."""
+def appliance(peers: tuple[Peer, ...] = (), max_results: int = 100) -> Iterator[Server]:
+    """``dicom-appliance serve`` on the embedded default, in a temp folder;
+    every setting at its default but the ports, the C-MOVE destinations and
+    ``query.max_results``."""
     with tempfile.TemporaryDirectory(prefix="bench-appliance-") as tmp:
         http_port, dimse_port = free_port(), free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
-        env |= {
+        settings = {
             "APPLIANCE_HTTP_PORT": str(http_port),
-            "APPLIANCE_HTTP_WORKERS": str(workers),
             "APPLIANCE_DIMSE_PORT": str(dimse_port),
             "APPLIANCE_LOG_LEVEL": "warning",
             "APPLIANCE_INDEX_AUTO_MIGRATE": "true",
+            "APPLIANCE_QUERY_MAX_RESULTS": str(max_results),
         }
         if peers:
-            env["APPLIANCE_DIMSE_PEERS"] = (
+            settings["APPLIANCE_DIMSE_PEERS"] = (
                 "["
                 + ", ".join(
                     f'{{ae_title="{p.ae_title}", host="{p.host}", port={p.port}}}' for p in peers
                 )
                 + "]"
             )
-        cli = [sys.executable, "-m", "appliance.cli"]
-        process = subprocess.Popen(
-            [*cli, "serve"], cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
-        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")} | settings
+        log = Path(tmp) / "server.log"
+        with log.open("wb") as output:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "appliance.cli", "serve"],
+                cwd=tmp,
+                env=env,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
         try:
-            _wait(f"http://127.0.0.1:{http_port}/health/ready", process)
+            _wait(f"http://127.0.0.1:{http_port}/health/ready", process, log)
+            wait_for_echo("DICOM_EDGE", dimse_port)
             yield Server(
                 "appliance",
                 f"http://127.0.0.1:{http_port}/v1",
                 dimse_port,
                 "DICOM_EDGE",
-                [process.pid],
+                process.pid,
+                _appliance_version(),
+                settings,
             )
+        except BaseException:
+            _show_log("the appliance", log)
+            raise
         finally:
-            process.terminate()
-            process.wait(timeout=30)
+            _stop(process)
 
 
 def orthanc_available() -> str | None:
@@ -136,8 +305,11 @@ def orthanc_available() -> str | None:
 
 
 @contextlib.contextmanager
-def orthanc(peers: tuple[Peer, ...] = ()) -> Iterator[Server]:
-    """Orthanc with its DICOMweb plugin, private to this run."""
+def orthanc(peers: tuple[Peer, ...] = (), max_results: int = 100) -> Iterator[Server]:
+    """Orthanc with its DICOMweb plugin, private to this run; its own
+    defaults for everything that decides its speed (SQLite index,
+    ``SyncStorageArea``, ``StorageAccessOnFind``, ``DicomThreadsCount``...)
+    but ``LimitFindResults``, set like the appliance's ``max_results``."""
     problem = orthanc_available()
     if problem:
         raise RuntimeError(problem)
@@ -157,6 +329,8 @@ def orthanc(peers: tuple[Peer, ...] = ()) -> Iterator[Server]:
             "Plugins": [str(DICOMWEB_PLUGIN)],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "StorageCompression": False,
+            "SyncStorageArea": True,
+            "LimitFindResults": max_results,
             "DicomModalities": {p.ae_title.lower(): [p.ae_title, p.host, p.port] for p in peers},
             # the benchmark's SCUs call with titles Orthanc does not know:
             # without these it refuses their C-FIND and C-MOVE
@@ -164,23 +338,34 @@ def orthanc(peers: tuple[Peer, ...] = ()) -> Iterator[Server]:
             "DicomAlwaysAllowMove": True,
             "DicomCheckCalledAet": False,
             "UnknownSopClassAccepted": True,
-            "HttpThreadsCount": 50,
         }
         path = Path(tmp) / "orthanc.json"
         path.write_text(json.dumps(config))
         env = dict(os.environ, TCP_NODELAY="1")
-        process = subprocess.Popen(
-            [ORTHANC, str(path)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
-        )
+        log = Path(tmp) / "server.log"
+        with log.open("wb") as output:
+            process = subprocess.Popen(
+                [ORTHANC, str(path)], env=env, stdout=output, stderr=subprocess.STDOUT
+            )
         try:
-            _wait(f"http://127.0.0.1:{http_port}/system", process)
+            system = _wait(f"http://127.0.0.1:{http_port}/system", process, log).json()
+            plugin = httpx.get(f"http://127.0.0.1:{http_port}/plugins/dicom-web").json()
+            wait_for_echo("ORTHANC", dimse_port)
             yield Server(
                 "orthanc",
                 f"http://127.0.0.1:{http_port}/dicom-web",
                 dimse_port,
                 "ORTHANC",
-                [process.pid],
+                process.pid,
+                f"Orthanc {system.get('Version')}, DICOMweb plugin {plugin.get('Version')}",
+                {
+                    k: v
+                    for k, v in config.items()
+                    if k not in ("StorageDirectory", "IndexDirectory")
+                },
             )
+        except BaseException:
+            _show_log("Orthanc", log)
+            raise
         finally:
-            process.terminate()
-            process.wait(timeout=30)
+            _stop(process)
