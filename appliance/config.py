@@ -5,6 +5,11 @@ Unknown keys, unknown ``APPLIANCE_`` variables and bad values raise
 :class:`~appliance.errors.ConfigError` naming the key.  Nothing is silently
 repaired.  Relative paths are resolved against the working directory at load
 time, so child processes that inherit the object see absolute paths.
+
+``index.url`` is parsed with SQLAlchemy, imported only when a URL is checked
+(it costs a process about 25 MB): the supervisor and gunicorn's master, which
+never open the index, load the configuration without checking it (``serve``
+checked the same configuration before it started them).
 """
 
 from __future__ import annotations
@@ -17,9 +22,6 @@ import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
-
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
 
 from appliance.errors import ConfigError
 
@@ -77,6 +79,9 @@ def _one_of(*choices: str) -> Validator:
 
 
 def _index_url(value: str) -> str | None:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
     try:
         url = make_url(value)
     except ArgumentError:
@@ -244,13 +249,24 @@ SECTIONS: dict[str, type[Any]] = {
 # loading
 
 
+#: The keys :func:`load_config` leaves unchecked with ``index_url=False``.
+_INDEX_URL = "index.url"
+
+
 def load_config(
     path: Path | str | None = None,
     environ: Mapping[str, str] | None = None,
     cwd: Path | None = None,
+    *,
+    index_url: bool = True,
 ) -> Config:
     """Read the TOML file (or the default one if present), apply the
     ``APPLIANCE_*`` variables of *environ*, validate, and freeze.
+
+    With *index_url* False, ``index.url`` is kept as written, neither
+    checked nor made absolute, and SQLAlchemy is not imported: for a process
+    that never opens the index itself, whose configuration was checked
+    whole before (:func:`resolve_index_url` finishes it).
 
     Raises
     ------
@@ -279,14 +295,20 @@ def load_config(
             raise ConfigError(name, "unknown section")
         if not isinstance(value, dict):
             raise ConfigError(name, "must be a table")
-        sections[name] = _build(SECTIONS[name], value, name)
+        sections[name] = _build(
+            SECTIONS[name],
+            value,
+            name,
+            unchecked=frozenset() if index_url else frozenset({_INDEX_URL}),
+        )
     config = Config(**sections, source=source)
     if config.dimse.require_known_peers and not config.dimse.peers:
         raise ConfigError(
             "dimse.peers",
             "dimse.require_known_peers is true but no peer is listed, so no one could associate",
         )
-    return _resolve_paths(config, cwd)
+    config = _resolve_storage_path(config, cwd)
+    return resolve_index_url(config, cwd) if index_url else config
 
 
 def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> None:
@@ -332,7 +354,9 @@ def _parse_env_value(var: str, raw: str, hint: Any) -> Any:
     return raw
 
 
-def _build(cls: type[Any], table: Mapping[str, Any], where: str) -> Any:
+def _build(
+    cls: type[Any], table: Mapping[str, Any], where: str, unchecked: frozenset[str] = frozenset()
+) -> Any:
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     for key, value in table.items():
@@ -343,6 +367,8 @@ def _build(cls: type[Any], table: Mapping[str, Any], where: str) -> Any:
     obj = cls(**values)
     for f in dataclasses.fields(cls):
         check = f.metadata.get("check")
+        if f"{where}.{f.name}" in unchecked:
+            check = None
         problem = check(getattr(obj, f.name)) if check else None
         if problem:
             raise ConfigError(f"{where}.{f.name}", problem)
@@ -384,18 +410,37 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
     raise TypeError(f"{name}: no coercion for {hint!r}")  # a programming error
 
 
-def _resolve_paths(config: Config, cwd: Path) -> Config:
+def _resolve_storage_path(config: Config, cwd: Path) -> Config:
     storage_path = config.storage.path
     if not storage_path.is_absolute():
         storage_path = (cwd / storage_path).resolve()
+    storage = dataclasses.replace(config.storage, path=storage_path)
+    return dataclasses.replace(config, storage=storage)
+
+
+def resolve_index_url(config: Config, cwd: Path | None = None) -> Config:
+    """*config* with ``index.url`` checked and a relative SQLite file made
+    absolute against *cwd* (the working directory by default); what
+    :func:`load_config` does unless told not to.
+
+    Raises
+    ------
+    ConfigError
+        if the URL is not one the index can use.
+    """
+    from sqlalchemy.engine import make_url
+
+    problem = _index_url(config.index.url)
+    if problem:
+        raise ConfigError(_INDEX_URL, problem)
+    cwd = Path.cwd() if cwd is None else cwd
     url = make_url(config.index.url)
     if url.get_backend_name() == "sqlite" and url.database:
         db = Path(url.database)
         if not db.is_absolute():
             url = url.set(database=str((cwd / db).resolve()))
     index = dataclasses.replace(config.index, url=url.render_as_string(hide_password=False))
-    storage = dataclasses.replace(config.storage, path=storage_path)
-    return dataclasses.replace(config, storage=storage, index=index)
+    return dataclasses.replace(config, index=index)
 
 
 # --------------------------------------------------------------------------
@@ -436,6 +481,8 @@ def render_config(config: Config) -> str:
 
 def _mask(name: str, value: str) -> str:
     if name == "url":
+        from sqlalchemy.engine import make_url
+
         # a database URL is shown with only its password hidden (as "***")
         return make_url(value).render_as_string(hide_password=True)
     return MASK

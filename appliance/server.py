@@ -51,7 +51,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from appliance import runstate
-from appliance.config import Config, load_config
+from appliance.config import Config, load_config, resolve_index_url
 from appliance.errors import ApplianceError, ConfigError
 from appliance.logs import ACCESS_LOG_FORMAT, logging_config, set_process_name, setup_logging
 
@@ -421,7 +421,7 @@ def run_http(config: Config, run_dir: Path | None) -> int:
             # web stack or pydicom (its memory would count in every process)
             from dicomweb.app import create_app
 
-            return create_app(config, run_dir=run_dir)
+            return create_app(resolve_index_url(config), run_dir=run_dir)
 
     HttpApplication(prog="dicom-appliance").run()
     return 0
@@ -445,7 +445,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         {"supervise": "supervisor", "http": "http"}.get(args.role, f"dimse-{args.worker}")
     )
     try:
-        config = load_config(args.config)
+        # the supervisor and gunicorn's master never open the index: they
+        # leave index.url to the processes that do (no SQLAlchemy import)
+        config = load_config(args.config, index_url=args.role == "dimse")
     except ConfigError as exc:
         setup_logging("info", dicom=False)
         LOGGER.error("%s", exc.reason)

@@ -22,7 +22,23 @@ def test_migrated_database_matches_the_declared_schema(index_engine: Engine) -> 
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
     assert diff == []
     assert migrate.current_revision(index_engine) == migrate.head_revision()
+    assert migrate.stored_revision(index_engine) == migrate.head_revision()
     migrate.require_current(index_engine)
+
+
+def test_the_expected_revision_is_the_newest_script() -> None:
+    """SCHEMA_REVISION (what workers check, without Alembic) is the head of
+    the migration scripts."""
+    assert migrate.head_revision() == migrate.SCHEMA_REVISION
+
+
+def test_an_older_revision_is_refused_naming_it(tmp_path: Path) -> None:
+    engine = create_index_engine(f"sqlite:///{tmp_path / 'index.db'}")
+    migrate.upgrade(engine, "0003")
+    assert migrate.stored_revision(engine) == "0003"
+    with pytest.raises(SchemaNotCurrent, match="at revision 0003 but this version needs"):
+        migrate.require_current(engine)
+    engine.dispose()
 
 
 def test_an_empty_database_is_refused_with_the_command_to_run(tmp_path: Path) -> None:

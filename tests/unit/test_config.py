@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.config import Config, load_config, render_config
+from appliance.config import Config, load_config, render_config, resolve_index_url
 from appliance.errors import ConfigError
 
 
@@ -230,3 +230,23 @@ def test_public_url(tmp_path: Path, value: str, ok: bool) -> None:
     else:
         with pytest.raises(ConfigError, match=r"http\.public_url"):
             load_config(environ=env, cwd=tmp_path)
+
+
+def test_index_url_left_to_the_processes_that_open_the_index(tmp_path: Path) -> None:
+    """With index_url=False the URL is kept as written (the supervisor and
+    gunicorn's master never open the index); resolve_index_url then checks
+    it and makes a relative SQLite file absolute, as load_config does."""
+    path = write(tmp_path, '[index]\nurl = "sqlite:///./db/index.db"\n')
+    raw = load_config(path, environ={}, cwd=tmp_path, index_url=False)
+    assert raw.index.url == "sqlite:///./db/index.db"
+    assert raw.storage.path == tmp_path / "data" / "blobs"  # the rest as ever
+    full = load_config(path, environ={}, cwd=tmp_path)
+    assert resolve_index_url(raw, tmp_path) == full
+    assert full.index.url == f"sqlite:///{tmp_path / 'db' / 'index.db'}"
+
+    bad = write(tmp_path, '[index]\nurl = "mysql://x/y"\n')
+    unchecked = load_config(bad, environ={}, cwd=tmp_path, index_url=False)
+    with pytest.raises(ConfigError, match=r"'index\.url': must be a sqlite://"):
+        resolve_index_url(unchecked, tmp_path)
+    with pytest.raises(ConfigError, match=r"index\.url"):
+        load_config(bad, environ={}, cwd=tmp_path)
