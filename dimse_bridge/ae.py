@@ -16,7 +16,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from pynetdicom import AE
+from pynetdicom import AE, _config
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -54,6 +54,7 @@ def build_ae(config: Config, services: Services) -> ServiceSetup:
     - Each module of :mod:`dimse_bridge.services` adds its presentation
       contexts and handlers.
     """
+    quiet_pynetdicom()
     dimse = config.dimse
     ae = AE(ae_title=dimse.ae_title)
     ae.require_called_aet = dimse.require_called_ae_title
@@ -70,6 +71,22 @@ def build_ae(config: Config, services: Services) -> ServiceSetup:
         module.register(setup)
     setup.handlers.extend(handlers.association_handlers(config))
     return setup
+
+
+def quiet_pynetdicom() -> None:
+    """Keep pynetdicom from formatting log lines nobody sees.
+
+    Its logger is held at WARNING (:data:`appliance.logs.PHI_LOGGERS`: it
+    would print identifiers, patient names among them), yet by default it
+    binds debug handlers to every PDU and DIMSE message of an association
+    and renders every C-FIND/C-GET/C-MOVE identifier as text before asking
+    the logger whether to print it: about a tenth of the CPU of a C-FIND
+    with many matches, and work on every C-STORE.  Process-wide settings of
+    pynetdicom (``_config``), set before any association.
+    """
+    _config.LOG_HANDLER_LEVEL = "none"
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
 
 
 def service_modules() -> list[Any]:

@@ -96,3 +96,50 @@ def test_listener_negotiates_with_shared_contexts(tmp_path: Path) -> None:
     assert server.contexts is contexts
     assert contexts[0].transfer_syntax == [ImplicitVRLittleEndian, ExplicitVRLittleEndian]
     assert contexts[0].result is None
+
+
+def test_pynetdicom_formats_no_log_lines_for_a_logger_held_at_warning() -> None:
+    """pynetdicom's logger is held at WARNING (it would print identifiers);
+    after quiet_pynetdicom an association binds none of its debug handlers
+    and no identifier is rendered as text."""
+    from pynetdicom import _config
+    from pynetdicom._handlers import standard_pdu_recv_handler
+
+    from dimse_bridge.ae import quiet_pynetdicom
+
+    saved = (
+        _config.LOG_HANDLER_LEVEL,
+        _config.LOG_REQUEST_IDENTIFIERS,
+        _config.LOG_RESPONSE_IDENTIFIERS,
+    )
+    try:
+        quiet_pynetdicom()
+        assert _config.LOG_HANDLER_LEVEL == "none"
+        assert not _config.LOG_REQUEST_IDENTIFIERS
+        assert not _config.LOG_RESPONSE_IDENTIFIERS
+        scp = AE(ae_title="SCP")
+        scp.add_supported_context(Verification)
+        bound: list[object] = []
+
+        def on_accepted(event: Event) -> None:
+            bound.extend(h for h, _ in event.assoc.get_handlers(evt.EVT_PDU_RECV))
+
+        server = scp.start_server(
+            ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_ACCEPTED, on_accepted)]
+        )
+        assert server is not None
+        try:
+            scu = AE(ae_title="SCU")
+            scu.add_requested_context(Verification)
+            assoc = scu.associate("127.0.0.1", server.server_address[1], ae_title="SCP")
+            assert assoc.is_established
+            assoc.release()
+        finally:
+            server.shutdown()
+        assert standard_pdu_recv_handler not in bound
+    finally:
+        (
+            _config.LOG_HANDLER_LEVEL,
+            _config.LOG_REQUEST_IDENTIFIERS,
+            _config.LOG_RESPONSE_IDENTIFIERS,
+        ) = saved
