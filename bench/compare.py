@@ -530,9 +530,9 @@ def measure_wado(server: Server, corpus: Corpus, figures: Figures) -> None:
         figures.add("wado_metadata_first_ms", ms)
         for _ in range(plan.reps):
             for _ in range(plan.study_retrieves):
-                ms, response = dicomweb.timed_get(http, url, dicomweb.RETRIEVE_ACCEPT)
-                figures.add("wado_study_mb_per_s", len(response.content) / 1e6 / (ms / 1000))
-                parts = dicomweb.split_multipart(response.content, response.headers["content-type"])
+                ms, body, content_type = dicomweb.curl_get(url, dicomweb.RETRIEVE_ACCEPT)
+                figures.add("wado_study_mb_per_s", len(body) / 1e6 / (ms / 1000))
+                parts = dicomweb.split_multipart(body, content_type)
                 sent = {dataset_part(i.render()) for i in study}
                 if len(parts) != len(study) or {dataset_part(p) for p in parts} != sent:
                     raise RuntimeError(f"{server.name}: study retrieve is not the study sent")

@@ -1,12 +1,14 @@
 #!/bin/sh
 # Install what `make bench` needs outside the venv, only when it is missing:
 # Orthanc and its DICOMweb plugin (the server compared against) and dcmtk
-# (storescu, findscu, movescu, storescp drive both servers).
+# (storescu, findscu, movescu, storescp drive both servers), and curl (the
+# whole-study WADO-RS retrieve is timed with it).
 set -eu
 
 missing=""
 command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || missing="$missing orthanc"
 [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing="$missing orthanc-dicomweb"
+command -v curl >/dev/null 2>&1 || missing="$missing curl"
 for tool in storescu findscu movescu storescp echoscu; do
     if [ ! -x "/usr/bin/$tool" ]; then
         missing="$missing dcmtk"
