@@ -600,7 +600,13 @@ def test_association_aborted_mid_transfer_leaves_nothing(
     no blob, no temporary file, the pipeline never called; the next
     association works.  (pynetdicom's own DUL thread on the SCU side
     complains about P-DATA still queued after its abort: that warning is
-    the sender's, filtered here.)"""
+    the sender's, filtered here.)
+
+    pynetdicom's own ``abort()`` queues its A-ABORT behind every P-DATA
+    already queued, i.e. behind the whole data set, so the test writes the
+    A-ABORT PDU itself (PS3.8 9.3.8: source service-user, reason 0) between
+    two of the sender's PDUs, which are paced at one per 20 ms as on a slow
+    network; what pynetdicom sends after that is dropped."""
     app = live_appliance
     path = tmp_path / "big.dcm"
     sop_uid, _ = big_instance(path, 50 << 20)
@@ -609,9 +615,28 @@ def test_association_aborted_mid_transfer_leaves_nothing(
     ae.add_requested_context(SECONDARY_CAPTURE, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", app.dimse_port, ae_title=app.ae_title)
     assert assoc.is_established
+    transport = assoc.dul.socket
+    assert transport is not None
+    assert transport.socket is not None
+    raw, send = transport.socket, transport.send
+    wire = threading.Lock()
+    aborted = threading.Event()
+
+    def paced_send(data: bytes) -> None:
+        if aborted.is_set():
+            return
+        time.sleep(0.02)
+        with wire:
+            if not aborted.is_set():
+                send(data)
+
+    transport.send = paced_send  # type: ignore[method-assign]
     sender = threading.Thread(target=lambda: assoc.send_c_store(path), daemon=True)
     sender.start()
     _wait_for_partial(received_files)
+    with wire:  # between two PDUs
+        raw.sendall(bytes.fromhex("07000000000400000000"))  # A-ABORT-RQ
+        aborted.set()
     assoc.abort()
     sender.join(10)
     assert not sender.is_alive()
