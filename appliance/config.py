@@ -93,6 +93,10 @@ def _index_url(value: str) -> str | None:
     return None
 
 
+def _retries(value: int) -> str | None:
+    return None if 0 <= value <= 10 else "must be between 0 and 10"
+
+
 def _origins(value: tuple[str, ...]) -> str | None:
     for origin in value:
         if origin != "*" and re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", origin) is None:
@@ -184,9 +188,17 @@ class StorageConfig:
         "filesystem", check=_one_of("filesystem", "azure", "s3")
     )
     path: Path = _field(Path("./data/blobs"))
-    # azure
+    # azure: connection_string, or account_url with credential (a SAS token
+    # or the account key)
     connection_string: str = _field("", secret=True)
     container: str = _field("")
+    account_url: str = _field("")
+    credential: str = _field("", secret=True)
+    #: create the container (or bucket) if it is missing
+    create_container: bool = _field(True)
+    #: cloud backends: tries after the first of a request that failed
+    #: transiently (unreachable, timeout, throttled, 5xx), with backoff
+    retries: int = _field(3, check=_retries)
     # s3
     endpoint_url: str = _field("")
     bucket: str = _field("")
@@ -307,6 +319,7 @@ def load_config(
             "dimse.peers",
             "dimse.require_known_peers is true but no peer is listed, so no one could associate",
         )
+    _check_storage(config.storage)
     config = _resolve_storage_path(config, cwd)
     return resolve_index_url(config, cwd) if index_url else config
 
@@ -408,6 +421,22 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
             items.append(_build(item_cls, item, f"{name}[{i}]"))
         return tuple(items)
     raise TypeError(f"{name}: no coercion for {hint!r}")  # a programming error
+
+
+def _check_storage(storage: StorageConfig) -> None:
+    """The keys the configured backend needs."""
+    if storage.backend == "azure":
+        if not storage.container:
+            raise ConfigError("storage.container", "is required with storage.backend = azure")
+        if not storage.connection_string and not storage.account_url:
+            raise ConfigError(
+                "storage.connection_string",
+                "storage.backend = azure needs a connection_string or an account_url",
+            )
+        if storage.connection_string and storage.account_url:
+            raise ConfigError(
+                "storage.account_url", "give a connection_string or an account_url, not both"
+            )
 
 
 def _resolve_storage_path(config: Config, cwd: Path) -> Config:

@@ -53,6 +53,14 @@ class StorageFull(StorageError):
     status = Status.OUT_OF_RESOURCES
 
 
+class StorageUnavailable(StorageError):
+    """The blob store cannot be reached or asks to be tried later (a remote
+    store down, throttling, timeouts): refused with "out of resources" so
+    senders retry (C-STORE 0xA700, HTTP 503)."""
+
+    status = Status.OUT_OF_RESOURCES
+
+
 class BlobNotFound(StorageError):
     """No blob under that key."""
 

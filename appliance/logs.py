@@ -22,8 +22,9 @@ PHI_LOGGERS = ("pynetdicom",)
 #: Loggers whose warnings quote element values (pydicom: "Invalid value for
 #: VR PN: '<the name>'"): held at ERROR.
 VALUE_QUOTING_LOGGERS = ("pydicom",)
-#: Loggers too chatty below WARNING (alembic's per-connection lines).
-QUIET_LOGGERS = ("alembic",)
+#: Loggers too chatty below WARNING (alembic's per-connection lines; the
+#: Azure SDK's request and response lines, one pair per blob request).
+QUIET_LOGGERS = ("alembic", "azure")
 
 #: gunicorn's access line: the path without the query string (QIDO-RS query
 #: parameters may carry PatientName or PatientID), status, bytes, duration.

@@ -12,6 +12,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
@@ -242,3 +243,94 @@ def appliance_config(tmp_path: Path, **environ: str) -> Config:
 def live_appliance(tmp_path: Path) -> Iterator[LiveAppliance]:
     """An empty appliance with both edges live on loopback (SQLite)."""
     yield from started_appliance(appliance_config(tmp_path))
+
+
+# --------------------------------------------------------------------------
+# Azurite: Microsoft's Azure Storage emulator (npm package ``azurite``)
+
+#: Azurite's account and key: the published development credentials every
+#: Azurite instance accepts (not a secret).
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+
+
+@dataclasses.dataclass
+class Azurite:
+    """A running Azurite Blob service on loopback."""
+
+    process: Any
+    port: int
+
+    @property
+    def connection_string(self) -> str:
+        return azurite_connection_string(self.port)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except Exception:  # noqa: BLE001 - it did not stop: make it
+            self.process.kill()
+            self.process.wait(10)
+
+
+def azurite_connection_string(port: int) -> str:
+    return (
+        f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+        f"BlobEndpoint=http://127.0.0.1:{port}/{AZURITE_ACCOUNT};"
+    )
+
+
+def start_azurite(folder: Path, port: int | None = None) -> Azurite:
+    """Start ``azurite-blob`` on loopback (in memory; it runs in *folder*)
+    and wait until it accepts connections.  Skips (fails
+    under CI) when Azurite is not installed."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    exe = shutil.which("azurite-blob")
+    if exe is None:
+        missing_peer("Azurite is not installed (npm install -g azurite)")
+        raise AssertionError("unreachable")
+    port = free_port() if port is None else port
+    folder.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        [
+            exe,
+            "--blobHost",
+            "127.0.0.1",
+            "--blobPort",
+            str(port),
+            "--inMemoryPersistence",
+            # current SDKs send a newer API version than Azurite knows
+            "--skipApiVersionCheck",
+            "--silent",
+            # a debug log, if any, goes to the working folder: *folder*
+        ],
+        cwd=folder,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"azurite-blob exited at start ({process.returncode})")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return Azurite(process, port)
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("azurite-blob did not start listening within 30 s")
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
+    """One Azurite Blob service for the test session; tests use their own
+    containers."""
+    service = start_azurite(tmp_path_factory.mktemp("azurite"))
+    yield service
+    service.stop()

@@ -14,6 +14,22 @@ def open_blob_store(config: StorageConfig) -> BlobStore:
         from appliance.storage.filesystem import FilesystemBlobStore
 
         return FilesystemBlobStore(config.path)
+    if config.backend == "azure":
+        try:
+            from appliance.storage.azure import AzureBlobStore
+        except ImportError:
+            raise ConfigError(
+                "storage.backend",
+                "the azure backend needs the azure extra: pip install 'dicom-appliance[azure]'",
+            ) from None
+        return AzureBlobStore(
+            config.container,
+            connection_string=config.connection_string,
+            account_url=config.account_url,
+            credential=config.credential,
+            create_container=config.create_container,
+            retries=config.retries,
+        )
     raise ConfigError(
         "storage.backend",
         f"the {config.backend!r} backend is not available in this version "

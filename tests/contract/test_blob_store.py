@@ -3,6 +3,7 @@ crash safety."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import io
 import os
@@ -10,20 +11,32 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from appliance.errors import BlobNotFound, StorageError
+from appliance.errors import BlobNotFound, StorageError, StorageUnavailable
+from appliance.status import Status
 from appliance.storage.base import BlobStore
 from appliance.storage.filesystem import FilesystemBlobStore
+from tests.conftest import AZURITE_KEY, Azurite, azurite_connection_string, start_azurite
 
 
-@pytest.fixture(params=["filesystem"])
+@pytest.fixture(params=["filesystem", "azure"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
-    """One fixture per backend; later backends add their parameter here."""
-    assert request.param == "filesystem"
+    """Each backend on its real service: the local disk, Azurite (a
+    container of its own per test)."""
+    if request.param == "azure":
+        azurite: Azurite = request.getfixturevalue("azurite")
+        from appliance.storage.azure import AzureBlobStore
+
+        return AzureBlobStore(
+            f"contract-{uuid.uuid4().hex}", connection_string=azurite.connection_string
+        )
     return FilesystemBlobStore(tmp_path / "blobs")
 
 
@@ -218,3 +231,127 @@ def test_a_process_killed_mid_put_leaves_no_visible_blob(tmp_path: Path) -> None
     time.sleep(0.01)
     assert list(store.iter_blobs(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1))) == []
     assert [p for p in root.rglob("*") if p.is_file()] == []
+
+
+# ----------------------------------------------------------------- azure only
+
+
+def _azure(azurite: Azurite | int, **options: Any) -> Any:
+    from appliance.storage.azure import AzureBlobStore
+
+    port = azurite if isinstance(azurite, int) else azurite.port
+    return AzureBlobStore(
+        f"t-{uuid.uuid4().hex}", connection_string=azurite_connection_string(port), **options
+    )
+
+
+def _names(store: Any) -> list[str]:
+    return [blob.name for blob in store._client().list_blobs()]
+
+
+def test_azure_blob_names_are_the_opaque_keys(azurite: Azurite) -> None:
+    store = _azure(azurite)
+    info = store.put(io.BytesIO(b"DICM 1.2.840.10008"))
+    assert _names(store) == [info.key]
+
+
+def test_azure_put_whose_source_fails_leaves_nothing(azurite: Azurite) -> None:
+    """The source fails after some blocks were sent: nothing is committed."""
+    store = _azure(azurite)
+    store.check()
+
+    class Failing(io.RawIOBase):
+        sent = 0
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+            if self.sent > 9 * 1024 * 1024:  # past two 4 MiB blocks
+                raise ConnectionResetError("peer went away")
+            buffer[:] = b"x" * len(buffer)
+            self.sent += len(buffer)
+            return len(buffer)
+
+    with pytest.raises(ConnectionResetError):
+        store.put(Failing())  # type: ignore[arg-type]
+    assert _names(store) == []
+
+
+def test_azure_large_blob_streams_in_blocks(azurite: Azurite) -> None:
+    """A blob larger than one block (4 MiB) is uploaded in blocks and read
+    back whole, and by range across a block boundary."""
+    store = _azure(azurite)
+    data = os.urandom(9 * 1024 * 1024 + 5)
+    info = store.put(io.BytesIO(data))
+    assert info.size == len(data)
+    with store.open(info.key) as fh:
+        assert fh.read() == data
+    with store.open_range(info.key, 4 * 1024 * 1024 - 3, 10) as fh:
+        assert fh.read() == data[4 * 1024 * 1024 - 3 : 4 * 1024 * 1024 + 7]
+
+
+def test_azure_service_down_is_transient_and_the_store_recovers(tmp_path: Path) -> None:
+    """Azurite stopped: every operation fails with StorageUnavailable (out of
+    resources: C-STORE 0xA700, HTTP 503), not a permanent error; started
+    again (empty: it keeps nothing), the same store object works again,
+    creating its container anew."""
+    service = start_azurite(tmp_path / "a")
+    store = _azure(service, retries=0)
+    info = store.put(io.BytesIO(b"before"))
+    service.stop()
+    for action in (
+        lambda: store.put(io.BytesIO(b"during")),
+        lambda: store.open(info.key),
+        lambda: store.exists(info.key),
+        store.check,
+    ):
+        with pytest.raises(StorageUnavailable) as caught:
+            action()
+        assert caught.value.status is Status.OUT_OF_RESOURCES
+    service = start_azurite(tmp_path / "b", port=service.port)
+    try:
+        after = store.put(io.BytesIO(b"after"))
+        with store.open(after.key) as fh:
+            assert fh.read() == b"after"
+    finally:
+        service.stop()
+
+
+def test_azure_transient_failures_are_retried(tmp_path: Path) -> None:
+    """The service comes up while the store is waiting to try again: the
+    put succeeds without the caller seeing the failure."""
+    from tests.conftest import free_port
+
+    port = free_port()
+    store = _azure(port, retries=3)
+    started: list[Azurite] = []
+    starter = threading.Timer(0.3, lambda: started.append(start_azurite(tmp_path, port=port)))
+    starter.start()
+    try:
+        info = store.put(io.BytesIO(b"patient"))
+        assert store.exists(info.key)
+    finally:
+        starter.join()
+        for service in started:
+            service.stop()
+
+
+def test_azure_missing_container_not_created_is_a_permanent_error(azurite: Azurite) -> None:
+    store = _azure(azurite, create_container=False)
+    with pytest.raises(StorageError) as caught:
+        store.check()
+    assert not isinstance(caught.value, StorageUnavailable)
+    assert "container does not exist" in caught.value.reason
+
+
+def test_azure_wrong_key_is_a_permanent_error_without_secrets(azurite: Azurite) -> None:
+    from appliance.storage.azure import AzureBlobStore
+
+    wrong = azurite.connection_string.replace(AZURITE_KEY, base64.b64encode(b"x" * 64).decode())
+    store = AzureBlobStore(f"t-{uuid.uuid4().hex}", connection_string=wrong, retries=0)
+    with pytest.raises(StorageError) as caught:
+        store.check()
+    assert not isinstance(caught.value, StorageUnavailable)
+    assert "403" in caught.value.reason
+    assert AZURITE_KEY not in caught.value.reason

@@ -250,3 +250,33 @@ def test_index_url_left_to_the_processes_that_open_the_index(tmp_path: Path) -> 
         resolve_index_url(unchecked, tmp_path)
     with pytest.raises(ConfigError, match=r"index\.url"):
         load_config(bad, environ={}, cwd=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('backend = "azure"\ncontainer = "dicom"\n', "storage.connection_string"),
+        ('backend = "azure"\nconnection_string = "x"\n', "storage.container"),
+        (
+            'backend = "azure"\ncontainer = "c"\nconnection_string = "x"\n'
+            'account_url = "https://a.blob.core.windows.net"\n',
+            "storage.account_url",
+        ),
+        ("retries = 11\n", "storage.retries"),
+    ],
+)
+def test_azure_storage_needs_its_keys(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "[storage]\n" + text), environ={}, cwd=tmp_path)
+    assert info.value.key == key
+
+
+def test_azure_secrets_are_masked(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[storage]\nbackend = "azure"\ncontainer = "c"\n'
+        'account_url = "https://a.blob.core.windows.net"\ncredential = "sv=2024&sig=SECRET"\n',
+    )
+    shown = render_config(load_config(path, environ={}, cwd=tmp_path))
+    assert "SECRET" not in shown
+    assert 'account_url = "https://a.blob.core.windows.net"' in shown

@@ -1,0 +1,314 @@
+"""Blobs in an Azure Blob Storage container (``storage.backend = "azure"``).
+
+Needs the ``azure`` extra (``azure-storage-blob``), imported only when this
+backend is configured.
+
+- **Names.** A blob's name is its key: 32 hex digits made here, the first
+  four the hour it was written (as on the filesystem), the rest random.
+  Nothing from the DICOM data reaches a name.
+- **Writes.** ``put`` uploads a block blob with ``If-None-Match: *`` (an
+  existing name is never overwritten; a clash, which random keys make
+  practically impossible, gets a new key).  The SDK sends a small blob in
+  one request and a large one as blocks committed at the end, streaming from
+  the source, so a put interrupted at any point leaves nothing under a name
+  (uncommitted blocks are invisible and Azure discards them after a week).
+  Azure acknowledges a write once it is durably stored, so a returned put is
+  durable.
+- **Reads** are streamed in chunks of :data:`CHUNK_SIZE`, ranged reads with
+  an HTTP range.
+- **Errors.** Unreachable service, timeouts, 408/429/5xx answers:
+  :class:`~appliance.errors.StorageUnavailable` (transient; the SDK has
+  already retried them :data:`RETRIES` times with exponential backoff), a
+  missing blob :class:`~appliance.errors.BlobNotFound`, anything else (no
+  such container, access denied) :class:`~appliance.errors.StorageError`.
+  Messages carry the error code and the blob key, never a URL with a token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import io
+import os
+import re
+import secrets
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from azure.core.exceptions import (
+    AzureError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.storage.blob import BlobServiceClient, ContainerClient, ExponentialRetry
+
+from appliance.errors import BlobNotFound, StorageError, StorageUnavailable
+from appliance.storage.base import CHUNK_SIZE, BlobInfo
+
+_KEY_RE = re.compile(r"[0-9a-f]{32}")
+#: Retries of a failed request (connection error, timeout, 408/429/5xx).
+RETRIES = 3
+#: Seconds to wait for a connection, and for data on it.
+CONNECT_TIMEOUT = 10
+READ_TIMEOUT = 60
+#: HTTP statuses that say "try again later".
+_TRANSIENT = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def _new_key() -> str:
+    return f"{(int(time.time()) // 3600) & 0xFFFF:04x}{secrets.token_hex(14)}"
+
+
+class AzureBlobStore:
+    """A :class:`~appliance.storage.base.BlobStore` on one Azure container.
+
+    Parameters
+    ----------
+    container
+        The container's name.
+    connection_string
+        An Azure Storage connection string (account key, SAS, or Azurite's
+        development string); or
+    account_url, credential
+        the Blob service URL (``https://<account>.blob.core.windows.net``)
+        and a SAS token or the account key.
+    create_container
+        Create the container if it does not exist (needs the right to).
+    retries
+        Tries after the first of a request that failed transiently.
+    """
+
+    def __init__(
+        self,
+        container: str,
+        *,
+        connection_string: str = "",
+        account_url: str = "",
+        credential: str = "",
+        create_container: bool = True,
+        retries: int = RETRIES,
+    ) -> None:
+        options: dict[str, Any] = {
+            # waits of about 1, 3 and 5 s (+/- 1 s) between the tries
+            "retry_policy": ExponentialRetry(
+                initial_backoff=1, increment_base=2, retry_total=retries, random_jitter_range=1
+            ),
+            "connection_timeout": CONNECT_TIMEOUT,
+            "read_timeout": READ_TIMEOUT,
+            "max_single_get_size": CHUNK_SIZE,
+            "max_chunk_get_size": CHUNK_SIZE,
+        }
+        with _azure_errors("connect to the Azure Blob service"):
+            if connection_string:
+                service = BlobServiceClient.from_connection_string(connection_string, **options)
+            else:
+                service = BlobServiceClient(account_url, credential=credential or None, **options)
+        self.container_name = container
+        self._container: ContainerClient = service.get_container_client(container)
+        self._create_container = create_container
+        self._ready = False
+
+    def _client(self) -> ContainerClient:
+        """The container, created on first use if allowed and missing."""
+        if not self._ready:
+            if self._create_container:
+                with (
+                    contextlib.suppress(ResourceExistsError),
+                    _azure_errors(f"create the container {self.container_name}"),
+                ):
+                    self._container.create_container()
+            self._ready = True
+        return self._container
+
+    @staticmethod
+    def _name(key: str) -> str:
+        # The only place a key becomes a name: refuse anything we did not make.
+        if _KEY_RE.fullmatch(key) is None:
+            raise BlobNotFound(f"not a blob key of this store: {key!r}")
+        return key
+
+    def put(self, source: IO[bytes]) -> BlobInfo:
+        start = _position(source)
+        for _ in range(3):
+            key = _new_key()
+            counted = _CountingReader(source)
+            try:
+                with _azure_errors(f"write blob {key}"):
+                    self._client().upload_blob(
+                        key,
+                        io.BufferedReader(counted, CHUNK_SIZE),
+                        overwrite=False,  # If-None-Match: *
+                        max_concurrency=1,
+                    )
+            except StorageError as exc:
+                clash = isinstance(exc.__cause__, ResourceExistsError)
+                gone = _code(exc.__cause__) == "ContainerNotFound" and self._create_container
+                if not (clash or gone):
+                    raise
+                if counted.size:
+                    if start is None:
+                        raise  # the source cannot be read again
+                    source.seek(start)
+                # a key clash: another key; the container went away (a store
+                # restored empty): make it again
+                self._ready = self._ready and not gone
+                continue
+            return BlobInfo(key=key, size=counted.size)
+        raise StorageError("could not write the blob: the container keeps vanishing")
+
+    def open(self, key: str) -> IO[bytes]:
+        return self._download(key, 0, None)
+
+    def open_range(self, key: str, offset: int, length: int | None = None) -> IO[bytes]:
+        if offset < 0 or (length is not None and length < 0):
+            raise ValueError("offset and length must not be negative")
+        if length == 0:
+            self._properties(key)  # a missing blob is still BlobNotFound
+            return io.BytesIO(b"")
+        return self._download(key, offset, length)
+
+    def _download(self, key: str, offset: int, length: int | None) -> IO[bytes]:
+        blob = self._client().get_blob_client(self._name(key))
+        try:
+            with _azure_errors(f"read blob {key}"):
+                downloader = blob.download_blob(
+                    offset=offset if offset or length is not None else None, length=length
+                )
+        except StorageError as exc:
+            # a range starting at or after the end: nothing to read (HTTP 416)
+            cause = exc.__cause__
+            if isinstance(cause, HttpResponseError) and cause.status_code == 416:
+                return io.BytesIO(b"")
+            raise
+        return io.BufferedReader(_ChunkReader(downloader.chunks(), key), CHUNK_SIZE)
+
+    def _properties(self, key: str) -> Any:
+        with _azure_errors(f"read blob {key}"):
+            return self._client().get_blob_client(self._name(key)).get_blob_properties()
+
+    @contextlib.contextmanager
+    def local_path(self, key: str) -> Iterator[Path]:
+        fd, name = tempfile.mkstemp(prefix="appliance-blob-")
+        path = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as out, self.open(key) as source:
+                while chunk := source.read(CHUNK_SIZE):
+                    out.write(chunk)
+            path.chmod(0o400)
+            yield path
+        finally:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    def delete(self, key: str) -> None:
+        name = self._name(key)
+        with contextlib.suppress(BlobNotFound), _azure_errors(f"delete blob {key}"):
+            self._client().delete_blob(name)
+
+    def exists(self, key: str) -> bool:
+        try:
+            name = self._name(key)
+        except BlobNotFound:
+            return False
+        with _azure_errors(f"look up blob {key}"):
+            return bool(self._client().get_blob_client(name).exists())
+
+    def check(self) -> None:
+        probe = f"probe-{secrets.token_hex(8)}"
+        with _azure_errors(f"write to the container {self.container_name}"):
+            container = self._client()
+            container.upload_blob(probe, b"ok", overwrite=True)
+            container.delete_blob(probe)
+
+    def iter_blobs(self, older_than: dt.datetime) -> Iterator[str]:
+        cutoff = older_than if older_than.tzinfo else older_than.replace(tzinfo=dt.UTC)
+        with _azure_errors(f"list the container {self.container_name}"):
+            for item in self._client().list_blobs():
+                if _KEY_RE.fullmatch(item.name) and item.last_modified < cutoff:
+                    yield item.name
+
+
+class _CountingReader(io.RawIOBase):
+    """The source stream, counting the bytes read from it."""
+
+    def __init__(self, source: IO[bytes]) -> None:
+        self._source = source
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        data = self._source.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        self.size += n
+        return n
+
+
+class _ChunkReader(io.RawIOBase):
+    """A raw stream over the SDK's download chunks."""
+
+    def __init__(self, chunks: Iterator[bytes], key: str) -> None:
+        self._chunks = chunks
+        self._key = key
+        self._pending = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        while not self._pending:
+            try:
+                with _azure_errors(f"read blob {self._key}"):
+                    chunk = next(self._chunks)
+            except StopIteration:
+                return 0
+            self._pending = memoryview(chunk)
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+
+def _position(source: IO[bytes]) -> int | None:
+    """Where *source* is, if it can be read again from there."""
+    try:
+        return source.tell() if source.seekable() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _code(exc: BaseException | None) -> str:
+    """The Azure error code of an SDK exception ("" if none)."""
+    return str(getattr(exc, "error_code", None) or "")
+
+
+@contextlib.contextmanager
+def _azure_errors(action: str) -> Iterator[None]:
+    """Turn the SDK's errors into the store's (see the module docstring)."""
+    try:
+        yield
+    except ResourceNotFoundError as exc:
+        if _code(exc) == "ContainerNotFound":
+            raise StorageError(f"cannot {action}: the container does not exist") from exc
+        raise BlobNotFound(f"cannot {action}: no such blob") from exc
+    except (ServiceRequestError, ServiceResponseError) as exc:
+        raise StorageUnavailable(
+            f"cannot {action}: the Azure Blob service does not answer ({type(exc).__name__})"
+        ) from exc
+    except HttpResponseError as exc:
+        code = getattr(exc, "error_code", None) or exc.reason or "error"
+        if exc.status_code in _TRANSIENT:
+            raise StorageUnavailable(
+                f"cannot {action}: the Azure Blob service answered {exc.status_code} ({code})"
+            ) from exc
+        raise StorageError(f"cannot {action}: HTTP {exc.status_code} ({code})") from exc
+    except AzureError as exc:
+        raise StorageUnavailable(f"cannot {action}: {type(exc).__name__}") from exc

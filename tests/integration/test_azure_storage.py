@@ -1,0 +1,194 @@
+"""The whole appliance on Azure Blob storage (Azurite): both protocols
+store into the container and read from it, nothing lands on the local disk,
+and the readiness check and the ingest answer a stopped store as the
+promise says (nothing acknowledged, nothing half-indexed)."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from sqlalchemy import func, select
+
+from appliance.encoding import read_layout
+from appliance.index.schema import instance
+from tests.conftest import (
+    Azurite,
+    LiveAppliance,
+    appliance_config,
+    dcmtk,
+    start_azurite,
+    started_appliance,
+)
+from tests.helpers import multipart
+
+pytestmark = [pytest.mark.integration, pytest.mark.interop]
+
+STOW_TYPE = 'multipart/related; type="application/dicom"; boundary=azure-test'
+RETRIEVE = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+
+def _on_azure(tmp_path: Path, azurite: Azurite, retries: int = 3) -> Iterator[LiveAppliance]:
+    config = appliance_config(
+        tmp_path,
+        APPLIANCE_STORAGE_RETRIES=str(retries),
+        APPLIANCE_STORAGE_BACKEND="azure",
+        APPLIANCE_STORAGE_CONNECTION_STRING=azurite.connection_string,
+        APPLIANCE_STORAGE_CONTAINER=f"e2e-{uuid.uuid4().hex}",
+    )
+    yield from started_appliance(config)
+
+
+@pytest.fixture
+def app(tmp_path: Path, azurite: Azurite) -> Iterator[LiveAppliance]:
+    yield from _on_azure(tmp_path, azurite)
+
+
+def _stow(app: LiveAppliance, data: bytes) -> httpx.Response:
+    body = (
+        b"--azure-test\r\nContent-Type: application/dicom\r\n\r\n"
+        + data
+        + b"\r\n--azure-test--\r\n"
+    )
+    return httpx.post(
+        f"{app.base_url}/v1/studies",
+        content=body,
+        headers={"Content-Type": STOW_TYPE, "Accept": "application/dicom+json"},
+        timeout=60,
+    )
+
+
+def _names(app: LiveAppliance) -> list[str]:
+    store = app.services.storage
+    return [blob.name for blob in store._client().list_blobs()]  # type: ignore[attr-defined]
+
+
+def test_both_protocols_store_into_and_read_from_the_container(
+    app: LiveAppliance, tmp_path: Path
+) -> None:
+    """STOW-RS in, WADO-RS out byte for byte; C-STORE (dcmtk) in, C-GET
+    (dcmtk, through a temporary local copy of the blob) out byte for byte;
+    two blobs in the container and none on the disk."""
+    stowed = Path(get_testdata_file("CT_small.dcm"))  # type: ignore[arg-type]
+    response = _stow(app, stowed.read_bytes())
+    assert response.status_code == 200, response.text
+    header = dcmread(stowed, stop_before_pixels=True)
+    url = (
+        f"{app.base_url}/v1/studies/{header.StudyInstanceUID}/series/"
+        f"{header.SeriesInstanceUID}/instances/{header.SOPInstanceUID}"
+    )
+    got = httpx.get(url, headers={"Accept": RETRIEVE}, timeout=60)
+    assert got.status_code == 200
+    assert multipart(got)[0][1] == stowed.read_bytes()
+
+    sent = Path(get_testdata_file("MR_small.dcm"))  # type: ignore[arg-type]
+    subprocess.run(
+        [dcmtk("storescu"), "-aec", app.ae_title, "127.0.0.1", str(app.dimse_port), str(sent)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    mr = dcmread(sent, stop_before_pixels=True)
+    out = tmp_path / "got"
+    out.mkdir()
+    log = subprocess.run(
+        [
+            dcmtk("getscu"),
+            "-v",
+            "-S",  # Study Root
+            "+B",
+            "-od",
+            str(out),
+            "-aec",
+            app.ae_title,
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            f"StudyInstanceUID={mr.StudyInstanceUID}",
+            "127.0.0.1",
+            str(app.dimse_port),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "Received C-GET Response (Success)" in log.stdout + log.stderr
+    (received,) = list(out.iterdir())
+    # what C-GET sent is the data set stored in the container (storescu
+    # itself re-encodes what it sends, so the file sent is no reference)
+    mr_url = (
+        f"{app.base_url}/v1/studies/{mr.StudyInstanceUID}/series/"
+        f"{mr.SeriesInstanceUID}/instances/{mr.SOPInstanceUID}"
+    )
+    stored = multipart(httpx.get(mr_url, headers={"Accept": RETRIEVE}, timeout=60))[0][1]
+    (tmp_path / "stored.dcm").write_bytes(stored)
+    assert _data_set(received) == _data_set(tmp_path / "stored.dcm")
+
+    assert len(_names(app)) == 2
+    assert not Path(app.config.storage.path).exists() or not any(
+        p.is_file() for p in Path(app.config.storage.path).rglob("*")
+    )
+
+
+def _storage_check(app: LiveAppliance) -> str:
+    """The readiness probe's storage check ("pass" or "fail"; the in-process
+    appliance has no DIMSE worker markers, so the whole probe fails)."""
+    body = httpx.get(f"{app.base_url}/health/ready", timeout=60).json()
+    return str(body["checks"]["storage"][0]["status"])
+
+
+def _data_set(path: Path) -> bytes:
+    """What follows a Part 10 file's File Meta group."""
+    with path.open("rb") as fp:
+        layout = read_layout(fp)
+        fp.seek(layout.offset)
+        return fp.read()
+
+
+def test_a_stopped_store_fails_ingest_cleanly_and_recovers(
+    tmp_path: Path,
+) -> None:
+    """Azurite stopped under a running appliance: the readiness probe's
+    storage check fails, a
+    STOW-RS gets 503 and a C-STORE 0xA700 (out of resources), nothing is
+    indexed; Azurite back (same port): both work again without a restart."""
+    service = start_azurite(tmp_path / "azurite")
+    try:
+        for app in _on_azure(tmp_path / "app", service, retries=0):
+            assert _storage_check(app) == "pass"
+            service.stop()
+            assert _storage_check(app) == "fail"
+
+            data = Path(get_testdata_file("CT_small.dcm")).read_bytes()  # type: ignore[arg-type]
+            assert _stow(app, data).status_code == 503
+            sent = Path(get_testdata_file("MR_small.dcm"))  # type: ignore[arg-type]
+            store = subprocess.run(
+                [
+                    dcmtk("storescu"),
+                    "-v",
+                    "-aec",
+                    app.ae_title,
+                    "127.0.0.1",
+                    str(app.dimse_port),
+                    str(sent),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            # dcmtk names 0xA700 "Refused: OutOfResources"
+            assert "Store Response (Refused: OutOfResources)" in store.stderr, store.stderr
+            with app.services.engine.connect() as conn:
+                assert conn.execute(select(func.count()).select_from(instance)).scalar_one() == 0
+
+            service = start_azurite(tmp_path / "azurite2", port=service.port)
+            assert _stow(app, data).status_code == 200
+            assert _storage_check(app) == "pass"
+    finally:
+        service.stop()
