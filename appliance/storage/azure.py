@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import io
-import os
-import re
 import secrets
-import tempfile
-import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import IO, Any
 
@@ -50,8 +48,17 @@ from azure.storage.blob import BlobServiceClient, ContainerClient, ExponentialRe
 
 from appliance.errors import BlobNotFound, StorageError, StorageUnavailable
 from appliance.storage.base import CHUNK_SIZE, BlobInfo
+from appliance.storage.cloud import (
+    KEY_RE,
+    ChunkReader,
+    CountingReader,
+    buffered,
+    new_key,
+    object_name,
+    position,
+    temporary_copy,
+)
 
-_KEY_RE = re.compile(r"[0-9a-f]{32}")
 #: Retries of a failed request (connection error, timeout, 408/429/5xx).
 RETRIES = 3
 #: Seconds to wait for a connection, and for data on it.
@@ -59,10 +66,6 @@ CONNECT_TIMEOUT = 10
 READ_TIMEOUT = 60
 #: HTTP statuses that say "try again later".
 _TRANSIENT = frozenset({408, 429, 500, 502, 503, 504})
-
-
-def _new_key() -> str:
-    return f"{(int(time.time()) // 3600) & 0xFFFF:04x}{secrets.token_hex(14)}"
 
 
 class AzureBlobStore:
@@ -126,18 +129,11 @@ class AzureBlobStore:
             self._ready = True
         return self._container
 
-    @staticmethod
-    def _name(key: str) -> str:
-        # The only place a key becomes a name: refuse anything we did not make.
-        if _KEY_RE.fullmatch(key) is None:
-            raise BlobNotFound(f"not a blob key of this store: {key!r}")
-        return key
-
     def put(self, source: IO[bytes]) -> BlobInfo:
-        start = _position(source)
+        start = position(source)
         for _ in range(3):
-            key = _new_key()
-            counted = _CountingReader(source)
+            key = new_key()
+            counted = CountingReader(source)
             try:
                 with _azure_errors(f"write blob {key}"):
                     self._client().upload_blob(
@@ -174,7 +170,7 @@ class AzureBlobStore:
         return self._download(key, offset, length)
 
     def _download(self, key: str, offset: int, length: int | None) -> IO[bytes]:
-        blob = self._client().get_blob_client(self._name(key))
+        blob = self._client().get_blob_client(object_name(key))
         try:
             with _azure_errors(f"read blob {key}"):
                 downloader = blob.download_blob(
@@ -186,34 +182,24 @@ class AzureBlobStore:
             if isinstance(cause, HttpResponseError) and cause.status_code == 416:
                 return io.BytesIO(b"")
             raise
-        return io.BufferedReader(_ChunkReader(downloader.chunks(), key), CHUNK_SIZE)
+        errors = functools.partial(_azure_errors, f"read blob {key}")
+        return buffered(ChunkReader(downloader.chunks(), errors))
 
     def _properties(self, key: str) -> Any:
         with _azure_errors(f"read blob {key}"):
-            return self._client().get_blob_client(self._name(key)).get_blob_properties()
+            return self._client().get_blob_client(object_name(key)).get_blob_properties()
 
-    @contextlib.contextmanager
-    def local_path(self, key: str) -> Iterator[Path]:
-        fd, name = tempfile.mkstemp(prefix="appliance-blob-")
-        path = Path(name)
-        try:
-            with os.fdopen(fd, "wb") as out, self.open(key) as source:
-                while chunk := source.read(CHUNK_SIZE):
-                    out.write(chunk)
-            path.chmod(0o400)
-            yield path
-        finally:
-            with contextlib.suppress(OSError):
-                path.unlink()
+    def local_path(self, key: str) -> AbstractContextManager[Path]:
+        return temporary_copy(self.open(key))
 
     def delete(self, key: str) -> None:
-        name = self._name(key)
+        name = object_name(key)
         with contextlib.suppress(BlobNotFound), _azure_errors(f"delete blob {key}"):
             self._client().delete_blob(name)
 
     def exists(self, key: str) -> bool:
         try:
-            name = self._name(key)
+            name = object_name(key)
         except BlobNotFound:
             return False
         with _azure_errors(f"look up blob {key}"):
@@ -230,59 +216,8 @@ class AzureBlobStore:
         cutoff = older_than if older_than.tzinfo else older_than.replace(tzinfo=dt.UTC)
         with _azure_errors(f"list the container {self.container_name}"):
             for item in self._client().list_blobs():
-                if _KEY_RE.fullmatch(item.name) and item.last_modified < cutoff:
+                if KEY_RE.fullmatch(item.name) and item.last_modified < cutoff:
                     yield item.name
-
-
-class _CountingReader(io.RawIOBase):
-    """The source stream, counting the bytes read from it."""
-
-    def __init__(self, source: IO[bytes]) -> None:
-        self._source = source
-        self.size = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        data = self._source.read(len(buffer))
-        n = len(data)
-        buffer[:n] = data
-        self.size += n
-        return n
-
-
-class _ChunkReader(io.RawIOBase):
-    """A raw stream over the SDK's download chunks."""
-
-    def __init__(self, chunks: Iterator[bytes], key: str) -> None:
-        self._chunks = chunks
-        self._key = key
-        self._pending = memoryview(b"")
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        while not self._pending:
-            try:
-                with _azure_errors(f"read blob {self._key}"):
-                    chunk = next(self._chunks)
-            except StopIteration:
-                return 0
-            self._pending = memoryview(chunk)
-        n = min(len(buffer), len(self._pending))
-        buffer[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
-        return n
-
-
-def _position(source: IO[bytes]) -> int | None:
-    """Where *source* is, if it can be read again from there."""
-    try:
-        return source.tell() if source.seekable() else None
-    except (OSError, ValueError):
-        return None
 
 
 def _code(exc: BaseException | None) -> str:

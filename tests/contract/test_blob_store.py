@@ -23,13 +23,24 @@ from appliance.errors import BlobNotFound, StorageError, StorageUnavailable
 from appliance.status import Status
 from appliance.storage.base import BlobStore
 from appliance.storage.filesystem import FilesystemBlobStore
-from tests.conftest import AZURITE_KEY, Azurite, azurite_connection_string, start_azurite
+from tests.conftest import (
+    AZURITE_KEY,
+    S3_ACCESS_KEY,
+    S3_SECRET_KEY,
+    Azurite,
+    SeaweedS3,
+    azurite_connection_string,
+    start_azurite,
+    start_seaweedfs,
+)
 
 
-@pytest.fixture(params=["filesystem", "azure"])
+@pytest.fixture(params=["filesystem", "azure", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
-    """Each backend on its real service: the local disk, Azurite (a
-    container of its own per test)."""
+    """Each backend on its real service: the local disk, Azurite and
+    SeaweedFS (a container or bucket of its own per test)."""
+    if request.param == "s3":
+        return _s3(request.getfixturevalue("seaweedfs"))
     if request.param == "azure":
         azurite: Azurite = request.getfixturevalue("azurite")
         from appliance.storage.azure import AzureBlobStore
@@ -355,3 +366,118 @@ def test_azure_wrong_key_is_a_permanent_error_without_secrets(azurite: Azurite) 
     assert not isinstance(caught.value, StorageUnavailable)
     assert "403" in caught.value.reason
     assert AZURITE_KEY not in caught.value.reason
+
+
+# -------------------------------------------------------------------- s3 only
+
+
+def _s3(service: SeaweedS3, **options: Any) -> Any:
+    from appliance.storage.s3 import S3BlobStore
+
+    return S3BlobStore(
+        f"t-{uuid.uuid4().hex[:20]}",
+        endpoint_url=service.endpoint,
+        access_key_id=S3_ACCESS_KEY,
+        secret_access_key=S3_SECRET_KEY,
+        **options,
+    )
+
+
+def _keys(store: Any) -> list[str]:
+    listed = store._client().list_objects_v2(Bucket=store.bucket)
+    return [item["Key"] for item in listed.get("Contents", [])]
+
+
+def test_s3_object_names_are_the_opaque_keys(seaweedfs: SeaweedS3) -> None:
+    store = _s3(seaweedfs)
+    info = store.put(io.BytesIO(b"DICM 1.2.840.10008"))
+    assert _keys(store) == [info.key]
+
+
+def test_s3_large_blob_goes_in_parts_and_a_failed_one_leaves_nothing(
+    seaweedfs: SeaweedS3,
+) -> None:
+    """Above 16 MiB a put is a multipart upload: read back whole and by a
+    range across a part boundary; a source failing after the first part
+    leaves no object (the upload is aborted)."""
+    store = _s3(seaweedfs)
+    data = os.urandom(17 * 1024 * 1024 + 5)
+    info = store.put(io.BytesIO(data))
+    assert info.size == len(data)
+    with store.open(info.key) as fh:
+        assert fh.read() == data
+    boundary = 16 * 1024 * 1024
+    with store.open_range(info.key, boundary - 3, 10) as fh:
+        assert fh.read() == data[boundary - 3 : boundary + 7]
+
+    class Failing(io.RawIOBase):
+        sent = 0
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+            if self.sent > 20 * 1024 * 1024:
+                raise ConnectionResetError("peer went away")
+            buffer[:] = b"x" * len(buffer)
+            self.sent += len(buffer)
+            return len(buffer)
+
+    with pytest.raises(ConnectionResetError):
+        store.put(Failing())  # type: ignore[arg-type]
+    assert _keys(store) == [info.key]
+
+
+@pytest.mark.slow
+def test_s3_service_down_is_transient_and_the_store_recovers(tmp_path: Path) -> None:
+    """SeaweedFS stopped: every operation fails with StorageUnavailable (out
+    of resources); started again on its data, the same store object reads
+    what it wrote before and writes again."""
+    service = start_seaweedfs(tmp_path / "weed")
+    store = _s3(service, retries=0)
+    info = store.put(io.BytesIO(b"before"))
+    service.stop()
+    try:
+        for action in (
+            lambda: store.put(io.BytesIO(b"during")),
+            lambda: store.open(info.key),
+            lambda: store.exists(info.key),
+            store.check,
+        ):
+            with pytest.raises(StorageUnavailable) as caught:
+                action()
+            assert caught.value.status is Status.OUT_OF_RESOURCES
+    finally:
+        service = start_seaweedfs(tmp_path / "weed", ports=service.ports)
+    try:
+        with store.open(info.key) as fh:
+            assert fh.read() == b"before"
+        after = store.put(io.BytesIO(b"after"))
+        assert store.exists(after.key)
+    finally:
+        service.stop()
+
+
+def test_s3_missing_bucket_not_created_is_a_permanent_error(seaweedfs: SeaweedS3) -> None:
+    store = _s3(seaweedfs, create_bucket=False)
+    with pytest.raises(StorageError) as caught:
+        store.check()
+    assert not isinstance(caught.value, StorageUnavailable)
+    assert "bucket does not exist" in caught.value.reason
+
+
+def test_s3_wrong_secret_is_a_permanent_error_without_secrets(seaweedfs: SeaweedS3) -> None:
+    from appliance.storage.s3 import S3BlobStore
+
+    store = S3BlobStore(
+        f"t-{uuid.uuid4().hex[:20]}",
+        endpoint_url=seaweedfs.endpoint,
+        access_key_id=S3_ACCESS_KEY,
+        secret_access_key="not-the-secret",
+        retries=0,
+    )
+    with pytest.raises(StorageError) as caught:
+        store.check()
+    assert not isinstance(caught.value, StorageUnavailable)
+    assert "403" in caught.value.reason
+    assert "not-the-secret" not in caught.value.reason

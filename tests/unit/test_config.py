@@ -263,6 +263,8 @@ def test_index_url_left_to_the_processes_that_open_the_index(tmp_path: Path) -> 
             "storage.account_url",
         ),
         ("retries = 11\n", "storage.retries"),
+        ('backend = "s3"\n', "storage.bucket"),
+        ('backend = "s3"\nbucket = "b"\naccess_key_id = "k"\n', "storage.secret_access_key"),
     ],
 )
 def test_azure_storage_needs_its_keys(tmp_path: Path, text: str, key: str) -> None:

@@ -1,7 +1,7 @@
-"""The whole appliance on Azure Blob storage (Azurite): both protocols
-store into the container and read from it, nothing lands on the local disk,
-and the readiness check and the ingest answer a stopped store as the
-promise says (nothing acknowledged, nothing half-indexed)."""
+"""The whole appliance on a cloud object store, Azure Blob (Azurite) and S3
+(SeaweedFS): both protocols store into it and read from it, nothing lands
+on the local disk, and the readiness check and the ingest answer a stopped
+store as the promise says (nothing acknowledged, nothing half-indexed)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -19,8 +20,11 @@ from sqlalchemy import func, select
 from appliance.encoding import read_layout
 from appliance.index.schema import instance
 from tests.conftest import (
+    S3_ACCESS_KEY,
+    S3_SECRET_KEY,
     Azurite,
     LiveAppliance,
+    SeaweedS3,
     appliance_config,
     dcmtk,
     start_azurite,
@@ -45,9 +49,21 @@ def _on_azure(tmp_path: Path, azurite: Azurite, retries: int = 3) -> Iterator[Li
     yield from started_appliance(config)
 
 
-@pytest.fixture
-def app(tmp_path: Path, azurite: Azurite) -> Iterator[LiveAppliance]:
-    yield from _on_azure(tmp_path, azurite)
+@pytest.fixture(params=["azure", "s3"])
+def app(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LiveAppliance]:
+    if request.param == "azure":
+        yield from _on_azure(tmp_path, request.getfixturevalue("azurite"))
+        return
+    seaweedfs: SeaweedS3 = request.getfixturevalue("seaweedfs")
+    config = appliance_config(
+        tmp_path,
+        APPLIANCE_STORAGE_BACKEND="s3",
+        APPLIANCE_STORAGE_ENDPOINT_URL=seaweedfs.endpoint,
+        APPLIANCE_STORAGE_BUCKET=f"e2e-{uuid.uuid4().hex[:20]}",
+        APPLIANCE_STORAGE_ACCESS_KEY_ID=S3_ACCESS_KEY,
+        APPLIANCE_STORAGE_SECRET_ACCESS_KEY=S3_SECRET_KEY,
+    )
+    yield from started_appliance(config)
 
 
 def _stow(app: LiveAppliance, data: bytes) -> httpx.Response:
@@ -65,8 +81,12 @@ def _stow(app: LiveAppliance, data: bytes) -> httpx.Response:
 
 
 def _names(app: LiveAppliance) -> list[str]:
-    store = app.services.storage
-    return [blob.name for blob in store._client().list_blobs()]  # type: ignore[attr-defined]
+    """The names of the objects in the appliance's container or bucket."""
+    store: Any = app.services.storage
+    if app.config.storage.backend == "s3":
+        listed = store._client().list_objects_v2(Bucket=store.bucket)
+        return [item["Key"] for item in listed.get("Contents", [])]
+    return [blob.name for blob in store._client().list_blobs()]
 
 
 def test_both_protocols_store_into_and_read_from_the_container(
@@ -151,7 +171,7 @@ def _data_set(path: Path) -> bytes:
         return fp.read()
 
 
-def test_a_stopped_store_fails_ingest_cleanly_and_recovers(
+def test_a_stopped_azure_store_fails_ingest_cleanly_and_recovers(
     tmp_path: Path,
 ) -> None:
     """Azurite stopped under a running appliance: the readiness probe's
