@@ -122,8 +122,10 @@ class AzureBlobStore:
         if not self._ready:
             if self._create_container:
                 with (
-                    contextlib.suppress(ResourceExistsError),
                     _azure_errors(f"create the container {self.container_name}"),
+                    # made before, or by another node just now: inside the
+                    # mapping, which would turn it into a StorageError
+                    contextlib.suppress(ResourceExistsError),
                 ):
                     self._container.create_container()
             self._ready = True

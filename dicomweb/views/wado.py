@@ -536,7 +536,7 @@ def _instance_body(
     for option in options:
         syntax = option.syntax or DEFAULT_TRANSFER_SYNTAX
         if syntax == stored.transfer_syntax_uid:
-            stream = retrieve.open(stored)
+            stream = retrieve.stream(stored)
             return _Body(syntax, option.single_part, stored.size, _chunks(stream), False)
         try:
             with retrieve.open(stored) as source:

@@ -36,6 +36,33 @@ from tests.conftest import (
 
 
 @pytest.fixture(params=["filesystem", "azure", "s3"])
+def twin(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[BlobStore, BlobStore]:
+    """Two store objects on one container, bucket or folder: two processes
+    or two nodes sharing it."""
+    if request.param == "s3":
+        first = _s3(request.getfixturevalue("seaweedfs"))
+        return first, _s3(request.getfixturevalue("seaweedfs"), bucket=first.bucket)
+    if request.param == "azure":
+        first = _azure(request.getfixturevalue("azurite"))
+        return first, _azure(request.getfixturevalue("azurite"), container=first.container_name)
+    return FilesystemBlobStore(tmp_path / "blobs"), FilesystemBlobStore(tmp_path / "blobs")
+
+
+def test_two_stores_on_one_container_share_it(twin: tuple[BlobStore, BlobStore]) -> None:
+    """The second one to arrive finds the container already made, and each
+    reads what the other wrote."""
+    first, second = twin
+    first.check()
+    second.check()
+    a = first.put(io.BytesIO(b"from the first"))
+    b = second.put(io.BytesIO(b"from the second"))
+    with second.open(a.key) as fh:
+        assert fh.read() == b"from the first"
+    with first.open(b.key) as fh:
+        assert fh.read() == b"from the second"
+
+
+@pytest.fixture(params=["filesystem", "azure", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
     """Each backend on its real service: the local disk, Azurite and
     SeaweedFS (a container or bucket of its own per test)."""
@@ -247,12 +274,14 @@ def test_a_process_killed_mid_put_leaves_no_visible_blob(tmp_path: Path) -> None
 # ----------------------------------------------------------------- azure only
 
 
-def _azure(azurite: Azurite | int, **options: Any) -> Any:
+def _azure(azurite: Azurite | int, container: str = "", **options: Any) -> Any:
     from appliance.storage.azure import AzureBlobStore
 
     port = azurite if isinstance(azurite, int) else azurite.port
     return AzureBlobStore(
-        f"t-{uuid.uuid4().hex}", connection_string=azurite_connection_string(port), **options
+        container or f"t-{uuid.uuid4().hex}",
+        connection_string=azurite_connection_string(port),
+        **options,
     )
 
 
@@ -371,11 +400,11 @@ def test_azure_wrong_key_is_a_permanent_error_without_secrets(azurite: Azurite) 
 # -------------------------------------------------------------------- s3 only
 
 
-def _s3(service: SeaweedS3, **options: Any) -> Any:
+def _s3(service: SeaweedS3, bucket: str = "", **options: Any) -> Any:
     from appliance.storage.s3 import S3BlobStore
 
     return S3BlobStore(
-        f"t-{uuid.uuid4().hex[:20]}",
+        bucket or f"t-{uuid.uuid4().hex[:20]}",
         endpoint_url=service.endpoint,
         access_key_id=S3_ACCESS_KEY,
         secret_access_key=S3_SECRET_KEY,

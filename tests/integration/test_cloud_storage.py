@@ -106,6 +106,21 @@ def test_both_protocols_store_into_and_read_from_the_container(
     got = httpx.get(url, headers={"Accept": RETRIEVE}, timeout=60)
     assert got.status_code == 200
     assert multipart(got)[0][1] == stowed.read_bytes()
+    # the readers that seek (metadata, change feed) and read ranges (frames)
+    metadata = httpx.get(f"{url}/metadata", timeout=60)
+    assert metadata.status_code == 200, metadata.text
+    assert metadata.json()[0]["00080018"]["Value"] == [header.SOPInstanceUID]
+    feed = httpx.get(f"{app.base_url}/v1/changefeed", timeout=60)
+    assert feed.status_code == 200, feed.text
+    assert feed.json()[0]["Metadata"]["00080018"]["Value"] == [header.SOPInstanceUID]
+    frame = httpx.get(
+        f"{url}/frames/1",
+        headers={"Accept": 'multipart/related; type="application/octet-stream"'},
+        timeout=60,
+    )
+    assert frame.status_code == 200, frame.text
+    full = dcmread(stowed)
+    assert multipart(frame)[0][1] == full.PixelData
 
     sent = Path(get_testdata_file("MR_small.dcm"))  # type: ignore[arg-type]
     subprocess.run(
