@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, column, inspect, select, table
+from sqlalchemy.exc import SQLAlchemyError
 
-from appliance.errors import SchemaNotCurrent
+from appliance.errors import IndexUnavailable, SchemaNotCurrent
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
@@ -77,8 +78,15 @@ def stored_revision(engine: Engine) -> str | None:
 
 
 def require_current(engine: Engine) -> None:
-    """Raise SchemaNotCurrent unless the database is at :data:`SCHEMA_REVISION`."""
-    current = stored_revision(engine)
+    """Raise SchemaNotCurrent unless the database is at :data:`SCHEMA_REVISION`,
+    IndexUnavailable if it cannot be asked (a worker's first request while
+    the index server is down answers 503, and the next one asks again)."""
+    try:
+        current = stored_revision(engine)
+    except SQLAlchemyError as exc:
+        orig = getattr(exc, "orig", None)
+        kind = type(orig).__name__ if orig is not None else type(exc).__name__
+        raise IndexUnavailable(f"the index database does not answer ({kind})") from exc
     if current != SCHEMA_REVISION:
         found = "an empty database" if current is None else f"revision {current}"
         raise SchemaNotCurrent(
