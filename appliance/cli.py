@@ -5,6 +5,9 @@
     supervisor (:mod:`appliance.server`) in the foreground.
 ``migrate``
     bring the index database to the schema revision of this version.
+``copy --to FILE``
+    copy every stored instance into the appliance *FILE* configures (see
+    :mod:`appliance.copy`).
 ``config show``
     print the effective configuration (file plus ``APPLIANCE_*``
     variables), secrets masked.
@@ -21,6 +24,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -64,6 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade = commands.add_parser("migrate", help="upgrade the index database schema")
     _add_config_option(upgrade)
     upgrade.set_defaults(func=cmd_migrate)
+
+    copy = commands.add_parser(
+        "copy",
+        help="copy every stored instance into another appliance's index and storage "
+        "(e.g. from SQLite + disk to PostgreSQL + an object store); run it again to "
+        "finish an interrupted copy",
+    )
+    _add_config_option(copy)
+    copy.add_argument(
+        "--to",
+        metavar="FILE",
+        required=True,
+        help="the target's TOML configuration (read from the file only, without "
+        "APPLIANCE_ variables); its index must be migrated",
+    )
+    copy.set_defaults(func=cmd_copy)
 
     config = commands.add_parser("config", help="inspect the configuration")
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
@@ -131,6 +151,45 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     else:
         print(f"index migrated from {_revision(before)} to revision {after}")
     return 0
+
+
+def cmd_copy(args: argparse.Namespace) -> int:
+    """``copy``: every instance of this appliance into the one ``--to``
+    configures (see :mod:`appliance.copy`); 0 if all were copied or were
+    there already, 1 if some failed (named in the log; run it again)."""
+    from appliance.copy import copy_instances
+    from appliance.services import build_services
+
+    source_config = load_config(args.config)
+    target_config = load_config(args.to, environ={})
+    setup_logging(source_config.log.level)
+    if source_config.index.url == target_config.index.url:
+        raise ConfigError("--to", "the target's index is this appliance's own")
+    source = build_services(source_config)
+    try:
+        target = build_services(target_config)
+        try:
+            open_blob_store(target_config.storage).check()
+
+            def progress(report: Any) -> None:
+                rate = report.seen / report.seconds if report.seconds else 0.0
+                print(
+                    f"copied {report.copied}, already there {report.already_there}, "
+                    f"failed {len(report.failed)} ({rate:.0f} instances/s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+            report = copy_instances(source, target, progress)
+        finally:
+            target.close()
+    finally:
+        source.close()
+    print(
+        f"{report.copied} instance(s) copied, {report.already_there} already there, "
+        f"{len(report.failed)} failed, in {report.seconds:.1f} s"
+    )
+    return 1 if report.failed else 0
 
 
 def _revision(revision: str | None) -> str:

@@ -291,6 +291,25 @@ class SqlIndex:
             raise NotFound(f"no {_what(study_uid, series_uid, sop_uid)} is stored")
         return [StoredInstance(*row) for row in rows]
 
+    def stored_page(self, after: int, limit: int) -> list[tuple[int, StoredInstance]]:
+        """Up to *limit* stored instances whose row id is above *after*, in
+        row-id order (the order they were first stored), each with its row
+        id: a walk over the whole index, a page at a time."""
+        query = (
+            _stored_instances()
+            .add_columns(instance.c.id)
+            .where(instance.c.id > after)
+            .order_by(None)
+            .order_by(instance.c.id)
+            .limit(limit)
+        )
+        try:
+            with self._reading() as conn:
+                rows = conn.execute(query).all()
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
+        return [(int(row[-1]), StoredInstance(*row[:-1])) for row in rows]
+
     # ------------------------------------------------------------ change feed
 
     def changes(self, after: int, limit: int) -> list[ChangeEntry]:
