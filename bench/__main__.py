@@ -32,7 +32,13 @@ from collections.abc import Callable
 from typing import Any
 
 from bench import compare, core, report
-from bench.servers import appliance, orthanc, orthanc_available
+from bench.servers import (
+    appliance,
+    orthanc,
+    orthanc_available,
+    scaled_appliance,
+    scaled_out_available,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--reps", type=int, default=3, help="repetitions per figure (default 3)")
     parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
+    parser.add_argument(
+        "--scaled-out",
+        action="store_true",
+        help="also run the appliance on PostgreSQL + Azure Blob storage (Azurite): "
+        "its figures in a column of their own",
+    )
     args = parser.parse_args(argv)
     if args.reps < 1:
         parser.error("--reps must be at least 1")
@@ -59,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     servers: list[tuple[str, Callable[..., Any]]] = []
     if args.part != "core":
         servers.append(("appliance", appliance))
+        if args.scaled_out:
+            problem = scaled_out_available()
+            if problem:
+                parser.error(f"--scaled-out: {problem}")
+            servers.append(("appliance-scaled", scaled_appliance))
         problem = orthanc_available()
         if problem:
             print(f"Orthanc left out, ratios will be missing: {problem}", file=sys.stderr)

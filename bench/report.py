@@ -137,11 +137,13 @@ def comparison(reports: dict[str, ServerReport]) -> list[dict[str, Any]]:
     whether it is met (None where there is no target or no figure)."""
     appliance = reports.get("appliance")
     orthanc = reports.get("orthanc")
+    scaled = reports.get("appliance-scaled")
     entries = []
     for row in ROWS:
         a = appliance.figures.get(row.key) if appliance else None
         o = orthanc.figures.get(row.key) if orthanc else None
-        if a is None and o is None:
+        s = scaled.figures.get(row.key) if scaled else None
+        if a is None and o is None and s is None:
             continue
         ratio = round(a / o, 2) if a is not None and o else None
         entries.append(
@@ -154,6 +156,7 @@ def comparison(reports: dict[str, ServerReport]) -> list[dict[str, Any]]:
                 "ratio": ratio,
                 "target": row.describe_target(),
                 "met": row.met(a, ratio),
+                **({"scaled_out": s} if scaled else {}),
             }
         )
     return entries
@@ -171,30 +174,37 @@ def table(entries: list[dict[str, Any]]) -> str:
             else f"{value:.1f}"
         )
 
-    header = ("metric", "appliance", "orthanc", "ratio", "target")
+    scaled = any("scaled_out" in e for e in entries)
+    header: tuple[str, ...] = ("metric", "appliance", "orthanc", "ratio")
+    if scaled:
+        header += ("PG+Azure",)
+    header += ("target",)
     lines = [header]
     for e in entries:
         target = e["target"]
         if e["met"] is not None:
             target += " met" if e["met"] else " NOT MET"
-        lines.append(
-            (
-                f"{e['label']} ({e['unit']})",
-                number(e["appliance"]),
-                number(e["orthanc"]),
-                "-" if e["ratio"] is None else f"{e['ratio']:.2f}x",
-                target,
-            )
+        line: tuple[str, ...] = (
+            f"{e['label']} ({e['unit']})",
+            number(e["appliance"]),
+            number(e["orthanc"]),
+            "-" if e["ratio"] is None else f"{e['ratio']:.2f}x",
         )
+        if scaled:
+            line += (number(e.get("scaled_out")),)
+        lines.append((*line, target))
+    numbers = len(header) - 2
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = []
     for n, line in enumerate(lines):
         cells = [line[0].ljust(widths[0])] + [
-            c.rjust(w) for c, w in zip(line[1:4], widths[1:4], strict=True)
+            c.rjust(w) for c, w in zip(line[1:-1], widths[1:-1], strict=True)
         ]
-        out.append(" | ".join(cells) + " | " + line[4])
+        out.append(" | ".join(cells) + " | " + line[-1])
         if n == 0:
-            out.append("-+-".join("-" * w for w in widths[:4]) + "-+-" + "-" * widths[4])
+            out.append(
+                "-+-".join("-" * w for w in widths[: numbers + 1]) + "-+-" + "-" * widths[-1]
+            )
     return "\n".join(out)
 
 

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -47,6 +48,17 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def wait_listening(port: int, timeout: float = 30) -> None:
+    """Wait until something accepts connections on loopback *port*."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
 
 
 def wait_for_echo(ae_title: str, port: int, timeout: float = 60) -> None:
@@ -245,10 +257,16 @@ def _appliance_version() -> str:
 
 
 @contextlib.contextmanager
-def appliance(peers: tuple[Peer, ...] = (), max_results: int = 100) -> Iterator[Server]:
+def appliance(
+    peers: tuple[Peer, ...] = (),
+    max_results: int = 100,
+    *,
+    name: str = "appliance",
+    extra: dict[str, str] | None = None,
+) -> Iterator[Server]:
     """``dicom-appliance serve`` on the embedded default, in a temp folder;
     every setting at its default but the ports, the C-MOVE destinations and
-    ``query.max_results``."""
+    ``query.max_results`` (and the *extra* ``APPLIANCE_`` settings)."""
     with tempfile.TemporaryDirectory(prefix="bench-appliance-") as tmp:
         http_port, dimse_port = free_port(), free_port()
         settings = {
@@ -257,6 +275,7 @@ def appliance(peers: tuple[Peer, ...] = (), max_results: int = 100) -> Iterator[
             "APPLIANCE_LOG_LEVEL": "warning",
             "APPLIANCE_INDEX_AUTO_MIGRATE": "true",
             "APPLIANCE_QUERY_MAX_RESULTS": str(max_results),
+            **(extra or {}),
         }
         if peers:
             settings["APPLIANCE_DIMSE_PEERS"] = (
@@ -280,7 +299,7 @@ def appliance(peers: tuple[Peer, ...] = (), max_results: int = 100) -> Iterator[
             _wait(f"http://127.0.0.1:{http_port}/health/ready", process, log)
             wait_for_echo("DICOM_EDGE", dimse_port)
             yield Server(
-                "appliance",
+                name,
                 f"http://127.0.0.1:{http_port}/v1",
                 dimse_port,
                 "DICOM_EDGE",
@@ -293,6 +312,84 @@ def appliance(peers: tuple[Peer, ...] = (), max_results: int = 100) -> Iterator[
             raise
         finally:
             _stop(process)
+
+
+#: The PostgreSQL server the scaled-out run creates its database on.
+PG_ADMIN_URL = os.environ.get(
+    "BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+#: Azurite's published development account (not a secret).
+AZURITE_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+
+
+def scaled_out_available() -> str | None:
+    """None if the scaled-out run can be made (PostgreSQL answers, Azurite
+    is installed), else why not."""
+    if shutil.which("azurite-blob") is None:
+        return "azurite-blob is not installed (npm install -g azurite)"
+    try:
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(PG_ADMIN_URL)
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        engine.dispose()
+    except Exception as exc:  # noqa: BLE001 - any failure: not available
+        return f"PostgreSQL does not answer at {PG_ADMIN_URL} ({type(exc).__name__})"
+    return None
+
+
+@contextlib.contextmanager
+def scaled_appliance(peers: tuple[Peer, ...] = (), max_results: int = 100) -> Iterator[Server]:
+    """The appliance on PostgreSQL (a throwaway database) and Azure Blob
+    storage (Azurite in memory on loopback), all else as :func:`appliance`."""
+    from sqlalchemy import create_engine, text
+
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    database = f"bench_{secrets.token_hex(6)}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{database}"'))
+    blob_port = free_port()
+    with tempfile.TemporaryDirectory(prefix="bench-azurite-") as tmp:
+        azurite = subprocess.Popen(
+            [
+                shutil.which("azurite-blob") or "azurite-blob",
+                "--blobHost",
+                "127.0.0.1",
+                "--blobPort",
+                str(blob_port),
+                "--inMemoryPersistence",
+                "--skipApiVersionCheck",
+                "--silent",
+            ],
+            cwd=tmp,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_listening(blob_port)
+            connection = (
+                "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+                f"AccountKey={AZURITE_KEY};"
+                f"BlobEndpoint=http://127.0.0.1:{blob_port}/devstoreaccount1;"
+            )
+            extra = {
+                "APPLIANCE_INDEX_URL": PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{database}",
+                "APPLIANCE_STORAGE_BACKEND": "azure",
+                "APPLIANCE_STORAGE_CONNECTION_STRING": connection,
+                "APPLIANCE_STORAGE_CONTAINER": "bench",
+            }
+            with appliance(peers, max_results, name="appliance-scaled", extra=extra) as server:
+                server.settings["APPLIANCE_STORAGE_CONNECTION_STRING"] = "(Azurite)"
+                yield server
+        finally:
+            azurite.terminate()
+            azurite.wait(10)
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+            admin.dispose()
 
 
 def orthanc_available() -> str | None:
