@@ -228,3 +228,15 @@ commitment_report = Table(
     UniqueConstraint("transaction_uid", "request_digest"),
     Index(None, "state", "next_attempt_at"),
 )
+
+#: Background tasks that one node of several sharing the index runs at a
+#: time (e.g. the orphan sweep): a task is claimed by writing its row with
+#: the claimant and an expiry, which succeeds only if the row is missing or
+#: expired (``SqlIndex.claim``).  The database is the only arbiter.
+task_lease = Table(
+    "task_lease",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(255), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+)

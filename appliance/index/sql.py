@@ -31,6 +31,7 @@ from appliance.index.schema import (
     request_attribute,
     series,
     study,
+    task_lease,
 )
 from appliance.model import InstanceRecord
 from appliance.storage.base import BlobInfo
@@ -290,6 +291,41 @@ class SqlIndex:
         if not rows:
             raise NotFound(f"no {_what(study_uid, series_uid, sop_uid)} is stored")
         return [StoredInstance(*row) for row in rows]
+
+    def claim(self, task: str, holder: str, lease: dt.timedelta) -> bool:
+        """Claim the background *task* for *holder* until *lease* from now:
+        True if it was free (never claimed, or its lease expired), False if
+        another holder's lease runs.  One statement (an upsert whose update
+        applies only to an expired row), so two nodes claiming at once never
+        both get it."""
+        now = _now()
+        insert: Any = (
+            postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
+        )
+        statement = insert(task_lease).values(name=task, holder=holder, expires_at=now + lease)
+        statement = statement.on_conflict_do_update(
+            index_elements=[task_lease.c.name],
+            set_={"holder": statement.excluded.holder, "expires_at": statement.excluded.expires_at},
+            where=task_lease.c.expires_at < now,
+        ).returning(task_lease.c.name)
+        try:
+            with self._writing() as conn:
+                return conn.execute(statement).first() is not None
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
+
+    def release(self, task: str, holder: str) -> None:
+        """End *holder*'s lease of *task* (a no-op if it is not the holder)."""
+        statement = (
+            update(task_lease)
+            .where(task_lease.c.name == task, task_lease.c.holder == holder)
+            .values(expires_at=_now())
+        )
+        try:
+            with self._writing() as conn:
+                conn.execute(statement)
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
 
     def stored_page(self, after: int, limit: int) -> list[tuple[int, StoredInstance]]:
         """Up to *limit* stored instances whose row id is above *after*, in
