@@ -44,7 +44,7 @@ def pg_database_url() -> Iterator[str]:
         import psycopg  # noqa: F401
     except ImportError:
         missing_peer("psycopg is not installed")
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
     name = f"appliance_test_{uuid.uuid4().hex[:12]}"
     try:
         with admin.connect() as conn:

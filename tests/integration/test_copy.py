@@ -29,7 +29,7 @@ FILES = ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "image_dfl.dcm", "SC_rg
 
 @pytest.fixture
 def database() -> Iterator[str]:
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
     name = f"appliance_copy_{uuid.uuid4().hex[:12]}"
     try:
         with admin.connect() as conn:

@@ -38,7 +38,7 @@ def database() -> Iterator[str]:
         import psycopg  # noqa: F401
     except ImportError:
         missing_peer("psycopg is not installed")
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
     name = f"appliance_nodes_{uuid.uuid4().hex[:12]}"
     try:
         with admin.connect() as conn:

@@ -57,7 +57,7 @@ def _pg_ready(timeout: float) -> bool:
 
 @pytest.fixture
 def database() -> Iterator[str]:
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
     name = f"appliance_restart_{uuid.uuid4().hex[:12]}"
     try:
         with admin.connect() as conn:
