@@ -510,3 +510,28 @@ def test_s3_wrong_secret_is_a_permanent_error_without_secrets(seaweedfs: Seaweed
     assert not isinstance(caught.value, StorageUnavailable)
     assert "403" in caught.value.reason
     assert "not-the-secret" not in caught.value.reason
+
+
+def test_azure_account_url_with_the_account_key_or_a_sas_token(azurite: Azurite) -> None:
+    """The other way to name the account: its Blob service URL with the
+    account key, or with a SAS token (made here with the key)."""
+    from azure.storage.blob import AccountSasPermissions, ResourceTypes, generate_account_sas
+
+    from appliance.storage.azure import AzureBlobStore
+
+    url = f"http://127.0.0.1:{azurite.port}/devstoreaccount1"
+    sas = generate_account_sas(
+        "devstoreaccount1",
+        AZURITE_KEY,
+        resource_types=ResourceTypes(service=True, container=True, object=True),
+        permission=AccountSasPermissions(
+            read=True, write=True, delete=True, list=True, create=True, add=True
+        ),
+        expiry=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1),
+    )
+    for credential in (AZURITE_KEY, sas):
+        store = AzureBlobStore(f"t-{uuid.uuid4().hex}", account_url=url, credential=credential)
+        store.check()
+        info = store.put(io.BytesIO(b"by account URL"))
+        with store.open(info.key) as fh:
+            assert fh.read() == b"by account URL"
