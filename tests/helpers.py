@@ -9,6 +9,7 @@ import httpx
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from appliance.encoding import read_layout
 from appliance.model import Origin
 from appliance.status import Status
 from tests.conftest import LiveServer
@@ -40,6 +41,31 @@ def multipart(response: httpx.Response) -> list[tuple[dict[str, str], bytes]]:
             headers[name.strip().lower()] = value.strip()
         parts.append((headers, content))
     return parts
+
+
+def stow(base_url: str, *parts: bytes, timeout: float = 120) -> httpx.Response:
+    """STOW-RS of *parts* (Part 10 files) to ``{base_url}/v1/studies``."""
+    boundary = "test-stow-boundary"
+    body = b"".join(
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part + b"\r\n"
+        for part in parts
+    )
+    return httpx.post(
+        f"{base_url}/v1/studies",
+        content=body + f"--{boundary}--\r\n".encode(),
+        headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Accept": "application/dicom+json",
+        },
+        timeout=timeout,
+    )
+
+
+def data_set_of(part10: bytes) -> bytes:
+    """What follows a Part 10 file's File Meta group: the data set as sent
+    over DIMSE."""
+    layout = read_layout(io.BytesIO(part10))
+    return part10[layout.offset :]
 
 
 def store(server: LiveServer, study: str, series: str, **values: Any) -> str:

@@ -49,7 +49,11 @@ from azure.storage.blob import BlobServiceClient, ContainerClient, ExponentialRe
 from appliance.errors import BlobNotFound, StorageError, StorageUnavailable
 from appliance.storage.base import CHUNK_SIZE, BlobInfo
 from appliance.storage.cloud import (
+    CONNECT_TIMEOUT,
     KEY_RE,
+    READ_TIMEOUT,
+    RETRIES,
+    TRANSIENT_STATUSES,
     ChunkReader,
     CountingReader,
     buffered,
@@ -58,14 +62,6 @@ from appliance.storage.cloud import (
     position,
     temporary_copy,
 )
-
-#: Retries of a failed request (connection error, timeout, 408/429/5xx).
-RETRIES = 3
-#: Seconds to wait for a connection, and for data on it.
-CONNECT_TIMEOUT = 10
-READ_TIMEOUT = 60
-#: HTTP statuses that say "try again later".
-_TRANSIENT = frozenset({408, 429, 500, 502, 503, 504})
 
 
 class AzureBlobStore:
@@ -242,7 +238,7 @@ def _azure_errors(action: str) -> Iterator[None]:
         ) from exc
     except HttpResponseError as exc:
         code = getattr(exc, "error_code", None) or exc.reason or "error"
-        if exc.status_code in _TRANSIENT:
+        if exc.status_code in TRANSIENT_STATUSES:
             raise StorageUnavailable(
                 f"cannot {action}: the Azure Blob service answered {exc.status_code} ({code})"
             ) from exc

@@ -20,6 +20,14 @@ from appliance.errors import BlobNotFound
 from appliance.storage.base import CHUNK_SIZE
 
 KEY_RE = re.compile(r"[0-9a-f]{32}")
+#: Retries of a failed request (connection error, timeout, 408/429/5xx),
+#: unless ``storage.retries`` says otherwise.
+RETRIES = 3
+#: Seconds to wait for a connection, and for data on it.
+CONNECT_TIMEOUT = 10
+READ_TIMEOUT = 60
+#: HTTP statuses that say "try again later".
+TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 
 def new_key() -> str:

@@ -42,7 +42,11 @@ from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, HTT
 from appliance.errors import BlobNotFound, StorageError, StorageUnavailable
 from appliance.storage.base import CHUNK_SIZE, BlobInfo
 from appliance.storage.cloud import (
+    CONNECT_TIMEOUT,
     KEY_RE,
+    READ_TIMEOUT,
+    RETRIES,
+    TRANSIENT_STATUSES,
     ChunkReader,
     CountingReader,
     buffered,
@@ -55,11 +59,6 @@ from appliance.storage.cloud import (
 #: Instances up to this size are written in one PUT; larger ones in parts.
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
 PART_SIZE = 16 * 1024 * 1024
-#: Seconds to wait for a connection, and for data on it.
-CONNECT_TIMEOUT = 10
-READ_TIMEOUT = 60
-#: HTTP statuses that say "try again later".
-_TRANSIENT = frozenset({408, 429, 500, 502, 503, 504})
 _NOT_FOUND = frozenset({"NoSuchKey", "404", "NotFound"})
 
 
@@ -92,7 +91,7 @@ class S3BlobStore:
         access_key_id: str = "",
         secret_access_key: str = "",
         create_bucket: bool = True,
-        retries: int = 3,
+        retries: int = RETRIES,
     ) -> None:
         config = BotoConfig(
             retries={"total_max_attempts": retries + 1, "mode": "standard"},
@@ -267,7 +266,11 @@ def _s3_errors(action: str) -> Iterator[None]:
             raise BlobNotFound(f"cannot {action}: no such blob") from exc
         if code == "NoSuchBucket":
             raise StorageError(f"cannot {action}: the bucket does not exist") from exc
-        if status in _TRANSIENT or code in ("SlowDown", "RequestTimeout", "ServiceUnavailable"):
+        if status in TRANSIENT_STATUSES or code in (
+            "SlowDown",
+            "RequestTimeout",
+            "ServiceUnavailable",
+        ):
             raise StorageUnavailable(
                 f"cannot {action}: the S3 service answered {status} ({code})"
             ) from exc

@@ -169,25 +169,29 @@ def test_keys_are_opaque_and_paths_hold_no_dicom_data(tmp_path: Path) -> None:
     assert files[0].relative_to(tmp_path).parts == (info.key[:2], info.key[2:4], info.key)
 
 
-class _FailingStream(io.RawIOBase):
-    def __init__(self) -> None:
-        self.calls = 0
+class _FailingSource(io.RawIOBase):
+    """A source that breaks (like a peer going away) once more than *after*
+    bytes were read from it."""
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+        self.sent = 0
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        self.calls += 1
-        if self.calls > 2:
+        if self.sent > self.after:
             raise ConnectionResetError("peer went away")
-        buffer[:10] = b"x" * 10
-        return 10
+        buffer[:] = b"x" * len(buffer)
+        self.sent += len(buffer)
+        return len(buffer)
 
 
 def test_a_put_whose_source_fails_leaves_nothing(tmp_path: Path) -> None:
     store = FilesystemBlobStore(tmp_path)
     with pytest.raises(ConnectionResetError):
-        store.put(_FailingStream())  # type: ignore[arg-type]
+        store.put(_FailingSource(after=10))  # type: ignore[arg-type]
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
@@ -300,21 +304,9 @@ def test_azure_put_whose_source_fails_leaves_nothing(azurite: Azurite) -> None:
     store = _azure(azurite)
     store.check()
 
-    class Failing(io.RawIOBase):
-        sent = 0
-
-        def readable(self) -> bool:
-            return True
-
-        def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-            if self.sent > 9 * 1024 * 1024:  # past two 4 MiB blocks
-                raise ConnectionResetError("peer went away")
-            buffer[:] = b"x" * len(buffer)
-            self.sent += len(buffer)
-            return len(buffer)
-
     with pytest.raises(ConnectionResetError):
-        store.put(Failing())  # type: ignore[arg-type]
+        # past two 4 MiB blocks
+        store.put(_FailingSource(after=9 * 1024 * 1024))  # type: ignore[arg-type]
     assert _names(store) == []
 
 
@@ -439,21 +431,8 @@ def test_s3_large_blob_goes_in_parts_and_a_failed_one_leaves_nothing(
     with store.open_range(info.key, boundary - 3, 10) as fh:
         assert fh.read() == data[boundary - 3 : boundary + 7]
 
-    class Failing(io.RawIOBase):
-        sent = 0
-
-        def readable(self) -> bool:
-            return True
-
-        def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-            if self.sent > 20 * 1024 * 1024:
-                raise ConnectionResetError("peer went away")
-            buffer[:] = b"x" * len(buffer)
-            self.sent += len(buffer)
-            return len(buffer)
-
     with pytest.raises(ConnectionResetError):
-        store.put(Failing())  # type: ignore[arg-type]
+        store.put(_FailingSource(after=20 * 1024 * 1024))  # type: ignore[arg-type]
     assert _keys(store) == [info.key]
 
 

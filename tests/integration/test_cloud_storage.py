@@ -17,7 +17,6 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from sqlalchemy import func, select
 
-from appliance.encoding import read_layout
 from appliance.index.schema import instance
 from tests.conftest import (
     S3_ACCESS_KEY,
@@ -30,11 +29,10 @@ from tests.conftest import (
     start_azurite,
     started_appliance,
 )
-from tests.helpers import multipart
+from tests.helpers import data_set_of, multipart, stow
 
 pytestmark = [pytest.mark.integration, pytest.mark.interop]
 
-STOW_TYPE = 'multipart/related; type="application/dicom"; boundary=azure-test'
 RETRIEVE = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
 
@@ -66,20 +64,6 @@ def app(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LiveApplianc
     yield from started_appliance(config)
 
 
-def _stow(app: LiveAppliance, data: bytes) -> httpx.Response:
-    body = (
-        b"--azure-test\r\nContent-Type: application/dicom\r\n\r\n"
-        + data
-        + b"\r\n--azure-test--\r\n"
-    )
-    return httpx.post(
-        f"{app.base_url}/v1/studies",
-        content=body,
-        headers={"Content-Type": STOW_TYPE, "Accept": "application/dicom+json"},
-        timeout=60,
-    )
-
-
 def _names(app: LiveAppliance) -> list[str]:
     """The names of the objects in the appliance's container or bucket."""
     store: Any = app.services.storage
@@ -96,7 +80,7 @@ def test_both_protocols_store_into_and_read_from_the_container(
     (dcmtk, through a temporary local copy of the blob) out byte for byte;
     two blobs in the container and none on the disk."""
     stowed = Path(get_testdata_file("CT_small.dcm"))  # type: ignore[arg-type]
-    response = _stow(app, stowed.read_bytes())
+    response = stow(app.base_url, stowed.read_bytes())
     assert response.status_code == 200, response.text
     header = dcmread(stowed, stop_before_pixels=True)
     url = (
@@ -162,8 +146,7 @@ def test_both_protocols_store_into_and_read_from_the_container(
         f"{mr.SeriesInstanceUID}/instances/{mr.SOPInstanceUID}"
     )
     stored = multipart(httpx.get(mr_url, headers={"Accept": RETRIEVE}, timeout=60))[0][1]
-    (tmp_path / "stored.dcm").write_bytes(stored)
-    assert _data_set(received) == _data_set(tmp_path / "stored.dcm")
+    assert data_set_of(received.read_bytes()) == data_set_of(stored)
 
     assert len(_names(app)) == 2
     assert not Path(app.config.storage.path).exists() or not any(
@@ -176,14 +159,6 @@ def _storage_check(app: LiveAppliance) -> str:
     appliance has no DIMSE worker markers, so the whole probe fails)."""
     body = httpx.get(f"{app.base_url}/health/ready", timeout=60).json()
     return str(body["checks"]["storage"][0]["status"])
-
-
-def _data_set(path: Path) -> bytes:
-    """What follows a Part 10 file's File Meta group."""
-    with path.open("rb") as fp:
-        layout = read_layout(fp)
-        fp.seek(layout.offset)
-        return fp.read()
 
 
 def test_a_stopped_azure_store_fails_ingest_cleanly_and_recovers(
@@ -201,7 +176,7 @@ def test_a_stopped_azure_store_fails_ingest_cleanly_and_recovers(
             assert _storage_check(app) == "fail"
 
             data = Path(get_testdata_file("CT_small.dcm")).read_bytes()  # type: ignore[arg-type]
-            assert _stow(app, data).status_code == 503
+            assert stow(app.base_url, data).status_code == 503
             sent = Path(get_testdata_file("MR_small.dcm"))  # type: ignore[arg-type]
             store = subprocess.run(
                 [
@@ -223,7 +198,7 @@ def test_a_stopped_azure_store_fails_ingest_cleanly_and_recovers(
                 assert conn.execute(select(func.count()).select_from(instance)).scalar_one() == 0
 
             service = start_azurite(tmp_path / "azurite2", port=service.port)
-            assert _stow(app, data).status_code == 200
+            assert stow(app.base_url, data).status_code == 200
             assert _storage_check(app) == "pass"
     finally:
         service.stop()

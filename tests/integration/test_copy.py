@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
-from sqlalchemy import create_engine, text
 
 from appliance.cli import main
 from appliance.config import load_config
@@ -20,7 +19,7 @@ from appliance.index.engine import create_index_engine
 from appliance.model import Origin
 from appliance.services import build_services
 from appliance.status import Status
-from tests.conftest import PG_ADMIN_URL, Azurite, missing_peer
+from tests.conftest import Azurite, throwaway_pg_database
 
 pytestmark = [pytest.mark.integration, pytest.mark.interop]
 
@@ -29,18 +28,8 @@ FILES = ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "image_dfl.dcm", "SC_rg
 
 @pytest.fixture
 def database() -> Iterator[str]:
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
-    name = f"appliance_copy_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # noqa: BLE001 - any failure means "no server here"
-        admin.dispose()
-        missing_peer(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc.__class__.__name__}")
-    yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with throwaway_pg_database("appliance_copy") as url:
+        yield url
 
 
 def _write(path: Path, text_: str) -> Path:

@@ -20,36 +20,21 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import create_engine, text
 
-from tests.conftest import PG_ADMIN_URL, Azurite, dcmtk, free_port, missing_peer
-from tests.helpers import multipart
+from tests.conftest import Azurite, dcmtk, free_port, throwaway_pg_database
+from tests.helpers import data_set_of, multipart, stow
 from tests.integration.test_dimse_retrieve import storescp
 from tests.integration.test_serve import AE_TITLE, Appliance, make_site, running
 
 pytestmark = [pytest.mark.integration, pytest.mark.interop, pytest.mark.slow]
 
 RETRIEVE = 'multipart/related; type="application/dicom"; transfer-syntax=*'
-STOW_TYPE = 'multipart/related; type="application/dicom"; boundary=multinode'
 
 
 @pytest.fixture
 def database() -> Iterator[str]:
     """A throwaway PostgreSQL database for the two nodes (not migrated)."""
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        missing_peer("psycopg is not installed")
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
-    name = f"appliance_nodes_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # noqa: BLE001 - any failure means "no server here"
-        admin.dispose()
-        missing_peer(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc.__class__.__name__}")
-    yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with throwaway_pg_database("appliance_nodes") as url:
+        yield url
 
 
 @contextlib.contextmanager
@@ -97,15 +82,6 @@ def _instance_url(node: Appliance, ds: Dataset) -> str:
     )
 
 
-def _data_set(raw: bytes) -> bytes:
-    from io import BytesIO
-
-    from appliance.encoding import read_layout
-
-    layout = read_layout(BytesIO(raw))
-    return raw[layout.offset :]
-
-
 def test_what_one_node_stores_the_other_finds_serves_and_moves(
     tmp_path: Path, database: str, azurite: Azurite
 ) -> None:
@@ -129,17 +105,7 @@ def test_what_one_node_stores_the_other_finds_serves_and_moves(
         from_a = httpx.get(_instance_url(a, ct_header), headers={"Accept": RETRIEVE}, timeout=30)
         assert multipart(from_b)[0][1] == multipart(from_a)[0][1]
 
-        body = (
-            b"--multinode\r\nContent-Type: application/dicom\r\n\r\n"
-            + mr.read_bytes()
-            + b"\r\n--multinode--\r\n"
-        )
-        stored = httpx.post(
-            f"{b.base_url}/v1/studies",
-            content=body,
-            headers={"Content-Type": STOW_TYPE, "Accept": "application/dicom+json"},
-            timeout=60,
-        )
+        stored = stow(b.base_url, mr.read_bytes())
         assert stored.status_code == 200, stored.text
         mr_header = dcmread(mr, stop_before_pixels=True)
         dest_port = int(a.site.env["DEST_PORT"])
@@ -167,7 +133,7 @@ def test_what_one_node_stores_the_other_finds_serves_and_moves(
         log = moved.stdout + moved.stderr
         assert "Received Final Move Response (Success)" in log, log[-2000:]
         (received,) = list(out.iterdir())
-        assert _data_set(received.read_bytes()) == _data_set(mr.read_bytes())
+        assert data_set_of(received.read_bytes()) == data_set_of(mr.read_bytes())
 
         for node in (a, b):
             answer = httpx.get(f"{node.base_url}/v1/changefeed", timeout=30)

@@ -13,21 +13,18 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from pydicom.data import get_testdata_file
-from sqlalchemy import create_engine, text
 
-from tests.conftest import PG_ADMIN_URL, dcmtk, missing_peer
+from tests.conftest import dcmtk, missing_peer, throwaway_pg_database
+from tests.helpers import stow
 from tests.integration.test_serve import AE_TITLE, make_site, running
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-STOW_TYPE = 'multipart/related; type="application/dicom"; boundary=restart'
 
 
 def _cluster() -> tuple[str, str]:
@@ -57,31 +54,9 @@ def _pg_ready(timeout: float) -> bool:
 
 @pytest.fixture
 def database() -> Iterator[str]:
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
-    name = f"appliance_restart_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # noqa: BLE001 - any failure means "no server here"
-        admin.dispose()
-        missing_peer(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc.__class__.__name__}")
-    yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    assert _pg_ready(60)
-    admin.dispose()  # its pooled connection died with the restart
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-
-
-def _stow(base_url: str, data: bytes) -> int:
-    body = b"--restart\r\nContent-Type: application/dicom\r\n\r\n" + data + b"\r\n--restart--\r\n"
-    response = httpx.post(
-        f"{base_url}/v1/studies",
-        content=body,
-        headers={"Content-Type": STOW_TYPE, "Accept": "application/dicom+json"},
-        timeout=120,
-    )
-    return response.status_code
+    with throwaway_pg_database("appliance_restart") as url:
+        yield url
+        assert _pg_ready(60)  # the test restarted the server: wait before the drop
 
 
 def test_index_server_restart_fails_cleanly_then_recovers(tmp_path: Path, database: str) -> None:
@@ -94,10 +69,10 @@ def test_index_server_restart_fails_cleanly_then_recovers(tmp_path: Path, databa
     ct = Path(get_testdata_file("CT_small.dcm")).read_bytes()  # type: ignore[arg-type]
     mr = Path(get_testdata_file("MR_small.dcm"))  # type: ignore[arg-type]
     with running(site) as node:
-        assert _stow(node.base_url, ct) == 200
+        assert stow(node.base_url, ct).status_code == 200
         subprocess.run(["pg_ctlcluster", version, name, "stop", "-m", "fast"], check=True)
         try:
-            assert _stow(node.base_url, ct) == 503
+            assert stow(node.base_url, ct).status_code == 503
             search = httpx.get(f"{node.base_url}/v1/studies", timeout=60)
             assert search.status_code == 503, search.text
             assert "Traceback" not in search.text
@@ -123,7 +98,7 @@ def test_index_server_restart_fails_cleanly_then_recovers(tmp_path: Path, databa
             subprocess.run(["pg_ctlcluster", version, name, "start"], check=True)
             assert _pg_ready(60), "PostgreSQL did not come back"
         # the same processes, new connections
-        assert _stow(node.base_url, mr.read_bytes()) == 200
+        assert stow(node.base_url, mr.read_bytes()).status_code == 200
         studies = httpx.get(f"{node.base_url}/v1/studies", timeout=60)
         assert studies.status_code == 200
         assert len(studies.json()) == 2
