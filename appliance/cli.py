@@ -32,7 +32,7 @@ from appliance import __version__
 from appliance.config import Config, load_config, render_config
 from appliance.errors import ApplianceError, ConfigError, SchemaNotCurrent
 from appliance.index import migrate
-from appliance.index.engine import create_index_engine
+from appliance.index.engine import engine_for
 from appliance.logs import set_process_name, setup_logging
 from appliance.storage import open_blob_store
 
@@ -139,7 +139,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     """``migrate``: upgrade the index to the newest revision."""
     config = load_config(args.config)
-    engine = create_index_engine(config.index.url)
+    engine = engine_for(config.index)
     try:
         before = migrate.current_revision(engine)
         migrate.upgrade(engine)
@@ -227,7 +227,7 @@ def prepare(config: Config) -> None:
     StorageError, ConfigError
         if the storage cannot be opened or written.
     """
-    engine = create_index_engine(config.index.url)
+    engine = engine_for(config.index)
     try:
         if config.index.auto_migrate:
             before = migrate.current_revision(engine)

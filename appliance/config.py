@@ -46,6 +46,10 @@ def _positive(value: int) -> str | None:
     return None if value >= 1 else "must be 1 or more"
 
 
+def _non_negative(value: int) -> str | None:
+    return None if value >= 0 else "must be 0 or more"
+
+
 def _nonempty(value: str) -> str | None:
     return None if value.strip() else "must not be empty"
 
@@ -212,6 +216,12 @@ class IndexConfig:
     url: str = _field("sqlite:///./data/index.db", check=_index_url, secret=True)
     #: migrate the database on ``serve`` instead of refusing to start
     auto_migrate: bool = _field(False)
+    #: PostgreSQL: connections each process keeps open, the extra ones it may
+    #: open under load (closed when returned), and the seconds a request waits
+    #: for a free one before it fails as "index unavailable" (SQLite: unused)
+    pool_size: int = _field(5, check=_positive)
+    max_overflow: int = _field(10, check=_non_negative)
+    pool_timeout: int = _field(30, check=_positive)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ from sqlalchemy import Engine
 from appliance.config import Config
 from appliance.delete import DeleteService
 from appliance.index import migrate
-from appliance.index.engine import create_index_engine
+from appliance.index.engine import engine_for
 from appliance.index.sql import SqlIndex
 from appliance.ingest import IngestService
 from appliance.logs import quiet_pydicom
@@ -64,7 +64,7 @@ def build_services(config: Config, *, require_schema: bool = True) -> Services:
         for a storage backend that is not available.
     """
     quiet_pydicom()  # every process that reads DICOM builds its services
-    engine = create_index_engine(config.index.url)
+    engine = engine_for(config.index)
     try:
         if require_schema:
             migrate.require_current(engine)

@@ -8,11 +8,15 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
+from appliance.config import IndexConfig
+
 #: Execution option: begin the transaction as a writer (SQLite BEGIN IMMEDIATE).
 WRITE = {"appliance_write": True}
 
 
-def create_index_engine(url: str, *, pool_size: int = 5) -> Engine:
+def create_index_engine(
+    url: str, *, pool_size: int = 5, max_overflow: int = 10, pool_timeout: int = 30
+) -> Engine:
     """An engine for *url*, configured for the appliance's durability promise.
 
     SQLite: WAL journal (readers never block the writer), ``synchronous=FULL``
@@ -22,6 +26,12 @@ def create_index_engine(url: str, *, pool_size: int = 5) -> Engine:
     PostgreSQL's, and as DICOM matching wants: PS3.4 C.2.2.2.4), and writers
     that take the write lock at BEGIN (``BEGIN IMMEDIATE``) so two writers
     never deadlock upgrading a read lock.  The folder of the file is created.
+
+    PostgreSQL: a pool of *pool_size* connections kept open plus up to
+    *max_overflow* more under load, each checked before use (a server
+    restart leaves dead ones in the pool); a request that finds none free
+    within *pool_timeout* seconds fails (``sqlalchemy.exc.TimeoutError``,
+    which the index reports as unavailable).
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -30,7 +40,23 @@ def create_index_engine(url: str, *, pool_size: int = 5) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30})
         _configure_sqlite(engine)
         return engine
-    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    return create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_timeout=pool_timeout,
+        pool_pre_ping=True,
+    )
+
+
+def engine_for(index: IndexConfig) -> Engine:
+    """The engine for the ``[index]`` section *index*."""
+    return create_index_engine(
+        index.url,
+        pool_size=index.pool_size,
+        max_overflow=index.max_overflow,
+        pool_timeout=index.pool_timeout,
+    )
 
 
 def _configure_sqlite(engine: Engine) -> None:
