@@ -283,8 +283,12 @@ class Azurite:
         try:
             self.process.wait(10)
         except Exception:  # noqa: BLE001 - it did not stop: make it
-            self.process.kill()
-            self.process.wait(10)
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL: the service dies at once, as in a crash."""
+        self.process.kill()
+        self.process.wait(10)
 
 
 def azurite_connection_string(port: int) -> str:
@@ -294,10 +298,11 @@ def azurite_connection_string(port: int) -> str:
     )
 
 
-def start_azurite(folder: Path, port: int | None = None) -> Azurite:
-    """Start ``azurite-blob`` on loopback (in memory; it runs in *folder*)
-    and wait until it accepts connections.  Skips (fails
-    under CI) when Azurite is not installed."""
+def start_azurite(folder: Path, port: int | None = None, *, on_disk: bool = False) -> Azurite:
+    """Start ``azurite-blob`` on loopback and wait until it accepts
+    connections; it runs in *folder*, and keeps its blobs in memory, or in
+    *folder* if *on_disk* (then a restart in the same folder finds them
+    again).  Skips (fails under CI) when Azurite is not installed."""
     import shutil
     import socket
     import subprocess
@@ -316,7 +321,7 @@ def start_azurite(folder: Path, port: int | None = None) -> Azurite:
             "127.0.0.1",
             "--blobPort",
             str(port),
-            "--inMemoryPersistence",
+            *(["--location", str(folder)] if on_disk else ["--inMemoryPersistence"]),
             # current SDKs send a newer API version than Azurite knows
             "--skipApiVersionCheck",
             "--silent",
@@ -375,8 +380,12 @@ class SeaweedS3:
         try:
             self.process.wait(3)
         except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL: the service dies at once, as in a crash."""
+        self.process.kill()
+        self.process.wait(10)
 
 
 def _weed() -> str | None:

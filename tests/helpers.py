@@ -61,6 +61,36 @@ def stow(base_url: str, *parts: bytes, timeout: float = 120) -> httpx.Response:
     )
 
 
+def small_study(count: int, patient_id: str = "NODES-1", size: int = 8) -> list[Dataset]:
+    """*count* CT instances (*size* x *size* 16-bit pixels) of one new study
+    and series, with their File Meta (explicit VR little endian)."""
+    study, series = generate_uid(), generate_uid()
+    instances = []
+    for number in range(1, count + 1):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        ds.SOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.PatientID, ds.PatientName = patient_id, "Nodes^Test"
+        ds.Modality, ds.InstanceNumber = "CT", number
+        ds.Rows = ds.Columns = size
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+        ds.SamplesPerPixel, ds.PixelRepresentation = 1, 0
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.PixelData = bytes(2 * size * size)
+        instances.append(ds)
+    return instances
+
+
+def part10_of(ds: Dataset) -> bytes:
+    """*ds* as a Part 10 file."""
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
 def data_set_of(part10: bytes) -> bytes:
     """What follows a Part 10 file's File Meta group: the data set as sent
     over DIMSE."""

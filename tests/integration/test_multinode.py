@@ -16,12 +16,11 @@ import httpx
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
 from sqlalchemy import create_engine, text
 
 from tests.conftest import Azurite, dcmtk, free_port, throwaway_pg_database
-from tests.helpers import data_set_of, multipart, stow
+from tests.helpers import data_set_of, multipart, small_study, stow
 from tests.integration.test_dimse_retrieve import storescp
 from tests.integration.test_serve import AE_TITLE, Appliance, make_site, running
 
@@ -150,22 +149,8 @@ def test_what_one_node_stores_the_other_finds_serves_and_moves(
 def _study(folder: Path, count: int) -> list[Path]:
     """*count* small CT instances of one new study and series, as files."""
     folder.mkdir(parents=True)
-    study, series = generate_uid(), generate_uid()
     paths = []
-    for number in range(1, count + 1):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-        ds.SOPInstanceUID = generate_uid()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.PatientID, ds.PatientName = "NODES-1", "Nodes^Test"
-        ds.Modality, ds.InstanceNumber = "CT", number
-        ds.Rows = ds.Columns = 8
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-        ds.SamplesPerPixel, ds.PixelRepresentation = 1, 0
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.PixelData = bytes(128)
+    for number, ds in enumerate(small_study(count), start=1):
         path = folder / f"{number:03d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
