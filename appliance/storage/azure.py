@@ -8,9 +8,11 @@ backend is configured.
   Nothing from the DICOM data reaches a name.
 - **Writes.** ``put`` uploads a block blob with ``If-None-Match: *`` (an
   existing name is never overwritten; a clash, which random keys make
-  practically impossible, gets a new key).  The SDK sends a small blob in
-  one request and a large one as blocks committed at the end, streaming from
-  the source, so a put interrupted at any point leaves nothing under a name
+  practically impossible, gets a new key).  A blob of up to
+  :data:`SINGLE_PUT_MAX` bytes from a source that knows its length goes in
+  one request (Put Blob); a larger one, or one of unknown length, as blocks
+  committed at the end, streamed from the source, so a put interrupted at
+  any point leaves nothing under a name
   (uncommitted blocks are invisible and Azure discards them after a week).
   Azure acknowledges a write once it is durably stored, so a returned put is
   durable.
@@ -60,8 +62,13 @@ from appliance.storage.cloud import (
     new_key,
     object_name,
     position,
+    remaining,
     temporary_copy,
 )
+
+#: The largest blob written in one request (the SDK holds it in memory);
+#: larger ones are written as blocks of the SDK's 4 MiB.
+SINGLE_PUT_MAX = 4 * 1024 * 1024
 
 
 class AzureBlobStore:
@@ -101,6 +108,8 @@ class AzureBlobStore:
             "connection_timeout": CONNECT_TIMEOUT,
             "read_timeout": READ_TIMEOUT,
             "max_single_get_size": CHUNK_SIZE,
+            # the SDK holds a single put in memory: keep it small
+            "max_single_put_size": SINGLE_PUT_MAX,
             "max_chunk_get_size": CHUNK_SIZE,
         }
         with _azure_errors("connect to the Azure Blob service"):
@@ -129,6 +138,9 @@ class AzureBlobStore:
 
     def put(self, source: IO[bytes]) -> BlobInfo:
         start = position(source)
+        # a known length lets the SDK send a small blob in one request
+        # instead of a block and a block list
+        length = remaining(source)
         for _ in range(3):
             key = new_key()
             counted = CountingReader(source)
@@ -137,6 +149,7 @@ class AzureBlobStore:
                     self._client().upload_blob(
                         key,
                         io.BufferedReader(counted, CHUNK_SIZE),
+                        length=length,
                         overwrite=False,  # If-None-Match: *
                         max_concurrency=1,
                     )

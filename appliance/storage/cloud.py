@@ -52,6 +52,20 @@ def position(source: IO[bytes]) -> int | None:
         return None
 
 
+def remaining(source: IO[bytes]) -> int | None:
+    """How many bytes *source* holds from where it is, if it can tell (it is
+    left where it was)."""
+    start = position(source)
+    if start is None:
+        return None
+    try:
+        end = source.seek(0, io.SEEK_END)
+        source.seek(start)
+    except (OSError, ValueError):
+        return None
+    return end - start
+
+
 class CountingReader(io.RawIOBase):
     """The source stream, counting the bytes read from it."""
 

@@ -310,6 +310,38 @@ def test_azure_put_whose_source_fails_leaves_nothing(azurite: Azurite) -> None:
     assert _names(store) == []
 
 
+class _Unseekable(io.RawIOBase):
+    """A stream that cannot tell its length (as a socket)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        return self._data.readinto(buffer)
+
+
+def test_azure_small_blob_of_known_length_goes_in_one_request(azurite: Azurite) -> None:
+    """A source that knows its length is written with one Put Blob (no
+    blocks), from where the source is; one that does not is written as
+    blocks and a block list.  Both read back the same."""
+    store = _azure(azurite)
+    data = os.urandom(100_000)
+    source = io.BytesIO(b"skipped" + data)
+    source.seek(7)
+    whole = store.put(source)
+    streamed = store.put(io.BufferedReader(_Unseekable(data)))
+    for info, blocks in ((whole, 0), (streamed, 1)):
+        assert info.size == len(data)
+        with store.open(info.key) as fh:
+            assert fh.read() == data
+        blob = store._client().get_blob_client(info.key)
+        committed, _ = blob.get_block_list("committed")
+        assert len(committed) == blocks
+
+
 def test_azure_large_blob_streams_in_blocks(azurite: Azurite) -> None:
     """A blob larger than one block (4 MiB) is uploaded in blocks and read
     back whole, and by range across a block boundary."""
