@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import sys
 import time
 from collections.abc import Callable
@@ -33,6 +34,8 @@ from typing import Any
 
 from bench import compare, core, report
 from bench.servers import (
+    SCALED_LABELS,
+    SCALED_STORES,
     appliance,
     orthanc,
     orthanc_available,
@@ -56,9 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     parser.add_argument(
         "--scaled-out",
-        action="store_true",
-        help="also run the appliance on PostgreSQL + Azure Blob storage (Azurite): "
-        "its figures in a column of their own",
+        nargs="?",
+        const="s3",
+        choices=SCALED_STORES,
+        metavar="STORE",
+        help="also run the appliance on PostgreSQL + an object store, its figures in a "
+        "column of their own: s3 (default: SeaweedFS's S3 API) or azure (Azurite, whose "
+        "in-memory store slows as it fills: see docs/performance.md)",
     )
     args = parser.parse_args(argv)
     if args.reps < 1:
@@ -72,10 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.part != "core":
         servers.append(("appliance", appliance))
         if args.scaled_out:
-            problem = scaled_out_available()
+            problem = scaled_out_available(args.scaled_out)
             if problem:
                 parser.error(f"--scaled-out: {problem}")
-            servers.append(("appliance-scaled", scaled_appliance))
+            servers.append(
+                ("appliance-scaled", functools.partial(scaled_appliance, store=args.scaled_out))
+            )
         problem = orthanc_available()
         if problem:
             print(f"Orthanc left out, ratios will be missing: {problem}", file=sys.stderr)
@@ -101,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     path = report.write(document, started)
     if entries:
         print()
-        print(report.table(entries))
+        print(report.table(entries, SCALED_LABELS.get(args.scaled_out or "", "")))
     if core_figures:
         print("\ncore, in-process (no server):")
         for key, value in core_figures.items():

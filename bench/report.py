@@ -162,7 +162,10 @@ def comparison(reports: dict[str, ServerReport]) -> list[dict[str, Any]]:
     return entries
 
 
-def table(entries: list[dict[str, Any]]) -> str:
+def table(entries: list[dict[str, Any]], scaled_label: str = "scaled out") -> str:
+    """The comparison as a text table; *scaled_label* heads the scaled-out
+    column, if there is one."""
+
     def number(value: float | None) -> str:
         if value is None:
             return "-"
@@ -177,7 +180,7 @@ def table(entries: list[dict[str, Any]]) -> str:
     scaled = any("scaled_out" in e for e in entries)
     header: tuple[str, ...] = ("metric", "appliance", "orthanc", "ratio")
     if scaled:
-        header += ("PG+Azure",)
+        header += (scaled_label or "scaled out",)
     header += ("target",)
     lines = [header]
     for e in entries:

