@@ -36,10 +36,11 @@ unit: $(STAMP)
 	$(BIN)/pytest tests/unit
 
 ## the appliance next to Orthanc on one corpus (installs Orthanc and dcmtk
-## when missing); results in bench/results/, a table at the end
+## when missing); results in bench/results/, a table at the end;
+## BENCH_ARGS=--scaled-out adds the appliance on PostgreSQL + SeaweedFS
 bench: $(STAMP)
 	sh bench/ensure_tools.sh
-	$(BIN)/python -m bench all
+	$(BIN)/python -m bench all $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
