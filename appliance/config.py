@@ -245,6 +245,76 @@ class LogConfig:
     )
 
 
+def _between(low: int, high: int) -> Validator:
+    def check(value: int) -> str | None:
+        return None if low <= value <= high else f"must be from {low} to {high}"
+
+    return check
+
+
+def _forward_name(value: str) -> str | None:
+    if re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value) is None:
+        return "must be 1 to 64 letters, digits, '.', '_' or '-'"
+    return None
+
+
+def _service_url(value: str) -> str | None:
+    if re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:@]+(/[A-Za-z0-9._~\-/%]*[^/])?", value) is None:
+        return "must be an http(s) URL without a trailing slash or query"
+    return None
+
+
+def _optional_url(value: str) -> str | None:
+    return None if not value else _service_url(value)
+
+
+def _ae_titles(value: tuple[str, ...]) -> str | None:
+    for title in value:
+        problem = _ae_title(title)
+        if problem:
+            return f"{title!r} {problem}"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardConfig:
+    """One upstream DICOMweb destination (``[[forward]]``): what is sent
+    there, how, and with which credentials (README "Forwarding")."""
+
+    name: str = _field("", check=_forward_name)
+    #: the upstream's DICOMweb service root (STOW-RS goes to {url}/studies)
+    url: str = _field("", check=_service_url)
+    #: none | bearer (token_file) | basic (username, password) |
+    #: oauth2 (client credentials: token_url, client_id, client_secret, scope)
+    auth: Literal["none", "bearer", "basic", "oauth2"] = _field(
+        "none", check=_one_of("none", "bearer", "basic", "oauth2")
+    )
+    #: bearer: a file holding the token, read again whenever it changes
+    token_file: str = _field("")
+    username: str = _field("")
+    password: str = _field("", secret=True)
+    token_url: str = _field("", check=_optional_url)
+    client_id: str = _field("")
+    client_secret: str = _field("", secret=True)
+    scope: str = _field("")
+    #: filters (empty: any): the sender's Calling AE Title (C-STORE only;
+    #: STOW-RS has none), the series' Modality, the SOP Class UID
+    calling_ae_titles: tuple[str, ...] = _field((), check=_ae_titles)
+    modalities: tuple[str, ...] = _field(())
+    sop_classes: tuple[str, ...] = _field((), check=_uid_list)
+    #: re-encode Implicit VR Little Endian as Explicit VR Little Endian
+    #: before sending (e.g. Azure's DICOM service accepts only explicit VR)
+    explicit_vr_only: bool = _field(False)
+    #: forward deletions (DELETE of the instance upstream)
+    forward_deletes: bool = _field(True)
+    #: instances per STOW-RS request, and requests in flight at once
+    batch_size: int = _field(20, check=_between(1, 500))
+    concurrency: int = _field(2, check=_between(1, 16))
+    #: seconds for one request, and the longest wait between two tries
+    timeout: int = _field(60, check=_positive)
+    retry_max_seconds: int = _field(300, check=_positive)
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """The whole effective configuration; built by :func:`load_config`."""
@@ -256,6 +326,8 @@ class Config:
     ingest: IngestConfig = dataclasses.field(default_factory=IngestConfig)
     query: QueryConfig = dataclasses.field(default_factory=QueryConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    #: upstream DICOMweb destinations (``[[forward]]``, an array of tables)
+    forward: tuple[ForwardConfig, ...] = ()
     #: the file it was read from, if any (not a key)
     source: Path | None = dataclasses.field(default=None, compare=False)
 
@@ -265,6 +337,10 @@ SECTIONS: dict[str, type[Any]] = {
     for f in dataclasses.fields(Config)
     if f.name != "source"
 }
+
+#: The top-level arrays of tables (``[[forward]]``); in the environment the
+#: whole array is one variable, ``APPLIANCE_FORWARD``, a TOML inline array.
+LIST_SECTIONS = frozenset({"forward"})
 
 
 # --------------------------------------------------------------------------
@@ -315,6 +391,9 @@ def load_config(
     for name, value in data.items():
         if name not in SECTIONS:
             raise ConfigError(name, "unknown section")
+        if name in LIST_SECTIONS:
+            sections[name] = _coerce(SECTIONS[name], value, name)
+            continue
         if not isinstance(value, dict):
             raise ConfigError(name, "must be a table")
         sections[name] = _build(
@@ -330,6 +409,7 @@ def load_config(
             "dimse.require_known_peers is true but no peer is listed, so no one could associate",
         )
     _check_storage(config.storage)
+    _check_forward(config.forward)
     config = _resolve_storage_path(config, cwd)
     return resolve_index_url(config, cwd) if index_url else config
 
@@ -339,9 +419,12 @@ def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> None
         if not var.startswith(ENV_PREFIX):
             continue
         rest = var[len(ENV_PREFIX) :]
+        if rest.lower() in LIST_SECTIONS:
+            data[rest.lower()] = _parse_env_value(var, environ[var], SECTIONS[rest.lower()])
+            continue
         section, _, key = rest.partition("_")
         section, key = section.lower(), key.lower()
-        cls = SECTIONS.get(section)
+        cls = SECTIONS.get(section) if section not in LIST_SECTIONS else None
         hints = typing.get_type_hints(cls) if cls is not None else {}
         if cls is None or key not in hints:
             raise ConfigError(var, "environment variable names no known configuration key")
@@ -457,6 +540,25 @@ def _check_storage(storage: StorageConfig) -> None:
             )
 
 
+def _check_forward(destinations: tuple[ForwardConfig, ...]) -> None:
+    """Names unique, and the keys each auth mode needs."""
+    seen: set[str] = set()
+    needs = {
+        "bearer": ("token_file",),
+        "basic": ("username", "password"),
+        "oauth2": ("token_url", "client_id", "client_secret"),
+    }
+    for i, destination in enumerate(destinations):
+        if destination.name in seen:
+            raise ConfigError(f"forward[{i}].name", f"{destination.name!r} is used twice")
+        seen.add(destination.name)
+        for key in needs.get(destination.auth, ()):
+            if not getattr(destination, key):
+                raise ConfigError(
+                    f"forward[{i}].{key}", f"is required with auth = {destination.auth}"
+                )
+
+
 def _resolve_storage_path(config: Config, cwd: Path) -> Config:
     storage_path = config.storage.path
     if not storage_path.is_absolute():
@@ -502,6 +604,12 @@ def render_config(config: Config) -> str:
     if config.source is not None:
         lines.append(f"# read from {config.source}")
     for section in SECTIONS:
+        if section in LIST_SECTIONS:
+            for item in getattr(config, section):
+                lines.append(f"[[{section}]]")
+                lines.extend(_render_fields(item))
+                lines.append("")
+            continue
         obj = getattr(config, section)
         lines.append(f"[{section}]")
         nested: list[tuple[str, tuple[Any, ...]]] = []
@@ -520,10 +628,22 @@ def render_config(config: Config) -> str:
         for name, items in nested:
             for item in items:
                 lines.append(f"[[{section}.{name}]]")
-                for f in dataclasses.fields(item):
-                    lines.append(f"{f.name} = {_toml_value(getattr(item, f.name))}")
+                lines.extend(_render_fields(item))
                 lines.append("")
     return "\n".join(lines)
+
+
+def _render_fields(obj: Any) -> list[str]:
+    lines = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, tuple):
+            lines.append(f"{f.name} = [{', '.join(_toml_value(v) for v in value)}]")
+            continue
+        if f.metadata.get("secret") and value:
+            value = _mask(f.name, value)
+        lines.append(f"{f.name} = {_toml_value(value)}")
+    return lines
 
 
 def _mask(name: str, value: str) -> str:
