@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from appliance.errors import ApplianceError
 from appliance.index.sql import SqlIndex, StoredInstance
@@ -19,9 +20,13 @@ class DeleteService:
     fails afterwards is unreferenced and the orphan sweep removes it.
     """
 
-    def __init__(self, index: SqlIndex, storage: BlobStore) -> None:
+    def __init__(
+        self, index: SqlIndex, storage: BlobStore, forward_deletes_to: Sequence[str] = ()
+    ) -> None:
         self.index = index
         self.storage = storage
+        #: the forwarding destinations that are sent deletions
+        self.forward_deletes_to = tuple(forward_deletes_to)
 
     def delete(
         self, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None
@@ -35,7 +40,9 @@ class DeleteService:
         IndexUnavailable
             if the index fails (then nothing was deleted).
         """
-        removed = self.index.delete(study_uid, series_uid, sop_uid)
+        removed = self.index.delete(
+            study_uid, series_uid, sop_uid, forward_to=self.forward_deletes_to
+        )
         failed = 0
         for stored in removed:
             try:

@@ -13,6 +13,7 @@ from sqlalchemy import Engine
 
 from appliance.config import Config
 from appliance.delete import DeleteService
+from appliance.forward.routes import Routes
 from appliance.index import migrate
 from appliance.index.engine import engine_for
 from appliance.index.sql import SqlIndex
@@ -73,13 +74,14 @@ def build_services(config: Config, *, require_schema: bool = True) -> Services:
         engine.dispose()
         raise
     index = SqlIndex(engine)
+    routes = Routes(config.forward)
     return Services(
         config=config,
         engine=engine,
         storage=storage,
         index=index,
-        ingest=IngestService(storage, index, config.ingest),
+        ingest=IngestService(storage, index, config.ingest, routes),
         query=QueryService(engine, max_results=config.query.max_results),
         retrieve=RetrieveService(index, storage),
-        delete=DeleteService(index, storage),
+        delete=DeleteService(index, storage, routes.deletes_to),
     )

@@ -240,3 +240,31 @@ task_lease = Table(
     Column("holder", String(255), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False),
 )
+
+#: Forwarding outbox (``appliance/forward``): one row per instance stored
+#: (``action`` store) or deleted (delete) that a ``[[forward]]`` destination
+#: takes, written in the same transaction as the instance's own rows.
+#: ``state`` is queued | delivered | parked (a permanent failure, kept with
+#: the upstream's reason until re-queued) | superseded (the instance was
+#: deleted here before it could be sent).  A queued row is claimed by setting
+#: ``claim_token`` and moving ``next_attempt_at`` past the claim's lease, so
+#: one sender of one node has it at a time; a sender that dies leaves it to be
+#: claimed again when the lease runs out (at-least-once delivery).
+forward_entry = Table(
+    "forward_entry",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("destination", String(64), nullable=False),
+    Column("action", String(8), nullable=False),
+    Column("study_instance_uid", UID, nullable=False),
+    Column("series_instance_uid", UID, nullable=False),
+    Column("sop_instance_uid", UID, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Column("claim_token", String(32), nullable=True),
+    Column("last_error", String(1024), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index(None, "destination", "state", "next_attempt_at"),
+)

@@ -26,6 +26,7 @@ from appliance.errors import IndexUnavailable, InvalidInstance, NotFound
 from appliance.index.engine import WRITE
 from appliance.index.schema import (
     changefeed,
+    forward_entry,
     instance,
     patient,
     request_attribute,
@@ -208,6 +209,7 @@ _SERIES_FOR_UPDATE = (
 )
 _INSERT_INSTANCE = instance.insert()
 _INSERT_CHANGE = changefeed.insert()
+_INSERT_FORWARD = forward_entry.insert()
 _COUNT_SERIES = (
     update(series)
     .where(series.c.id == bindparam("row_id"))
@@ -383,9 +385,15 @@ class SqlIndex:
     # ----------------------------------------------------------------- writes
 
     def add_instance(
-        self, record: InstanceRecord, blob: BlobInfo, duplicate_policy: str = "keep"
+        self,
+        record: InstanceRecord,
+        blob: BlobInfo,
+        duplicate_policy: str = "keep",
+        forward_to: Sequence[str] = (),
     ) -> AddResult:
-        """Index *record*, stored as *blob*, in one transaction.
+        """Index *record*, stored as *blob*, in one transaction, with a
+        forwarding outbox entry for each destination of *forward_to* if it
+        was stored (created or replaced).
 
         Raises
         ------
@@ -397,7 +405,7 @@ class SqlIndex:
         for attempt in (1, 2):
             try:
                 with self._writing() as conn:
-                    return self._add(conn, record, blob, duplicate_policy)
+                    return self._add(conn, record, blob, duplicate_policy, forward_to)
             except IntegrityError:
                 # PostgreSQL: a concurrent writer committed the same SOP
                 # Instance UID (or blob key) first.  Once more, as a duplicate.
@@ -412,13 +420,19 @@ class SqlIndex:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _add(
-        self, conn: Connection, record: InstanceRecord, blob: BlobInfo, policy: str
+        self,
+        conn: Connection,
+        record: InstanceRecord,
+        blob: BlobInfo,
+        policy: str,
+        forward_to: Sequence[str],
     ) -> AddResult:
         sop_uid = record.instance.sop_instance_uid
         existing = conn.execute(_EXISTING, {"sop": sop_uid}).first()
         now = _now()
         if existing is None:
             self._insert_instance(conn, record, blob, now)
+            self._queue_forward(conn, forward_to, "store", record, now)
             self._log_change(conn, record, now)
             return AddResult(AddOutcome.CREATED)
 
@@ -437,8 +451,37 @@ class SqlIndex:
             # the instance moved to another series: out of the old, into the new
             self._remove_instances(conn, [existing])
             self._insert_instance(conn, record, blob, now)
+        self._queue_forward(conn, forward_to, "store", record, now)
         self._log_change(conn, record, now)
         return AddResult(AddOutcome.REPLACED, orphaned_blob_key=existing.blob_key)
+
+    @staticmethod
+    def _queue_forward(
+        conn: Connection,
+        destinations: Sequence[str],
+        action: str,
+        record: InstanceRecord,
+        now: dt.datetime,
+    ) -> None:
+        if destinations:
+            conn.execute(
+                _INSERT_FORWARD,
+                [
+                    {
+                        "destination": name,
+                        "action": action,
+                        "study_instance_uid": record.study.study_instance_uid,
+                        "series_instance_uid": record.series.series_instance_uid,
+                        "sop_instance_uid": record.instance.sop_instance_uid,
+                        "state": "queued",
+                        "attempts": 0,
+                        "next_attempt_at": now,
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                    for name in destinations
+                ],
+            )
 
     def _insert_instance(
         self, conn: Connection, record: InstanceRecord, blob: BlobInfo, now: dt.datetime
@@ -665,11 +708,18 @@ class SqlIndex:
             )
 
     def delete(
-        self, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None
+        self,
+        study_uid: str,
+        series_uid: str | None = None,
+        sop_uid: str | None = None,
+        forward_to: Sequence[str] = (),
     ) -> list[StoredInstance]:
         """Remove a study, a series of it, or one instance of that series from
         the index, with one ``delete`` change-feed entry per instance (earlier
-        entries of those instances become ``deleted``), in one transaction.
+        entries of those instances become ``deleted``), in one transaction;
+        and a ``delete`` forwarding entry for each instance and each
+        destination of *forward_to* that took the instance (has a ``store``
+        entry for it).
 
         Returns
         -------
@@ -703,6 +753,8 @@ class SqlIndex:
                         .where(changefeed.c.sop_instance_uid.in_(chunk))
                         .values(state="deleted")
                     )
+                if forward_to:
+                    self._queue_forward_deletes(conn, rows, forward_to, now)
                 self._lock_feed(conn)
                 conn.execute(
                     changefeed.insert(),
@@ -721,6 +773,44 @@ class SqlIndex:
         except (OperationalError, InterfaceError) as exc:
             raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
         return [StoredInstance(*row[:9]) for row in rows]
+
+    @staticmethod
+    def _queue_forward_deletes(
+        conn: Connection, rows: Sequence[Any], destinations: Sequence[str], now: dt.datetime
+    ) -> None:
+        by_uid = {row.sop_instance_uid: row for row in rows}
+        taken: set[tuple[str, str]] = set()
+        for chunk in _chunks(sorted(by_uid)):
+            found = conn.execute(
+                select(forward_entry.c.destination, forward_entry.c.sop_instance_uid)
+                .where(
+                    forward_entry.c.sop_instance_uid.in_(chunk),
+                    forward_entry.c.action == "store",
+                    forward_entry.c.destination.in_(list(destinations)),
+                )
+                .distinct()
+            )
+            taken.update((str(name), str(uid)) for name, uid in found)
+        if not taken:
+            return
+        conn.execute(
+            _INSERT_FORWARD,
+            [
+                {
+                    "destination": name,
+                    "action": "delete",
+                    "study_instance_uid": by_uid[uid].study_instance_uid,
+                    "series_instance_uid": by_uid[uid].series_instance_uid,
+                    "sop_instance_uid": uid,
+                    "state": "queued",
+                    "attempts": 0,
+                    "next_attempt_at": now,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for name, uid in sorted(taken)
+            ],
+        )
 
     # ---------------------------------------------------------------- helpers
 

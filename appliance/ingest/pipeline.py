@@ -18,6 +18,7 @@ from typing import IO
 from appliance.config import IngestConfig
 from appliance.dicomio import extract_record, part10_prefix, read_header, validate_uid
 from appliance.errors import ApplianceError, InvalidInstance
+from appliance.forward.routes import Routes
 from appliance.index.sql import AddOutcome, SqlIndex
 from appliance.ingest.streams import PrefixedStream
 from appliance.model import InstanceRecord, Origin
@@ -50,10 +51,19 @@ class IngestResult:
 class IngestService:
     """Stores instances through one path, whatever protocol brought them."""
 
-    def __init__(self, storage: BlobStore, index: SqlIndex, config: IngestConfig) -> None:
+    def __init__(
+        self,
+        storage: BlobStore,
+        index: SqlIndex,
+        config: IngestConfig,
+        routes: Routes | None = None,
+    ) -> None:
         self.storage = storage
         self.index = index
         self.policy = config.duplicate_policy
+        #: the forwarding destinations: an instance stored is queued for
+        #: those that take it, in its own index transaction
+        self.routes = routes if routes is not None else Routes(())
 
     def store_part10(
         self, source: IO[bytes], origin: Origin, *, expected_study_uid: str | None = None
@@ -158,8 +168,9 @@ class IngestService:
             log.error("storage failed for %s: %s", sop_uid, exc.reason)
             return dataclasses.replace(ids, status=exc.status, reason=exc.reason)
 
+        forward_to = self.routes.destinations(record, origin) if self.routes else ()
         try:
-            added = self.index.add_instance(record, blob, self.policy)
+            added = self.index.add_instance(record, blob, self.policy, forward_to)
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 self.storage.delete(blob.key)
