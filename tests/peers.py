@@ -237,3 +237,94 @@ def start_seaweedfs(folder: Path, ports: list[int] | None = None) -> SeaweedS3:
         time.sleep(0.3)
     service.stop()
     raise RuntimeError(f"SeaweedFS's S3 API did not answer within 60 s; see {log.name}")
+
+
+# --------------------------------------------------------------------------
+# Orthanc with its DICOMweb plugin (Debian packages orthanc, orthanc-dicomweb)
+
+ORTHANC_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def orthanc_program() -> str | None:
+    import shutil
+
+    found = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+    return found if Path(found).is_file() and ORTHANC_PLUGIN.is_file() else None
+
+
+@dataclasses.dataclass
+class Orthanc:
+    """A running Orthanc on loopback: HTTP only (its DICOM server is off, so
+    no port of it listens on other interfaces; REST is refused to anyone
+    but loopback: RemoteAccessAllowed false)."""
+
+    process: Any
+    port: int
+    folder: Path
+
+    @property
+    def dicomweb(self) -> str:
+        """The DICOMweb service root."""
+        return f"http://127.0.0.1:{self.port}/dicom-web"
+
+    @property
+    def rest(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(15)
+        except Exception:  # noqa: BLE001 - it did not stop: make it
+            self.process.kill()
+            self.process.wait(10)
+
+
+def start_orthanc(folder: Path, port: int | None = None) -> Orthanc:
+    """Start Orthanc with its DICOMweb plugin on loopback *port* (or a free
+    one), its storage and index in *folder* (a restart in the same folder
+    keeps them), and wait until it answers.  Raises PeerMissing when it is
+    not installed."""
+    import json
+    import subprocess
+    import time
+
+    import httpx
+
+    program = orthanc_program()
+    if program is None:
+        raise PeerMissing("Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)")
+    port = free_port() if port is None else port
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "Name": "appliance-test-upstream",
+        "StorageDirectory": str(folder / "db"),
+        "IndexDirectory": str(folder / "db"),
+        "HttpPort": port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "HttpServerEnabled": True,
+        "DicomServerEnabled": False,
+        "Plugins": [str(ORTHANC_PLUGIN)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        "StorageCompression": False,
+        "UnknownSopClassAccepted": True,
+    }
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    log = (folder / "orthanc.log").open("ab")
+    process = subprocess.Popen(
+        [program, str(folder / "orthanc.json")],
+        cwd=folder,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"Orthanc exited at start ({process.returncode}); see {log.name}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"http://127.0.0.1:{port}/plugins/dicom-web", timeout=5).is_success:
+                return Orthanc(process, port, folder)
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"Orthanc did not answer within 60 s; see {log.name}")
