@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench import compare, core, report
+from bench import compare, core, forward, report
 from bench.servers import (
     SCALED_LABELS,
     SCALED_STORES,
@@ -91,6 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             servers.append(("orthanc", orthanc))
     reports = {r.name: r for r in compare.run(plan, parts, servers)} if servers else {}
+    if "dicomweb" in parts and "appliance" in reports and "orthanc" in reports:
+        compare.log("forwarding: the appliance's senders to Orthanc")
+        medians, values = forward.run(plan)
+        reports["appliance"].figures.update(medians)
+        reports["appliance"].repetitions.update(
+            {key: [round(v, 2) for v in found] for key, found in values.items()}
+        )
     core_figures: dict[str, float] = {}
     if args.part == "core":
         compare.log("core: in-process pipeline and queries")

@@ -92,6 +92,12 @@ def _rows() -> list[Row]:
         Row("wado_metadata_ms", "WADO-RS study metadata", "ms", "ratio<=", round(1 / 1.5, 2)),
         Row("wado_metadata_first_ms", "WADO-RS study metadata, first call", "ms"),
         Row("cmove_ct_per_s", "C-MOVE CT study to storescp", "inst/s"),
+        Row("forward_ct_to_orthanc_per_s", "forwarding CT to Orthanc (STOW 20/req)", "inst/s"),
+        Row(
+            "forward_small_to_orthanc_per_s",
+            "forwarding small to Orthanc (STOW 20/req)",
+            "inst/s",
+        ),
         Row("fill_small_stow_per_s", "index fill, small, STOW 50/req, 2 clients", "inst/s"),
         Row("peak_rss_ingest_mb", "peak RSS during ingest, all processes", "MB", "appliance<", 400),
         Row("peak_pss_ingest_mb", "peak PSS during ingest, all processes", "MB"),

@@ -419,7 +419,9 @@ def orthanc_available() -> str | None:
 
 
 @contextlib.contextmanager
-def orthanc(peers: tuple[Peer, ...] = (), max_results: int = 100) -> Iterator[Server]:
+def orthanc(
+    peers: tuple[Peer, ...] = (), max_results: int = 100, http_port: int | None = None
+) -> Iterator[Server]:
     """Orthanc with its DICOMweb plugin, private to this run; its own
     defaults for everything that decides its speed (SQLite index,
     ``SyncStorageArea``, ``StorageAccessOnFind``, ``DicomThreadsCount``...)
@@ -428,7 +430,7 @@ def orthanc(peers: tuple[Peer, ...] = (), max_results: int = 100) -> Iterator[Se
     if problem:
         raise RuntimeError(problem)
     with tempfile.TemporaryDirectory(prefix="bench-orthanc-") as tmp:
-        http_port, dimse_port = free_port(), free_port()
+        http_port, dimse_port = http_port or free_port(), free_port()
         config = {
             "Name": "bench",
             "StorageDirectory": f"{tmp}/db",
