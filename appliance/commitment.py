@@ -59,7 +59,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from appliance.dicomio import is_valid_uid
 from appliance.errors import ApplianceError, IndexUnavailable
 from appliance.index.engine import WRITE
-from appliance.index.schema import commitment_report, instance
+from appliance.index.schema import commitment_report, forward_entry, instance
 from appliance.status import Status
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,10 @@ EVENT_FAILURES_EXIST = 2
 
 
 class ReportState(enum.Enum):
-    """Where a report's delivery stands."""
+    """Where a report's delivery stands (``waiting``: its result waits for
+    the instances' delivery upstream, see :meth:`CommitmentOutbox.settle_waiting`)."""
 
+    WAITING = "waiting"
     PENDING = "pending"
     DELIVERED = "delivered"
     FAILED = "failed"
@@ -162,6 +164,8 @@ class CommitmentReport:
     last_error: str | None = None
     #: "same" or "new" (association), once delivered
     delivered_via: str | None = None
+    #: the [[forward]] destination a waiting report awaits
+    await_destination: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,6 +262,7 @@ _COLUMNS = (
     commitment_report.c.claim_token,
     commitment_report.c.last_error,
     commitment_report.c.delivered_via,
+    commitment_report.c.await_destination,
 )
 
 
@@ -275,6 +280,7 @@ def _report(row: Any) -> CommitmentReport:
         claim_token=row.claim_token,
         last_error=row.last_error,
         delivered_via=row.delivered_via,
+        await_destination=row.await_destination,
     )
 
 
@@ -302,9 +308,13 @@ class CommitmentOutbox:
         requester_ae: str,
         items: Sequence[Reference],
         now: dt.datetime | None = None,
+        await_destination: str | None = None,
     ) -> RequestOutcome:
         """Record a Storage Commitment request and its result, durably, in
-        one transaction; the report is due at once.
+        one transaction; the report is due at once, or, with
+        *await_destination* and instances stored here, once they are
+        delivered to that forwarding destination (state ``waiting``, see
+        :meth:`settle_waiting`).
 
         Parameters
         ----------
@@ -316,6 +326,9 @@ class CommitmentOutbox:
             The Referenced SOP Sequence (0008,1199), in request order.
         now
             The time of the request (default: the clock).
+        await_destination
+            The ``[[forward]]`` destination whose confirmed delivery an
+            instance needs before it is reported committed.
 
         Returns
         -------
@@ -365,6 +378,7 @@ class CommitmentOutbox:
                     )
                 else:
                     result = self._assess(conn, items)
+                waits = bool(await_destination and result.committed)
                 inserted = conn.execute(
                     insert(commitment_report).values(
                         transaction_uid=transaction_uid,
@@ -372,7 +386,8 @@ class CommitmentOutbox:
                         request_digest=digest,
                         event_type=result.event_type,
                         result=result.to_json(),
-                        state=ReportState.PENDING.value,
+                        state=(ReportState.WAITING if waits else ReportState.PENDING).value,
+                        await_destination=await_destination if waits else None,
                         attempts=0,
                         next_attempt_at=now,
                         created_at=now,
@@ -418,6 +433,106 @@ class CommitmentOutbox:
             else:
                 committed.append(ref)
         return CommitmentResult(tuple(committed), tuple(failed))
+
+    # ------------------------------------------------ waiting for forwarding
+
+    def settle_waiting(
+        self, wait_limit: dt.timedelta, now: dt.datetime | None = None, limit: int = 100
+    ) -> int:
+        """Settle the waiting reports whose instances' forwarding is decided;
+        how many were settled (made ``pending``, due at once).
+
+        For each instance the result holds as committed, the outbox entries
+        of ``await_destination`` decide: one delivered keeps it committed;
+        only parked or superseded ones make it failed (0x0110 processing
+        failure, PS3.3 C.14.1.1); queued ones, or none yet, keep the report
+        waiting, until *wait_limit* has passed since the request, when what
+        is still undelivered fails too.  The settled result is final: every
+        delivery attempt sends it.
+        """
+        now = now or _now()
+        try:
+            with self.engine.connect() as conn:
+                rows = conn.execute(
+                    select(*_COLUMNS)
+                    .where(commitment_report.c.state == ReportState.WAITING.value)
+                    .order_by(commitment_report.c.id)
+                    .limit(limit)
+                ).all()
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
+        settled = 0
+        for report in map(_report, rows):
+            result = self._forwarded(report, now - report.created_at >= wait_limit)
+            if result is not None and self._settle(report, result, now):
+                settled += 1
+        return settled
+
+    def _forwarded(self, report: CommitmentReport, expired: bool) -> CommitmentResult | None:
+        """The result of *report* as its destination's deliveries decide it,
+        or None while some are undecided (and the wait is not over)."""
+        destination = report.await_destination or ""
+        uids = sorted({r.sop_instance_uid for r in report.result.committed})
+        states: dict[str, set[str]] = {}
+        try:
+            with self.engine.connect() as conn:
+                for start in range(0, len(uids), _CHUNK):
+                    rows = conn.execute(
+                        select(forward_entry.c.sop_instance_uid, forward_entry.c.state).where(
+                            forward_entry.c.destination == destination,
+                            forward_entry.c.action == "store",
+                            forward_entry.c.sop_instance_uid.in_(uids[start : start + _CHUNK]),
+                        )
+                    )
+                    for uid, state in rows:
+                        states.setdefault(uid, set()).add(state)
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
+        committed: list[Reference] = []
+        failed = list(report.result.failed)
+        for ref in report.result.committed:
+            found = states.get(ref.sop_instance_uid, set())
+            if "delivered" in found:
+                committed.append(ref)
+            elif (found and found <= {"parked", "superseded"}) or expired:
+                failed.append(
+                    FailedReference(
+                        ref.sop_class_uid, ref.sop_instance_uid, Status.PROCESSING_FAILURE
+                    )
+                )
+            else:
+                return None  # still queued, or not queued yet: wait
+        return CommitmentResult(tuple(committed), tuple(failed))
+
+    def _settle(self, report: CommitmentReport, result: CommitmentResult, now: dt.datetime) -> bool:
+        statement = (
+            update(commitment_report)
+            .where(
+                commitment_report.c.id == report.id,
+                commitment_report.c.state == ReportState.WAITING.value,
+            )
+            .values(
+                state=ReportState.PENDING.value,
+                result=result.to_json(),
+                event_type=result.event_type,
+                next_attempt_at=now,
+                updated_at=now,
+            )
+        )
+        try:
+            with self._writing() as conn:
+                done = bool(conn.execute(statement).rowcount == 1)
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
+        if done:
+            log.info(
+                "storage commitment %s settled by forwarding to %s: %d committed, %d failed",
+                report.transaction_uid,
+                report.await_destination,
+                len(result.committed),
+                len(result.failed),
+            )
+        return done
 
     # --------------------------------------------------------------- delivery
 

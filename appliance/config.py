@@ -136,6 +136,10 @@ class PeerConfig:
     ae_title: str = _field("", check=_ae_title)
     host: str = _field("", check=_host)
     port: int = _field(104, check=_port)
+    #: Storage Commitment from this peer: report an instance committed only
+    #: once it is delivered to this [[forward]] destination ("" = once
+    #: stored here)
+    commit_after_forward: str = _field("")
 
 
 def _uid_list(value: tuple[str, ...]) -> str | None:
@@ -181,6 +185,10 @@ class DimseConfig:
     #: docs/conformance.md (uncompressed, deflated, JPEG family, JPEG-LS,
     #: JPEG 2000, RLE, HTJ2K, MPEG/H.264/H.265 video)
     storage_transfer_syntaxes: tuple[str, ...] = _field((), check=_uid_list)
+    #: Storage Commitment tied to forwarding (a peer's commit_after_forward):
+    #: seconds to wait for the upstream's confirmation before the instances
+    #: not yet delivered are reported failed (0x0110)
+    commitment_forward_wait: int = _field(43200, check=_positive)
     #: Storage Commitment: send the N-EVENT-REPORT on the requesting
     #: association if it is still open (true), or always on a new one (false)
     commitment_on_same_association: bool = _field(True)
@@ -410,6 +418,13 @@ def load_config(
         )
     _check_storage(config.storage)
     _check_forward(config.forward)
+    names = {destination.name for destination in config.forward}
+    for i, peer in enumerate(config.dimse.peers):
+        if peer.commit_after_forward and peer.commit_after_forward not in names:
+            raise ConfigError(
+                f"dimse.peers[{i}].commit_after_forward",
+                f"names no [[forward]] destination ({', '.join(sorted(names)) or 'none'})",
+            )
     config = _resolve_storage_path(config, cwd)
     return resolve_index_url(config, cwd) if index_url else config
 

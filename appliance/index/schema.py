@@ -198,7 +198,9 @@ changefeed = Table(
 )
 
 #: Storage Commitment Push Model (PS3.4 J.3): one row per N-ACTION request,
-#: its result computed when it was received, and the delivery of its
+#: its result computed when it was received (or, for a requester whose
+#: commitment waits for forwarding, ``state`` waiting, settled once the
+#: instances are delivered to ``await_destination``), and the delivery of its
 #: N-EVENT-REPORT (an outbox: ``state`` pending | delivered | failed; a
 #: pending row is claimed by setting ``claim_token`` and moving
 #: ``next_attempt_at`` past the claim's lease).  ``result`` is JSON:
@@ -223,6 +225,8 @@ commitment_report = Table(
     Column("last_error", String(1024), nullable=True),
     # "same" or "new" association, once delivered
     Column("delivered_via", String(16), nullable=True),
+    # the [[forward]] destination whose delivery a "waiting" report awaits
+    Column("await_destination", String(64), nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("transaction_uid", "request_digest"),

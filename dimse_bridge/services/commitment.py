@@ -143,7 +143,13 @@ def handle_n_action(
                 Status.PROCESSING_FAILURE,
                 f"calling AE '{requester}' is not in dimse.peers: no address for the report",
             )
-        outcome = outbox.request(transaction_uid, requester, items)
+        peer = peer_of(config, requester)
+        # a peer whose commitment waits for the cloud: committed only once
+        # delivered to its [[forward]] destination (README "Forwarding")
+        awaiting = peer.commit_after_forward if peer is not None else ""
+        outcome = outbox.request(
+            transaction_uid, requester, items, await_destination=awaiting or None
+        )
     except _Refused as refused:
         return _refuse(stats, requester, refused.status, refused.reason)
     except InvalidCommitmentRequest as exc:
@@ -338,6 +344,8 @@ class ReportWorker:
         the others are delivered here, one after the other.
         """
         self._forget_closed()
+        wait_limit = dt.timedelta(seconds=self.config.dimse.commitment_forward_wait)
+        self.outbox.settle_waiting(wait_limit, now)
         attempted = 0
         for report in self.outbox.claim_due(now):
             attempted += 1
