@@ -184,6 +184,10 @@ def test_forward_from_the_environment(tmp_path: Path) -> None:
             "forward[1].name",
         ),
         ("forward = 1\n", "forward"),
+        (
+            '[[dimse.peers]]\nae_title = "CT"\nhost = "h"\ncommit_after_forward = "cloud"\n',
+            "dimse.peers[0].commit_after_forward",
+        ),
     ],
 )
 def test_bad_forward_values_name_the_key(tmp_path: Path, text: str, key: str) -> None:
