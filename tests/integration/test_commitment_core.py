@@ -139,7 +139,7 @@ def test_a_malformed_request_is_refused_and_not_recorded(
     with pytest.raises(InvalidCommitmentRequest) as raised:
         outbox.request(uid, "MODALITY", items)
     assert raised.value.status is status
-    assert outbox.counts() == {"pending": 0, "delivered": 0, "failed": 0}
+    assert outbox.counts() == {"waiting": 0, "pending": 0, "delivered": 0, "failed": 0}
 
 
 def test_many_references_are_assessed_in_chunks(
@@ -227,7 +227,7 @@ def test_concurrent_workers_claim_each_report_once(
     assert not errors
     every = [rid for mine in claimed for rid in mine]
     assert sorted(every) == sorted(ids)  # each once, none lost
-    assert outbox.counts() == {"pending": 0, "delivered": 12, "failed": 0}
+    assert outbox.counts() == {"waiting": 0, "pending": 0, "delivered": 12, "failed": 0}
 
 
 # ------------------------------------------------------- back-off, give-up
