@@ -24,15 +24,15 @@ line on stderr naming the cause, never a stack trace.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from appliance import __version__
@@ -181,10 +181,15 @@ def _timestamp(text: str) -> dt.datetime:
     return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
-def _outbox(config: Config) -> tuple[Outbox, Engine]:
+@contextlib.contextmanager
+def _outbox(config: Config) -> Iterator[Outbox]:
+    """The forwarding outbox of *config*'s index (migrated), closed after."""
     engine = engine_for(config.index)
-    migrate.require_current(engine)
-    return Outbox(engine), engine
+    try:
+        migrate.require_current(engine)
+        yield Outbox(engine)
+    finally:
+        engine.dispose()
 
 
 def _destination(config: Config, name: str) -> ForwardConfig:
@@ -198,11 +203,8 @@ def _destination(config: Config, name: str) -> ForwardConfig:
 def cmd_forward_status(args: argparse.Namespace) -> int:
     """``forward status``: each destination's outbox."""
     config = load_config(args.config)
-    outbox, engine = _outbox(config)
-    try:
+    with _outbox(config) as outbox:
         found = outbox.status([d.name for d in config.forward])
-    finally:
-        engine.dispose()
     if args.json:
         print(json.dumps({"destinations": [s.as_json() for s in found]}, indent=2))
         return 0
@@ -234,11 +236,8 @@ def cmd_forward_retry(args: argparse.Namespace) -> int:
     """``forward retry NAME``: parked entries queued again."""
     config = load_config(args.config)
     destination = _destination(config, args.destination)
-    outbox, engine = _outbox(config)
-    try:
+    with _outbox(config) as outbox:
         count = outbox.requeue_parked(destination.name)
-    finally:
-        engine.dispose()
     print(f"{count} parked entr{'y' if count == 1 else 'ies'} queued again for {destination.name}")
     return 0
 
@@ -247,11 +246,8 @@ def cmd_forward_replay(args: argparse.Namespace) -> int:
     """``forward replay NAME --since TIME``: stored instances queued again."""
     config = load_config(args.config)
     destination = _destination(config, args.destination)
-    outbox, engine = _outbox(config)
-    try:
+    with _outbox(config) as outbox:
         count = outbox.replay(destination, args.since)
-    finally:
-        engine.dispose()
     print(
         f"{count} instance(s) stored since {args.since.isoformat()} queued for {destination.name}"
     )

@@ -108,11 +108,18 @@ def _origins(value: tuple[str, ...]) -> str | None:
     return None
 
 
+#: An http(s) URL without credentials, query or trailing slash.
+_HTTP_URL = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~\-/]*[^/])?")
+
+
+def _http_url(value: str) -> str | None:
+    if _HTTP_URL.fullmatch(value) is None:
+        return "must be an http(s) URL without a trailing slash or query"
+    return None
+
+
 def _public_url(value: str) -> str | None:
-    if (
-        value
-        and re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~\-/]*[^/])?", value) is None
-    ):
+    if value and _HTTP_URL.fullmatch(value) is None:
         return "must be empty or an http(s) URL without a trailing slash or query"
     return None
 
@@ -266,16 +273,6 @@ def _forward_name(value: str) -> str | None:
     return None
 
 
-def _service_url(value: str) -> str | None:
-    if re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:@]+(/[A-Za-z0-9._~\-/%]*[^/])?", value) is None:
-        return "must be an http(s) URL without a trailing slash or query"
-    return None
-
-
-def _optional_url(value: str) -> str | None:
-    return None if not value else _service_url(value)
-
-
 def _ae_titles(value: tuple[str, ...]) -> str | None:
     for title in value:
         problem = _ae_title(title)
@@ -291,7 +288,7 @@ class ForwardConfig:
 
     name: str = _field("", check=_forward_name)
     #: the upstream's DICOMweb service root (STOW-RS goes to {url}/studies)
-    url: str = _field("", check=_service_url)
+    url: str = _field("", check=_http_url)
     #: none | bearer (token_file) | basic (username, password) |
     #: oauth2 (client credentials: token_url, client_id, client_secret, scope)
     auth: Literal["none", "bearer", "basic", "oauth2"] = _field(
@@ -301,7 +298,7 @@ class ForwardConfig:
     token_file: str = _field("")
     username: str = _field("")
     password: str = _field("", secret=True)
-    token_url: str = _field("", check=_optional_url)
+    token_url: str = _field("", check=_public_url)
     client_id: str = _field("")
     client_secret: str = _field("", secret=True)
     scope: str = _field("")

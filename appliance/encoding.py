@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import io
 import struct
 from typing import IO
 
@@ -118,6 +119,13 @@ def read_layout(fp: IO[bytes]) -> Layout:
         return meta.get(element, b"").decode("ascii", "replace").strip(" \0")
 
     return Layout(offset, end - offset, text(0x0010), text(0x0002), text(0x0003))
+
+
+def data_set_of(part10: bytes) -> bytes:
+    """What follows the File Meta Information of the Part 10 bytes *part10*:
+    the data set, which two copies of one instance share whatever their
+    File Meta says (raises LayoutError as :func:`read_layout`)."""
+    return part10[read_layout(io.BytesIO(part10)).offset :]
 
 
 def check_structure(fp: IO[bytes], layout: Layout) -> Soundness:

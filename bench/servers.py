@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import secrets
 import shutil
@@ -38,8 +37,8 @@ from typing import Any
 
 import httpx
 
-ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
-DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+from tests.peers import orthanc_program, start_orthanc
+
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -411,10 +410,11 @@ def scaled_appliance(
 
 def orthanc_available() -> str | None:
     """None if Orthanc and its DICOMweb plugin are installed, else why not."""
-    if not Path(ORTHANC).is_file():
-        return "Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)"
-    if not DICOMWEB_PLUGIN.is_file():
-        return "the Orthanc DICOMweb plugin is not installed (apt-get install orthanc-dicomweb)"
+    if orthanc_program() is None:
+        return (
+            "Orthanc or its DICOMweb plugin is not installed "
+            "(apt-get install orthanc orthanc-dicomweb)"
+        )
     return None
 
 
@@ -429,59 +429,44 @@ def orthanc(
     problem = orthanc_available()
     if problem:
         raise RuntimeError(problem)
+    dimse_port = free_port()
+    settings = {
+        "Name": "bench",
+        "DicomPort": dimse_port,
+        "DicomAet": "ORTHANC",
+        "DicomServerEnabled": True,
+        "SyncStorageArea": True,
+        "LimitFindResults": max_results,
+        "DicomModalities": {p.ae_title.lower(): [p.ae_title, p.host, p.port] for p in peers},
+        # the benchmark's SCUs call with titles Orthanc does not know:
+        # without these it refuses their C-FIND and C-MOVE
+        "DicomAlwaysAllowFind": True,
+        "DicomAlwaysAllowMove": True,
+        "DicomCheckCalledAet": False,
+    }
     with tempfile.TemporaryDirectory(prefix="bench-orthanc-") as tmp:
-        http_port, dimse_port = http_port or free_port(), free_port()
-        config = {
-            "Name": "bench",
-            "StorageDirectory": f"{tmp}/db",
-            "IndexDirectory": f"{tmp}/db",
-            "HttpPort": http_port,
-            "DicomPort": dimse_port,
-            "DicomAet": "ORTHANC",
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "HttpServerEnabled": True,
-            "DicomServerEnabled": True,
-            "Plugins": [str(DICOMWEB_PLUGIN)],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-            "StorageCompression": False,
-            "SyncStorageArea": True,
-            "LimitFindResults": max_results,
-            "DicomModalities": {p.ae_title.lower(): [p.ae_title, p.host, p.port] for p in peers},
-            # the benchmark's SCUs call with titles Orthanc does not know:
-            # without these it refuses their C-FIND and C-MOVE
-            "DicomAlwaysAllowFind": True,
-            "DicomAlwaysAllowMove": True,
-            "DicomCheckCalledAet": False,
-            "UnknownSopClassAccepted": True,
-        }
-        path = Path(tmp) / "orthanc.json"
-        path.write_text(json.dumps(config))
-        env = dict(os.environ, TCP_NODELAY="1")
-        log = Path(tmp) / "server.log"
-        with log.open("wb") as output:
-            process = subprocess.Popen(
-                [ORTHANC, str(path)], env=env, stdout=output, stderr=subprocess.STDOUT
-            )
+        upstream = start_orthanc(
+            Path(tmp), http_port, settings=settings, environ={"TCP_NODELAY": "1"}
+        )
         try:
-            system = _wait(f"http://127.0.0.1:{http_port}/system", process, log).json()
-            plugin = httpx.get(f"http://127.0.0.1:{http_port}/plugins/dicom-web").json()
+            system = httpx.get(f"{upstream.rest}/system").json()
+            plugin = httpx.get(f"{upstream.rest}/plugins/dicom-web").json()
             wait_for_echo("ORTHANC", dimse_port)
             yield Server(
                 "orthanc",
-                f"http://127.0.0.1:{http_port}/dicom-web",
+                upstream.dicomweb,
                 dimse_port,
                 "ORTHANC",
-                process.pid,
+                upstream.process.pid,
                 f"Orthanc {system.get('Version')}, DICOMweb plugin {plugin.get('Version')}",
                 {
                     k: v
-                    for k, v in config.items()
+                    for k, v in upstream.config.items()
                     if k not in ("StorageDirectory", "IndexDirectory")
                 },
             )
         except BaseException:
-            _show_log("Orthanc", log)
+            _show_log("Orthanc", upstream.log)
             raise
         finally:
-            _stop(process)
+            upstream.stop()

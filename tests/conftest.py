@@ -23,16 +23,7 @@ from appliance.index.engine import create_index_engine
 from appliance.index.schema import metadata
 from appliance.services import Services, build_services
 from tests import peers
-from tests.peers import (  # noqa: F401 - re-exported for the tests
-    AZURITE_ACCOUNT,
-    AZURITE_KEY,
-    S3_ACCESS_KEY,
-    S3_SECRET_KEY,
-    Azurite,
-    SeaweedS3,
-    azurite_connection_string,
-    free_port,
-)
+from tests.peers import Azurite, SeaweedS3, free_port
 
 PG_ADMIN_URL = os.environ.get(
     "APPLIANCE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -261,6 +263,12 @@ class Orthanc:
     process: Any
     port: int
     folder: Path
+    #: the configuration it was started with
+    config: dict[str, Any]
+
+    @property
+    def log(self) -> Path:
+        return self.folder / "orthanc.log"
 
     @property
     def dicomweb(self) -> str:
@@ -280,11 +288,18 @@ class Orthanc:
             self.process.wait(10)
 
 
-def start_orthanc(folder: Path, port: int | None = None) -> Orthanc:
+def start_orthanc(
+    folder: Path,
+    port: int | None = None,
+    *,
+    settings: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Orthanc:
     """Start Orthanc with its DICOMweb plugin on loopback *port* (or a free
     one), its storage and index in *folder* (a restart in the same folder
-    keeps them), and wait until it answers.  Raises PeerMissing when it is
-    not installed."""
+    keeps them), and wait until it answers.  *settings* are added to (or
+    replace) its configuration, *environ* to its environment.  Raises
+    PeerMissing when it is not installed."""
     import json
     import subprocess
     import time
@@ -309,12 +324,14 @@ def start_orthanc(folder: Path, port: int | None = None) -> Orthanc:
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         "StorageCompression": False,
         "UnknownSopClassAccepted": True,
+        **(settings or {}),
     }
     (folder / "orthanc.json").write_text(json.dumps(config))
     log = (folder / "orthanc.log").open("ab")
     process = subprocess.Popen(
         [program, str(folder / "orthanc.json")],
         cwd=folder,
+        env={**os.environ, **(environ or {})},
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -324,7 +341,7 @@ def start_orthanc(folder: Path, port: int | None = None) -> Orthanc:
             raise RuntimeError(f"Orthanc exited at start ({process.returncode}); see {log.name}")
         with contextlib.suppress(httpx.TransportError):
             if httpx.get(f"http://127.0.0.1:{port}/plugins/dicom-web", timeout=5).is_success:
-                return Orthanc(process, port, folder)
+                return Orthanc(process, port, folder, config)
         time.sleep(0.2)
     process.kill()
     raise RuntimeError(f"Orthanc did not answer within 60 s; see {log.name}")

@@ -22,10 +22,10 @@ The answer to a STOW-RS is sorted per instance (PS3.18 10.5.3, Table
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime as dt
 import email.utils
-import io
 import logging
 import os
 import threading
@@ -36,7 +36,6 @@ from typing import IO, Any
 import httpx
 
 from appliance.config import ForwardConfig
-from appliance.encoding import read_layout
 from appliance.errors import ApplianceError
 from appliance.storage.base import CHUNK_SIZE
 
@@ -403,11 +402,11 @@ class _Credentials:
 
 
 class _Basic(_Credentials):
+    """HTTP Basic authentication (RFC 7617), the pair encoded as UTF-8."""
+
     def __init__(self, username: str, password: str) -> None:
-        auth = httpx.BasicAuth(username, password)
-        request = httpx.Request("GET", "http://x")
-        next(auth.auth_flow(request))
-        self._header = request.headers["Authorization"]
+        pair = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+        self._header = f"Basic {pair}"
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": self._header}
@@ -496,10 +495,3 @@ def _credentials(config: ForwardConfig, client: httpx.Client) -> _Credentials:
     if config.auth == "oauth2":
         return _ClientCredentials(config, client)
     return _Credentials()
-
-
-def data_set_bytes(part10: bytes) -> bytes:
-    """What follows the File Meta Information of a Part 10 instance: the
-    data set, which two copies of one instance share whatever their File
-    Meta says."""
-    return part10[read_layout(io.BytesIO(part10)).offset :]

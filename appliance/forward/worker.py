@@ -30,19 +30,21 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import IO
 
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
 from appliance.config import ForwardConfig
+from appliance.encoding import data_set_of
 from appliance.errors import ApplianceError, IndexUnavailable
-from appliance.forward.normalise import NormaliseError, needs_normalising, to_explicit_vr
 from appliance.forward.outbox import Claim, Entry, Outbox
 from appliance.forward.upstream import (
     Outcome,
     Part,
     Upstream,
     UpstreamError,
-    data_set_bytes,
 )
 from appliance.index.sql import SqlIndex, StoredInstance
 from appliance.retrieve import RetrieveService
+from appliance.transcode import TranscodeError, transcode
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,7 @@ class _Prepared:
     entry: Entry
     part: Part
     #: the bytes sent, when re-encoded (else read from the store again)
-    normalised: bytes | None = None
+    reencoded: bytes | None = None
 
 
 class Forwarder:
@@ -112,10 +114,7 @@ class Forwarder:
         ]
         for thread in threads:
             thread.start()
-        log.info(
-            "forwarding to %s",
-            ", ".join(f"{d.name} ({d.url})" for d in self.destinations) or "nobody",
-        )
+        log.info("forwarding to %s", ", ".join(f"{d.name} ({d.url})" for d in self.destinations))
         for thread in threads:
             thread.join()
 
@@ -179,7 +178,7 @@ class Forwarder:
             by_uid[entry.sop_instance_uid] = [entry]
             try:
                 prepared.append(self._prepare(destination, entry, stored))
-            except NormaliseError as exc:
+            except TranscodeError as exc:
                 failed[entry.sop_instance_uid] = exc.reason
         if gone:
             self.outbox.superseded(claim.token, gone, "deleted here before it was sent")
@@ -196,9 +195,13 @@ class Forwarder:
     def _prepare(
         self, destination: ForwardConfig, entry: Entry, stored: StoredInstance
     ) -> _Prepared:
-        if needs_normalising(destination, stored.transfer_syntax_uid):
-            with self.retrieve.open(stored) as source:
-                data = to_explicit_vr(source)
+        if destination.explicit_vr_only and stored.transfer_syntax_uid == ImplicitVRLittleEndian:
+            # e.g. Azure's DICOM service takes explicit VR only: both are
+            # native, so only the element headers change (each gets the VR
+            # of the data dictionary, UN for an unknown private element,
+            # PS3.5 6.2.2); every value and the pixel data stay as stored
+            with self.retrieve.stream(stored) as source:
+                data = transcode(source.read(), ExplicitVRLittleEndian)
             return _Prepared(
                 entry, Part(entry.sop_instance_uid, len(data), lambda: io.BytesIO(data)), data
             )
@@ -222,8 +225,8 @@ class Forwarder:
                 theirs = upstream.retrieve_instance(
                     item.entry.study_instance_uid, item.entry.series_instance_uid, uid
                 )
-                if item.normalised is not None:
-                    ours = item.normalised
+                if item.reencoded is not None:
+                    ours = item.reencoded
                 else:
                     with item.part.open() as stream:
                         ours = stream.read()
@@ -284,6 +287,6 @@ def _grouped(reasons: dict[str, str]) -> dict[str, list[str]]:
 
 def _same_data_set(theirs: bytes, ours: bytes) -> bool:
     try:
-        return data_set_bytes(theirs) == data_set_bytes(ours)
+        return data_set_of(theirs) == data_set_of(ours)
     except Exception:  # noqa: BLE001 - unreadable: not the same
         return False

@@ -23,15 +23,14 @@ from appliance.errors import BlobNotFound, StorageError, StorageUnavailable
 from appliance.status import Status
 from appliance.storage.base import BlobStore
 from appliance.storage.filesystem import FilesystemBlobStore
-from tests.conftest import (
+from tests.conftest import start_azurite, start_seaweedfs
+from tests.peers import (
     AZURITE_KEY,
     S3_ACCESS_KEY,
     S3_SECRET_KEY,
     Azurite,
     SeaweedS3,
     azurite_connection_string,
-    start_azurite,
-    start_seaweedfs,
 )
 
 
@@ -385,7 +384,7 @@ def test_azure_service_down_is_transient_and_the_store_recovers(tmp_path: Path) 
 def test_azure_transient_failures_are_retried(tmp_path: Path) -> None:
     """The service comes up while the store is waiting to try again: the
     put succeeds without the caller seeing the failure."""
-    from tests.conftest import free_port
+    from tests.peers import free_port
 
     port = free_port()
     store = _azure(port, retries=3)

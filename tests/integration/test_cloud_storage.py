@@ -21,11 +21,7 @@ from sqlalchemy import func, select
 
 from appliance.index.schema import instance
 from tests.conftest import (
-    S3_ACCESS_KEY,
-    S3_SECRET_KEY,
-    Azurite,
     LiveAppliance,
-    SeaweedS3,
     appliance_config,
     dcmtk,
     start_azurite,
@@ -33,6 +29,7 @@ from tests.conftest import (
     started_appliance,
 )
 from tests.helpers import data_set_of, multipart, part10_of, small_study, stow
+from tests.peers import S3_ACCESS_KEY, S3_SECRET_KEY, Azurite, SeaweedS3
 
 pytestmark = [pytest.mark.integration, pytest.mark.interop]
 

@@ -30,7 +30,7 @@ from appliance.ingest import IngestService
 from appliance.model import Origin
 from appliance.status import Status
 from appliance.storage.filesystem import FilesystemBlobStore
-from tests.conftest import appliance_config, free_port, start_orthanc, started_appliance
+from tests.conftest import appliance_config, start_orthanc, started_appliance
 from tests.helpers import part10_of, small_study
 from tests.integration.test_dimse_commitment import (
     SCU_AE,
@@ -39,6 +39,7 @@ from tests.integration.test_dimse_commitment import (
     new_uid,
     request,
 )
+from tests.peers import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,8 @@ from appliance.index.engine import create_index_engine
 from appliance.model import Origin
 from appliance.services import build_services
 from appliance.status import Status
-from tests.conftest import Azurite, throwaway_pg_database
+from tests.conftest import throwaway_pg_database
+from tests.peers import Azurite
 
 pytestmark = [pytest.mark.integration, pytest.mark.interop]
 

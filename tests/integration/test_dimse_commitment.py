@@ -47,7 +47,8 @@ from appliance.index.engine import create_index_engine
 from appliance.model import Origin
 from appliance.status import Status
 from dimse_bridge.services.commitment import ReportWorker
-from tests.conftest import LiveAppliance, appliance_config, free_port, started_appliance
+from tests.conftest import LiveAppliance, appliance_config, started_appliance
+from tests.peers import free_port
 
 pytestmark = pytest.mark.integration
 

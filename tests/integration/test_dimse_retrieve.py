@@ -56,14 +56,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from appliance.model import Origin
 from appliance.status import Status
 from dimse_bridge import sending
-from tests.conftest import (
-    LiveAppliance,
-    appliance_config,
-    dcmtk,
-    free_port,
-    started_appliance,
-)
+from tests.conftest import LiveAppliance, appliance_config, dcmtk, started_appliance
 from tests.integration.test_ingest import expected_refusal
+from tests.peers import free_port
 
 pytestmark = pytest.mark.integration
 

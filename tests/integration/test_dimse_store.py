@@ -46,15 +46,10 @@ from appliance.errors import StorageFull
 from appliance.index.schema import instance
 from appliance.status import Status
 from dimse_bridge.services.storage import DEFAULT_TRANSFER_SYNTAXES, error_comment
-from tests.conftest import (
-    LiveAppliance,
-    appliance_config,
-    dcmtk,
-    free_port,
-    started_appliance,
-)
+from tests.conftest import LiveAppliance, appliance_config, dcmtk, started_appliance
 from tests.integration.test_ingest import expected_refusal
 from tests.integration.test_wado import multipart
+from tests.peers import free_port
 
 pytestmark = pytest.mark.integration
 

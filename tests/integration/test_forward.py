@@ -27,10 +27,11 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian
 
-from appliance.forward.upstream import data_set_bytes, first_part
-from tests.conftest import dcmtk, free_port, start_orthanc
-from tests.helpers import small_study, stow
+from appliance.forward.upstream import first_part
+from tests.conftest import dcmtk, start_orthanc
+from tests.helpers import data_set_of, small_study, stow
 from tests.integration.test_serve import AE_TITLE, Appliance, Site, migrated_site
+from tests.peers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.interop, pytest.mark.slow]
 
@@ -171,7 +172,7 @@ def test_stored_while_the_upstream_is_down_arrives_once_it_is_up(tmp_path: Path)
                 # leaves out CT_small's trailing padding), and that is what
                 # the upstream got
                 uid = dcmread(path, stop_before_pixels=True).SOPInstanceUID
-                assert data_set_bytes(upstream_copy(orthanc.dicomweb, path)) == data_set_bytes(
+                assert data_set_of(upstream_copy(orthanc.dicomweb, path)) == data_set_of(
                     held[uid]
                 ), path.name
         finally:
@@ -214,7 +215,7 @@ def test_a_killed_appliance_forwards_everything_after_its_restart(tmp_path: Path
             wait_delivered(site, len(files), timeout=180)
         assert upstream_instances(orthanc.rest) == len(files)
         for path in files[:: len(files) // 10]:
-            assert data_set_bytes(upstream_copy(orthanc.dicomweb, path)) == data_set_bytes(
+            assert data_set_of(upstream_copy(orthanc.dicomweb, path)) == data_set_of(
                 path.read_bytes()
             )
     finally:

@@ -183,7 +183,7 @@ def test_status_retry_and_requeue(index_engine: Engine, tmp_path: Path) -> None:
         store(s, ds)
     claim = s.outbox.claim("up", 4, LEASE)
     assert claim is not None
-    a, b, c, d = (e.id for e in claim.entries)
+    a, b, c, _ = (e.id for e in claim.entries)
     s.outbox.delivered(claim.token, [a])
     s.outbox.park(claim.token, [b], "the upstream refused it: failure reason 0xA900 (43264)")
     soon = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=30)
@@ -203,7 +203,6 @@ def test_status_retry_and_requeue(index_engine: Engine, tmp_path: Path) -> None:
     assert again is not None
     assert [e.id for e in again.entries] == [b]
     assert again.entries[0].attempts == 0
-    del d
 
 
 def test_replay_queues_what_was_stored_since_by_the_filters(

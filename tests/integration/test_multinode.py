@@ -19,10 +19,11 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from sqlalchemy import create_engine, text
 
-from tests.conftest import Azurite, dcmtk, free_port, throwaway_pg_database
+from tests.conftest import dcmtk, throwaway_pg_database
 from tests.helpers import data_set_of, multipart, small_study, stow
 from tests.integration.test_dimse_retrieve import storescp
 from tests.integration.test_serve import AE_TITLE, Appliance, make_site, running
+from tests.peers import Azurite, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.interop, pytest.mark.slow]
 
