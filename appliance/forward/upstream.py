@@ -22,14 +22,8 @@ The answer to a STOW-RS is sorted per instance (PS3.18 10.5.3, Table
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import datetime as dt
-import email.utils
 import logging
-import os
-import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
 
@@ -37,6 +31,14 @@ import httpx
 
 from appliance.config import ForwardConfig
 from appliance.errors import ApplianceError
+from appliance.outbound import (
+    AUTH_HTTP,
+    PERMANENT_5XX,
+    CredentialsError,
+    credentials_for,
+    retry_after,
+    transient_http,
+)
 from appliance.storage.base import CHUNK_SIZE
 
 log = logging.getLogger(__name__)
@@ -54,13 +56,6 @@ WARNING_REASON = "00081196"
 DUPLICATE_REASONS = frozenset({0x0111, 0xB00E})
 #: Failure reasons that say the upstream, not the instance, failed.
 TRANSIENT_REASONS = frozenset({0x0110})
-#: HTTP answers worth another try later.
-TRANSIENT_HTTP = frozenset({408, 429})
-#: HTTP answers that mean the credentials were refused.
-AUTH_HTTP = frozenset({401, 403})
-#: Server errors that trying again cannot cure: the method or the HTTP
-#: version is not implemented there (RFC 9110 15.6.2, 15.6.6).
-PERMANENT_5XX = frozenset({501, 505})
 
 _BOUNDARY = "dicom-appliance-forward-7f3a9c"
 _TEXT_MAX = 300
@@ -122,7 +117,7 @@ class Upstream:
             follow_redirects=False,
             headers={"User-Agent": "dicom-appliance-forward"},
         )
-        self._credentials = _credentials(config, self._client)
+        self._credentials = credentials_for(config, self._client)
 
     def close(self) -> None:
         self._client.close()
@@ -240,10 +235,6 @@ class UpstreamError(Exception):
         self.reason = reason
 
 
-class CredentialsError(UpstreamError):
-    """No credentials could be had (token file, token endpoint)."""
-
-
 class _Unreachable(UpstreamError):
     pass
 
@@ -251,7 +242,7 @@ class _Unreachable(UpstreamError):
 def sort_stow_answer(response: httpx.Response, uids: Sequence[str]) -> Outcome:
     """Sort the STOW-RS answer *response* to a request of *uids*."""
     status = response.status_code
-    if _transient_http(status) or status in AUTH_HTTP or status in PERMANENT_5XX:
+    if transient_http(status) or status in AUTH_HTTP or status in PERMANENT_5XX:
         return _http_failure(response, uids)
     answer = _dicom_json(response)
     if status == 200 and answer is None:
@@ -301,31 +292,9 @@ def _http_failure(response: httpx.Response, uids: Sequence[str]) -> Outcome:
         reason += f": {text}"
     if status in AUTH_HTTP:
         return Outcome.all_transient(uids, reason + " (credentials refused)")
-    if _transient_http(status):
+    if transient_http(status):
         return Outcome.all_transient(uids, reason, retry_after(response))
     return Outcome.all_permanent(uids, reason)
-
-
-def _transient_http(status: int) -> bool:
-    return status in TRANSIENT_HTTP or (status >= 500 and status not in PERMANENT_5XX)
-
-
-def retry_after(response: httpx.Response, now: float | None = None) -> float | None:
-    """The Retry-After of *response* in seconds (RFC 9110 10.2.3: a number of
-    seconds or an HTTP date), or None."""
-    value = response.headers.get("Retry-After", "").strip()
-    if not value:
-        return None
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    now = time.time() if now is None else now
-    return max(0.0, when.timestamp() - now)
 
 
 def _dicom_json(response: httpx.Response) -> dict[str, Any] | None:
@@ -386,112 +355,3 @@ def first_part(response: httpx.Response) -> bytes:
     if head_end < 0 or end < 0:
         raise UpstreamError("the upstream's multipart answer is cut short")
     return body[head_end + 4 : end]
-
-
-# ------------------------------------------------------------------ credentials
-
-
-class _Credentials:
-    """No credentials."""
-
-    def headers(self) -> dict[str, str]:
-        return {}
-
-    def refused(self) -> None:
-        """The upstream refused them (401/403): fetch new ones next time."""
-
-
-class _Basic(_Credentials):
-    """HTTP Basic authentication (RFC 7617), the pair encoded as UTF-8."""
-
-    def __init__(self, username: str, password: str) -> None:
-        pair = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
-        self._header = f"Basic {pair}"
-
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": self._header}
-
-
-class _BearerFile(_Credentials):
-    """A token kept in a file (e.g. renewed by another program): read again
-    whenever the file changes."""
-
-    def __init__(self, path: str) -> None:
-        self._path = path
-        self._seen: tuple[float, int] | None = None
-        self._token = ""
-        self._lock = threading.Lock()
-
-    def headers(self) -> dict[str, str]:
-        with self._lock:
-            try:
-                stat = os.stat(self._path)
-                if self._seen != (stat.st_mtime, stat.st_size):
-                    with open(self._path, encoding="utf-8") as fh:
-                        self._token = fh.read().strip()
-                    self._seen = (stat.st_mtime, stat.st_size)
-            except OSError as exc:
-                raise CredentialsError(
-                    f"cannot read the token file {self._path}: {exc.strerror}"
-                ) from None
-            if not self._token:
-                raise CredentialsError(f"the token file {self._path} is empty")
-            return {"Authorization": f"Bearer {self._token}"}
-
-
-class _ClientCredentials(_Credentials):
-    """OAuth 2.0 client credentials grant (RFC 6749 4.4): a token from the
-    token endpoint, kept until a minute before it expires or until the
-    upstream refuses it."""
-
-    def __init__(self, config: ForwardConfig, client: httpx.Client) -> None:
-        self._config = config
-        self._client = client
-        self._token = ""
-        self._expires = 0.0
-        self._lock = threading.Lock()
-
-    def headers(self) -> dict[str, str]:
-        with self._lock:
-            if not self._token or time.monotonic() >= self._expires:
-                self._fetch()
-            return {"Authorization": f"Bearer {self._token}"}
-
-    def refused(self) -> None:
-        with self._lock:
-            self._token = ""
-
-    def _fetch(self) -> None:
-        form = {
-            "grant_type": "client_credentials",
-            "client_id": self._config.client_id,
-            "client_secret": self._config.client_secret,
-        }
-        if self._config.scope:
-            form["scope"] = self._config.scope
-        try:
-            response = self._client.post(self._config.token_url, data=form)
-        except httpx.HTTPError as exc:
-            raise CredentialsError(
-                f"cannot reach the token endpoint ({type(exc).__name__})"
-            ) from None
-        if not response.is_success:
-            raise CredentialsError(f"the token endpoint answered HTTP {response.status_code}")
-        try:
-            grant = response.json()
-            token = str(grant["access_token"])
-            lifetime = float(grant.get("expires_in", 3600))
-        except (ValueError, KeyError, TypeError):
-            raise CredentialsError("the token endpoint's answer has no access_token") from None
-        self._token = token
-        self._expires = time.monotonic() + max(lifetime - 60, lifetime / 2)
-
-
-def _credentials(config: ForwardConfig, client: httpx.Client) -> _Credentials:
-    if config.auth == "basic":
-        return _Basic(config.username, config.password)
-    if config.auth == "bearer":
-        return _BearerFile(config.token_file)
-    if config.auth == "oauth2":
-        return _ClientCredentials(config, client)
-    return _Credentials()

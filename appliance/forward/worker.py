@@ -25,7 +25,6 @@ import dataclasses
 import datetime as dt
 import io
 import logging
-import random
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import IO
@@ -43,6 +42,7 @@ from appliance.forward.upstream import (
     UpstreamError,
 )
 from appliance.index.sql import SqlIndex, StoredInstance
+from appliance.outbound import backoff
 from appliance.retrieve import RetrieveService
 from appliance.transcode import TranscodeError, transcode
 
@@ -52,16 +52,6 @@ log = logging.getLogger(__name__)
 POLL_INTERVAL = 1.0
 #: Seconds a sender waits after the index failed before trying again.
 INDEX_RETRY = 5.0
-#: The longest Retry-After honoured, in seconds.
-RETRY_AFTER_MAX = 3600.0
-
-
-def backoff(attempts: int, retry_max: float, retry_after: float | None = None) -> float:
-    """Seconds to wait before try number *attempts* + 1 of an entry."""
-    delay = min(retry_max, 2.0 ** min(attempts, 30)) * random.uniform(0.5, 1.0)  # noqa: S311
-    if retry_after is not None:
-        delay = max(delay, min(retry_after, RETRY_AFTER_MAX))
-    return delay
 
 
 @dataclasses.dataclass

@@ -12,8 +12,8 @@ import pytest
 
 from appliance.config import load_config, render_config
 from appliance.errors import ConfigError
-from appliance.forward.upstream import retry_after, sort_stow_answer
-from appliance.forward.worker import backoff
+from appliance.forward.upstream import sort_stow_answer
+from appliance.outbound import backoff, retry_after
 
 UIDS = ["1.2.3.1", "1.2.3.2", "1.2.3.3"]
 
