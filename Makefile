@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# the FHIR server the DICOMcast tests publish to (tests/fhir_peer, npm)
+FHIR_PEER := tests/fhir_peer/node_modules/.package-lock.json
 
 .PHONY: run test lint typecheck unit bench migrate clean
 
@@ -11,6 +13,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+# without npm its tests skip
+$(FHIR_PEER): tests/fhir_peer/package-lock.json
+	if command -v npm >/dev/null; then npm ci --prefix tests/fhir_peer --no-audit --no-fund >/dev/null; \
+	else echo "npm not found: the FHIR server's tests will skip"; fi
 
 ## start the appliance on the embedded default (SQLite + ./data), migrating first
 run: $(STAMP)
@@ -21,7 +28,7 @@ migrate: $(STAMP)
 	$(BIN)/dicom-appliance migrate
 
 ## lint, type checks and the whole test suite
-test: lint typecheck
+test: lint typecheck $(FHIR_PEER)
 	$(BIN)/pytest
 
 lint: $(STAMP)

@@ -297,3 +297,26 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
     service = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
     yield service
     service.stop()
+
+
+# --------------------------------------------------------------------------
+# A FHIR R4 server (tests/peers.py): a missing Node.js or npm install skips,
+# or fails under CI
+
+
+def start_fhir_server(folder: Path, port: int = 0) -> peers.FhirServer:
+    """:func:`tests.peers.start_fhir_server`; skips (fails under CI) when
+    Node.js or the server's npm packages are not installed."""
+    try:
+        return peers.start_fhir_server(folder, port)
+    except peers.PeerMissing as exc:
+        missing_peer(str(exc))
+        raise
+
+
+@pytest.fixture
+def fhir_server(tmp_path: Path) -> Iterator[peers.FhirServer]:
+    """An empty FHIR R4 server on loopback for one test."""
+    server = start_fhir_server(tmp_path / "fhir")
+    yield server
+    server.stop()

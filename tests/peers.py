@@ -345,3 +345,104 @@ def start_orthanc(
         time.sleep(0.2)
     process.kill()
     raise RuntimeError(f"Orthanc did not answer within 60 s; see {log.name}")
+
+
+# --------------------------------------------------------------------------
+# A FHIR R4 server: Medplum's FHIR engine in memory (tests/fhir_peer, npm)
+
+FHIR_PEER = Path(__file__).resolve().parent / "fhir_peer"
+
+
+@dataclasses.dataclass
+class FhirServer:
+    """A running FHIR R4 server on loopback (``tests/fhir_peer/server.mjs``):
+    Medplum's FhirRouter over an in-memory repository, validating every
+    resource it is given."""
+
+    process: Any
+    port: int
+    folder: Path
+
+    @property
+    def url(self) -> str:
+        """The FHIR service root."""
+        return f"http://127.0.0.1:{self.port}/fhir/R4"
+
+    @property
+    def log(self) -> Path:
+        return self.folder / "fhir.log"
+
+    def fail(self, status: int, count: int) -> None:
+        """Make the next *count* FHIR requests answer *status*."""
+        self._control("fail", {"status": status, "count": count})
+
+    def reset(self) -> None:
+        """Forget every resource (and any failures :meth:`fail` still owes)."""
+        self._control("reset", {})
+
+    def resources(self, resource_type: str) -> list[dict[str, Any]]:
+        """Every stored resource of *resource_type*."""
+        import httpx
+
+        response = httpx.get(f"{self.url}/{resource_type}", params={"_count": 1000}, timeout=10)
+        response.raise_for_status()
+        return [entry["resource"] for entry in response.json().get("entry", [])]
+
+    def _control(self, action: str, body: dict[str, Any]) -> None:
+        import httpx
+
+        httpx.post(
+            f"http://127.0.0.1:{self.port}/control/{action}", json=body, timeout=10
+        ).raise_for_status()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except Exception:  # noqa: BLE001 - it did not stop: make it
+            self.process.kill()
+            self.process.wait(10)
+
+
+def start_fhir_server(folder: Path, port: int = 0) -> FhirServer:
+    """Start ``node tests/fhir_peer/server.mjs`` on loopback *port* (0: a
+    free one), its log in *folder*, and wait until it listens.  Raises PeerMissing when
+    Node.js or the server's npm packages are not installed."""
+    import re
+    import shutil
+    import subprocess
+    import time
+
+    node = shutil.which("node")
+    if node is None:
+        raise PeerMissing("Node.js is not installed (apt-get install nodejs npm)")
+    if not (FHIR_PEER / "node_modules").is_dir():
+        raise PeerMissing(
+            f"the FHIR server's npm packages are not installed ({FHIR_PEER / 'node_modules'} "
+            "is missing); run: npm ci --prefix tests/fhir_peer"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    log = (folder / "fhir.log").open("ab")
+    start = log.tell()
+    process = subprocess.Popen(
+        [node, str(FHIR_PEER / "server.mjs"), str(port)],
+        cwd=FHIR_PEER,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        # its first line on stdout, once it listens: "listening PORT"
+        with (folder / "fhir.log").open("rb") as out:
+            out.seek(start)
+            found = re.search(rb"^listening (\d+)$", out.read(), re.MULTILINE)
+        if found:
+            return FhirServer(process, int(found.group(1)), folder)
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"the FHIR server exited at start ({process.returncode}); see {log.name}"
+            )
+        time.sleep(0.1)
+    process.kill()
+    process.wait(10)
+    raise RuntimeError(f"the FHIR server did not listen within 30 s; see {log.name}")
