@@ -12,6 +12,10 @@
     the forwarding outbox (:mod:`appliance.forward`): counts and last error
     per destination, parked entries queued again, stored instances queued
     again.
+``fhir status | retry | replay [--since TIME]``
+    DICOMcast (:mod:`appliance.fhir`): where it is in the change feed and
+    what it has queued, synced and parked; parked studies queued again; the
+    change feed read again (from a time, or from its start).
 ``config show``
     print the effective configuration (file plus ``APPLIANCE_*``
     variables), secrets masked.
@@ -38,6 +42,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from appliance import __version__
 from appliance.config import Config, ForwardConfig, load_config, render_config
 from appliance.errors import ApplianceError, ConfigError, SchemaNotCurrent
+from appliance.fhir.queue import StudyQueue
 from appliance.forward.outbox import Outbox
 from appliance.index import migrate
 from appliance.index.engine import engine_for
@@ -128,6 +133,36 @@ def build_parser() -> argparse.ArgumentParser:
         "or 2026-12-01T08:00:00+01:00",
     )
     replay.set_defaults(func=cmd_forward_replay)
+
+    fhir = commands.add_parser(
+        "fhir", help="DICOMcast to FHIR: status, re-queue parked studies, replay the change feed"
+    )
+    fhir_commands = fhir.add_subparsers(dest="fhir_command", metavar="ACTION", required=True)
+    fhir_status = fhir_commands.add_parser(
+        "status",
+        help="change-feed position, studies queued, in flight, synced, parked, last error",
+    )
+    _add_config_option(fhir_status)
+    fhir_status.add_argument("--json", action="store_true", help="print JSON instead of text")
+    fhir_status.set_defaults(func=cmd_fhir_status)
+    fhir_retry = fhir_commands.add_parser(
+        "retry", help="queue the parked studies again (after fixing their cause)"
+    )
+    _add_config_option(fhir_retry)
+    fhir_retry.set_defaults(func=cmd_fhir_retry)
+    fhir_replay = fhir_commands.add_parser(
+        "replay",
+        help="read the change feed again from a time (default: its start), publishing "
+        "every study it names again; harmless to the FHIR server's resources",
+    )
+    _add_config_option(fhir_replay)
+    fhir_replay.add_argument(
+        "--since",
+        type=_timestamp,
+        metavar="TIME",
+        help="ISO 8601 date or time (UTC unless it names an offset); default: the whole feed",
+    )
+    fhir_replay.set_defaults(func=cmd_fhir_replay)
 
     config = commands.add_parser("config", help="inspect the configuration")
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
@@ -251,6 +286,59 @@ def cmd_forward_replay(args: argparse.Namespace) -> int:
     print(
         f"{count} instance(s) stored since {args.since.isoformat()} queued for {destination.name}"
     )
+    return 0
+
+
+@contextlib.contextmanager
+def _study_queue(config: Config) -> Iterator[StudyQueue]:
+    """DICOMcast's queue in *config*'s index (migrated), closed after."""
+    engine = engine_for(config.index)
+    try:
+        migrate.require_current(engine)
+        yield StudyQueue(engine)
+    finally:
+        engine.dispose()
+
+
+def cmd_fhir_status(args: argparse.Namespace) -> int:
+    """``fhir status``: DICOMcast's position and queue."""
+    config = load_config(args.config)
+    with _study_queue(config) as queue:
+        status = queue.status(config.fhir.url)
+    if args.json:
+        print(json.dumps(status.as_json(), indent=2))
+        return 0
+    if not config.fhir.url:
+        print("DICOMcast is off (fhir.url is empty)")
+    else:
+        print(f"FHIR server: {status.url}")
+    print(f"change feed: at {status.cursor} of {status.latest} ({status.behind} behind)")
+    age = "-" if status.oldest_queued_age is None else f"{status.oldest_queued_age:.0f} s"
+    print(
+        f"studies: {status.queued} queued ({status.in_flight} in flight, oldest {age}), "
+        f"{status.synced} synced, {status.parked} parked"
+    )
+    if status.last_error:
+        print(f"last error: {status.last_error}")
+    return 0
+
+
+def cmd_fhir_retry(args: argparse.Namespace) -> int:
+    """``fhir retry``: parked studies queued again."""
+    config = load_config(args.config)
+    with _study_queue(config) as queue:
+        count = queue.requeue_parked()
+    print(f"{count} parked stud{'y' if count == 1 else 'ies'} queued again")
+    return 0
+
+
+def cmd_fhir_replay(args: argparse.Namespace) -> int:
+    """``fhir replay [--since TIME]``: the change feed read again."""
+    config = load_config(args.config)
+    with _study_queue(config) as queue:
+        count = queue.replay(args.since)
+    since = "its start" if args.since is None else args.since.isoformat()
+    print(f"the change feed is read again from {since}: {count} change(s)")
     return 0
 
 

@@ -320,6 +320,61 @@ class ForwardConfig:
     retry_max_seconds: int = _field(300, check=_positive)
 
 
+def _timezone(value: str) -> str | None:
+    if not value:
+        return None
+    import zoneinfo
+
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return "must be empty (the machine's time zone) or an IANA time zone such as Europe/Berlin"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class FhirConfig:
+    """DICOMcast: the FHIR R4 server the studies are published to
+    (``[fhir]``, README "DICOMcast to FHIR")."""
+
+    #: the FHIR server's base URL (e.g. https://fhir.example/R4); "" = off
+    url: str = _field("", check=_public_url)
+    #: none | bearer (token_file) | basic (username, password) |
+    #: oauth2 (client credentials: token_url, client_id, client_secret, scope)
+    auth: Literal["none", "bearer", "basic", "oauth2"] = _field(
+        "none", check=_one_of("none", "bearer", "basic", "oauth2")
+    )
+    token_file: str = _field("")
+    username: str = _field("")
+    password: str = _field("", secret=True)
+    token_url: str = _field("", check=_public_url)
+    client_id: str = _field("")
+    client_secret: str = _field("", secret=True)
+    scope: str = _field("")
+    #: Patient.identifier.system of the PatientID ("" = an identifier with no system)
+    patient_system: str = _field("")
+    #: Endpoint.address: this appliance's DICOMweb service root as the FHIR
+    #: server's users reach it ("" = http.public_url + "/v1", else
+    #: http://HOST:PORT/v1 of [http])
+    dicomweb_url: str = _field("", check=_public_url)
+    #: time zone of StudyDate/StudyTime when the study has no Timezone
+    #: Offset From UTC ("" = the machine's)
+    timezone: str = _field("", check=_timezone)
+    #: ImagingStudy.status once every instance of the study is deleted here
+    deleted_status: Literal["entered-in-error", "cancelled", "unknown"] = _field(
+        "entered-in-error", check=_one_of("entered-in-error", "cancelled", "unknown")
+    )
+    #: seconds a changed study waits before it is published, so a study that
+    #: is still arriving is sent once every settle_seconds, not per instance
+    settle_seconds: int = _field(5, check=_non_negative)
+    #: studies claimed at once by a sender, and senders
+    batch_size: int = _field(10, check=_between(1, 500))
+    concurrency: int = _field(2, check=_between(1, 16))
+    #: seconds for one request, and the longest wait between two tries
+    timeout: int = _field(30, check=_positive)
+    retry_max_seconds: int = _field(300, check=_positive)
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """The whole effective configuration; built by :func:`load_config`."""
@@ -333,6 +388,8 @@ class Config:
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     #: upstream DICOMweb destinations (``[[forward]]``, an array of tables)
     forward: tuple[ForwardConfig, ...] = ()
+    #: DICOMcast to a FHIR server
+    fhir: FhirConfig = dataclasses.field(default_factory=FhirConfig)
     #: the file it was read from, if any (not a key)
     source: Path | None = dataclasses.field(default=None, compare=False)
 
@@ -415,6 +472,7 @@ def load_config(
         )
     _check_storage(config.storage)
     _check_forward(config.forward)
+    _check_auth(config.fhir, "fhir")
     names = {destination.name for destination in config.forward}
     for i, peer in enumerate(config.dimse.peers):
         if peer.commit_after_forward and peer.commit_after_forward not in names:
@@ -552,23 +610,28 @@ def _check_storage(storage: StorageConfig) -> None:
             )
 
 
+#: The keys each auth mode of [[forward]] and [fhir] needs.
+_AUTH_NEEDS = {
+    "bearer": ("token_file",),
+    "basic": ("username", "password"),
+    "oauth2": ("token_url", "client_id", "client_secret"),
+}
+
+
+def _check_auth(settings: Any, where: str) -> None:
+    for key in _AUTH_NEEDS.get(settings.auth, ()):
+        if not getattr(settings, key):
+            raise ConfigError(f"{where}.{key}", f"is required with auth = {settings.auth}")
+
+
 def _check_forward(destinations: tuple[ForwardConfig, ...]) -> None:
     """Names unique, and the keys each auth mode needs."""
     seen: set[str] = set()
-    needs = {
-        "bearer": ("token_file",),
-        "basic": ("username", "password"),
-        "oauth2": ("token_url", "client_id", "client_secret"),
-    }
     for i, destination in enumerate(destinations):
         if destination.name in seen:
             raise ConfigError(f"forward[{i}].name", f"{destination.name!r} is used twice")
         seen.add(destination.name)
-        for key in needs.get(destination.auth, ()):
-            if not getattr(destination, key):
-                raise ConfigError(
-                    f"forward[{i}].{key}", f"is required with auth = {destination.auth}"
-                )
+        _check_auth(destination, f"forward[{i}]")
 
 
 def _resolve_storage_path(config: Config, cwd: Path) -> Config:

@@ -65,7 +65,7 @@ if TYPE_CHECKING:
 LOGGER = logging.getLogger("appliance.server")
 
 #: The kinds of children, in start order (``worker`` only when there is
-#: background work configured: forwarding).
+#: background work configured: forwarding or DICOMcast).
 ROLES = ("http", "dimse", "worker")
 #: What ``python -m appliance.server`` runs: a child, or the supervisor.
 COMMANDS = ("supervise", *ROLES)
@@ -218,7 +218,7 @@ def _children(config: Config, run_dir: Path, listen_fd: int) -> list[tuple[str, 
     for number, name in enumerate(dimse_worker_names(config), start=1):
         command = child_command("dimse", config, run_dir, worker=number, listen_fd=listen_fd)
         children.append((name, command))
-    if config.forward:
+    if config.forward or config.fhir.url:
         children.append(("worker", child_command("worker", config, run_dir)))
     return children
 
@@ -365,23 +365,40 @@ def run_dimse(
 
 
 def run_worker(config: Config) -> int:
-    """Child entry point: background work (the forwarding senders) until
-    SIGTERM or SIGINT."""
-    from appliance.forward.outbox import Outbox
-    from appliance.forward.worker import Forwarder
+    """Child entry point: background work (the forwarding senders, DICOMcast)
+    until SIGTERM or SIGINT."""
     from appliance.services import build_services
 
     services = build_services(config)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda _signum, _frame: stop.set())
-    forwarder = Forwarder(
-        config.forward, Outbox(services.engine), services.index, services.retrieve
-    )
+    jobs: list[Any] = []
     try:
-        forwarder.run(stop)
+        if config.forward:
+            from appliance.forward.outbox import Outbox
+            from appliance.forward.worker import Forwarder
+
+            jobs.append(
+                Forwarder(
+                    config.forward, Outbox(services.engine), services.index, services.retrieve
+                )
+            )
+        if config.fhir.url:
+            from appliance.fhir.worker import DicomCast
+
+            jobs.append(DicomCast(config, services.engine))
+        threads = [
+            threading.Thread(target=job.run, args=(stop,), name=type(job).__name__, daemon=True)
+            for job in jobs
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     finally:
-        forwarder.close()
+        for job in jobs:
+            job.close()
         services.close()
     LOGGER.info("background worker stopped")
     return 0

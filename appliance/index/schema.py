@@ -272,3 +272,36 @@ forward_entry = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Index(None, "destination", "state", "next_attempt_at"),
 )
+
+#: Where a follower of the change feed has got to: the sequence of the last
+#: change it has taken in (``name`` "fhir": DICOMcast).
+feed_cursor = Table(
+    "feed_cursor",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("sequence", Id, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+#: DICOMcast (``appliance/fhir``): one row per study the change feed has
+#: named, to be published to the FHIR server.  ``state`` is queued | synced |
+#: parked (a permanent failure, kept with the server's reason until
+#: re-queued).  A change to a study queues it again (and takes it from a
+#: sender that has it in flight, so the newest state is what ends up there).
+#: Claimed like ``forward_entry``: ``claim_token`` set and ``next_attempt_at``
+#: moved past a lease.  ``imaging_study`` is the FHIR ImagingStudy it last
+#: wrote (e.g. ``ImagingStudy/123``).
+fhir_study = Table(
+    "fhir_study",
+    metadata,
+    Column("study_instance_uid", UID, primary_key=True),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Column("claim_token", String(32), nullable=True),
+    Column("last_error", String(1024), nullable=True),
+    Column("imaging_study", String(128), nullable=True),
+    Column("queued_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index(None, "state", "next_attempt_at"),
+)

@@ -7,6 +7,15 @@ as ``dicom-appliance forward status | retry``:
 - ``POST /v1/admin/forward/{name}/retry``: queue the destination's parked
   entries again; answers ``{"requeued": N}``.
 
+and of DICOMcast (``appliance/fhir``), the same as ``dicom-appliance fhir
+status | retry``:
+
+- ``GET /v1/admin/fhir``: the change-feed position (``cursor``, ``latest``,
+  ``behind``), the studies queued, in flight, synced and parked, the age of
+  the oldest queued one and the last error;
+- ``POST /v1/admin/fhir/retry``: queue the parked studies again; answers
+  ``{"requeued": N}``.
+
 Not part of DICOMweb: JSON of our own.  Open like the rest of the service
 until the security issue brings roles (these will need ``admin``).
 """
@@ -18,6 +27,7 @@ import json
 from flask import Blueprint, Response
 
 from appliance.errors import NotFound
+from appliance.fhir.queue import StudyQueue
 from appliance.forward.outbox import Outbox
 from dicomweb.app import get_extension
 
@@ -49,3 +59,19 @@ def forward_retry(name: str) -> Response:
         raise NotFound(f"no [[forward]] destination is named {name!r}")
     count = Outbox(extension.services.engine).requeue_parked(name)
     return _json({"destination": name, "requeued": count})
+
+
+@bp.get("/fhir")
+def fhir_status() -> Response:
+    """DICOMcast's position in the change feed and its queue."""
+    extension = get_extension()
+    status = StudyQueue(extension.services.engine).status(extension.config.fhir.url)
+    return _json(status.as_json())
+
+
+@bp.post("/fhir/retry")
+def fhir_retry() -> Response:
+    """Queue the parked studies again."""
+    extension = get_extension()
+    count = StudyQueue(extension.services.engine).requeue_parked()
+    return _json({"requeued": count})

@@ -121,6 +121,12 @@ def test_config_is_frozen(tmp_path: Path) -> None:
         ('[ingest]\nduplicate_policy = "ignore"\n', "ingest.duplicate_policy"),
         ("[query]\nmax_results = -5\n", "query.max_results"),
         ('[log]\nlevel = "loud"\n', "log.level"),
+        ('[fhir]\nurl = "fhir.example/R4"\n', "fhir.url"),
+        ('[fhir]\nauth = "bearer"\n', "fhir.token_file"),
+        ('[fhir]\nauth = "oauth2"\ntoken_url = "https://id/token"\n', "fhir.client_id"),
+        ('[fhir]\ntimezone = "Mars/Olympus"\n', "fhir.timezone"),
+        ('[fhir]\ndeleted_status = "gone"\n', "fhir.deleted_status"),
+        ("[fhir]\nsettle_seconds = -1\n", "fhir.settle_seconds"),
         ("http = 5\n", "http"),
     ],
 )
