@@ -64,6 +64,10 @@ if TYPE_CHECKING:
 #: Named explicitly: a child runs this module as ``__main__``.
 LOGGER = logging.getLogger("appliance.server")
 
+#: prometheus-client keeps each child's metrics in files in this folder
+#: (:mod:`appliance.metrics`); named here so the supervisor need not import it.
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
 #: The kinds of children, in start order (``worker`` only when there is
 #: background work configured: forwarding or DICOMcast).
 ROLES = ("http", "dimse", "worker")
@@ -178,11 +182,16 @@ def serve(config: Config) -> int:
                 exc,
             )
             return 1
+        # the children's metrics files (appliance.metrics), in this start's
+        # own run folder, so no value of an earlier start is counted again
+        metrics_dir = run_dir / "metrics"
+        metrics_dir.mkdir()
+        env = {**os.environ, METRICS_DIR_ENV: str(metrics_dir)}
         with listener:
             for name, command in _children(config, run_dir, listener.fileno()):
                 if received:
                     break
-                children.append(_start(name, command, listener.fileno()))
+                children.append(_start(name, command, listener.fileno(), env))
         # the workers hold the socket now; the port frees when they stop
         while not received:
             for child in children:
@@ -223,9 +232,10 @@ def _children(config: Config, run_dir: Path, listen_fd: int) -> list[tuple[str, 
     return children
 
 
-def _start(name: str, command: list[str], listen_fd: int) -> Child:
+def _start(name: str, command: list[str], listen_fd: int, env: dict[str, str]) -> Child:
     process = subprocess.Popen(
         command,
+        env=env,
         process_group=0,
         preexec_fn=_die_with_parent(),
         pass_fds=(listen_fd,) if name.startswith("dimse") else (),
@@ -450,6 +460,7 @@ def gunicorn_settings(config: Config) -> dict[str, Any]:
         "control_socket_disable": True,
         "post_fork": _post_fork,
         "worker_exit": _worker_exit,
+        "child_exit": _child_exit,
     }
 
 
@@ -463,6 +474,15 @@ def _worker_exit(_server: Any, worker: Any) -> None:
     app = getattr(worker, "wsgi", None)
     if app is not None:
         close_app(app)
+
+
+def _child_exit(_server: Any, worker: Any) -> None:
+    # in gunicorn's master: the worker's metrics files are let go of (its
+    # counts stay in the totals)
+    if os.environ.get(METRICS_DIR_ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
 
 
 def run_http(config: Config, run_dir: Path | None) -> int:

@@ -21,6 +21,7 @@ from appliance.config import Config
 from appliance.services import Services, build_services
 from dicomweb.cors import install_cors
 from dicomweb.errors import refuse_hostile_paths, register_error_handlers
+from dicomweb.instrument import Counting, note_transaction
 
 #: The key of :class:`ApplianceExtension` in ``app.extensions``.
 EXTENSION = "appliance"
@@ -98,7 +99,9 @@ def create_app(
     app.extensions[EXTENSION] = ApplianceExtension(config, services, run_dir)
     register_error_handlers(app)
     install_cors(app, config.http.cors_allowed_origins)
+    app.before_request(note_transaction)
     app.before_request(refuse_hostile_paths)
+    app.wsgi_app = Counting(app.wsgi_app)  # type: ignore[method-assign]
 
     for blueprint in _blueprints():
         app.register_blueprint(blueprint)

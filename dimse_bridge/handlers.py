@@ -15,6 +15,7 @@ import socket
 from pynetdicom import evt
 from pynetdicom.events import Event, EventHandlerType
 
+from appliance import metrics
 from appliance.config import Config
 from dimse_bridge.stats import stats_of
 
@@ -95,9 +96,10 @@ def on_accepted(event: Event, config: Config) -> None:
     message is read: the handler runs in the association's thread first.
     """
     assoc = event.assoc
-    stats_of(assoc)
+    stats = stats_of(assoc)
     calling = assoc.requestor.ae_title
     address = str(assoc.requestor.address)
+    metrics.ASSOCIATIONS.labels(stats.calling_ae, "accepted").inc()
     if not address_allowed(config, calling, address):
         LOGGER.warning(
             "association aborted: calling AE '%s' is not allowed from %s", calling, _peer(event)
@@ -109,6 +111,7 @@ def on_accepted(event: Event, config: Config) -> None:
 
 def on_released(event: Event) -> None:
     """``EVT_RELEASED``: the association's one summary line."""
+    metrics.ASSOCIATIONS.labels(stats_of(event.assoc).calling_ae, "released").inc()
     LOGGER.info(
         "association released: calling AE '%s' from %s: %s",
         event.assoc.requestor.ae_title,
@@ -123,6 +126,7 @@ def on_aborted(event: Event) -> None:
     if event.assoc.requestor.primitive is None:
         LOGGER.debug("connection from %s closed without an association request", _peer(event))
         return
+    metrics.ASSOCIATIONS.labels(stats_of(event.assoc).calling_ae, "aborted").inc()
     LOGGER.warning(
         "association aborted: calling AE '%s' from %s: %s",
         event.assoc.requestor.ae_title,
@@ -136,6 +140,7 @@ def on_rejected(event: Event) -> None:
     9.3.4, A-ASSOCIATE-RJ Reason/Diag.)."""
     assoc = event.assoc
     calling = assoc.requestor.ae_title
+    metrics.ASSOCIATIONS.labels(metrics.ae_label(str(calling)), "rejected").inc()
     primitive = assoc.requestor.primitive
     called = primitive.called_ae_title if primitive is not None else ""
     allowed = [title.strip() for title in assoc.ae.require_calling_aet]

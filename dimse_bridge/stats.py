@@ -7,6 +7,8 @@ import dataclasses
 import time
 from typing import Any
 
+from appliance import metrics
+
 _ATTRIBUTE = "_appliance_stats"
 
 
@@ -16,6 +18,8 @@ class AssociationStats:
     the data set bytes received and sent."""
 
     started: float = dataclasses.field(default_factory=time.monotonic)
+    #: the peer's Calling AE Title as a metrics label (:func:`ae_label`)
+    calling_ae: str = "(none)"
     operations: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     bytes_in: int = 0
     bytes_out: int = 0
@@ -26,6 +30,11 @@ class AssociationStats:
         self.operations[f"{service} {outcome}"] += 1
         self.bytes_in += bytes_in
         self.bytes_out += bytes_out
+        metrics.DIMSE_OPERATIONS.labels(service, self.calling_ae, outcome).inc()
+        if bytes_in:
+            metrics.RECEIVED_BYTES.labels("dimse").inc(bytes_in)
+        if bytes_out:
+            metrics.SENT_BYTES.labels("dimse").inc(bytes_out)
 
     def summary(self) -> str:
         """``C-STORE success 12, C-STORE warning 1; in 6.1 MB, out 0 B; 2.3 s``."""
@@ -40,7 +49,7 @@ def stats_of(assoc: Any) -> AssociationStats:
     """The statistics of *assoc* (a pynetdicom Association), made on first use."""
     stats = getattr(assoc, _ATTRIBUTE, None)
     if stats is None:
-        stats = AssociationStats()
+        stats = AssociationStats(calling_ae=metrics.ae_label(str(assoc.requestor.ae_title)))
         setattr(assoc, _ATTRIBUTE, stats)
     return stats
 

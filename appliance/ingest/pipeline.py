@@ -15,6 +15,7 @@ import io
 import logging
 from typing import IO
 
+from appliance import metrics
 from appliance.config import IngestConfig
 from appliance.dicomio import extract_record, part10_prefix, read_header, validate_uid
 from appliance.errors import ApplianceError, InvalidInstance
@@ -83,7 +84,7 @@ class IngestService:
             :attr:`Status.STUDY_INSTANCE_UID_MISMATCH`, checked on the header
             before anything is written.
         """
-        return self._store(source, origin, expected_study_uid)
+        return _counted(origin, self._store(source, origin, expected_study_uid))
 
     def store_dataset(
         self,
@@ -105,15 +106,18 @@ class IngestService:
             ):
                 validate_uid(value, keyword)
         except InvalidInstance as exc:
-            return IngestResult(exc.status, exc.reason)
+            return _counted(origin, IngestResult(exc.status, exc.reason))
         prefix = part10_prefix(
             sop_class_uid, sop_instance_uid, transfer_syntax_uid, origin.calling_ae
         )
         body = io.BytesIO(dataset) if isinstance(dataset, bytes) else dataset
-        return self._store(
-            io.BufferedReader(PrefixedStream(prefix, body)),
+        return _counted(
             origin,
-            expected_sop=(sop_class_uid, sop_instance_uid),
+            self._store(
+                io.BufferedReader(PrefixedStream(prefix, body)),
+                origin,
+                expected_sop=(sop_class_uid, sop_instance_uid),
+            ),
         )
 
     def _store(
@@ -236,3 +240,19 @@ def _identity_mismatch(record: InstanceRecord, sop_class: str, sop_instance: str
     if record.instance.sop_class_uid != sop_class:
         return f"SOPClassUID {record.instance.sop_class_uid} differs from the request's"
     return ""
+
+
+def _counted(origin: Origin, result: IngestResult) -> IngestResult:
+    """*result*, counted in ``appliance_ingest_instances_total``: its index
+    outcome, or "failed" (this side could not store it: out of resources,
+    processing failure) or "refused" (the instance was at fault)."""
+    if result.outcome is not None:
+        outcome = result.outcome.value
+    elif result.stored:
+        outcome = "stored"
+    elif result.status in (Status.OUT_OF_RESOURCES, Status.PROCESSING_FAILURE):
+        outcome = "failed"
+    else:
+        outcome = "refused"
+    metrics.INGESTED.labels(origin.protocol, outcome).inc()
+    return result

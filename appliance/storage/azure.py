@@ -48,6 +48,7 @@ from azure.core.exceptions import (
 )
 from azure.storage.blob import BlobServiceClient, ContainerClient, ExponentialRetry
 
+from appliance import metrics
 from appliance.errors import BlobNotFound, StorageError, StorageUnavailable
 from appliance.storage.base import CHUNK_SIZE, BlobInfo
 from appliance.storage.cloud import (
@@ -238,6 +239,14 @@ def _code(exc: BaseException | None) -> str:
 
 @contextlib.contextmanager
 def _azure_errors(action: str) -> Iterator[None]:
+    """Azure errors, translated (below) and counted in
+    ``appliance_storage_errors_total``."""
+    with metrics.counting_storage_errors("azure"), _translated_azure_errors(action):
+        yield
+
+
+@contextlib.contextmanager
+def _translated_azure_errors(action: str) -> Iterator[None]:
     """Turn the SDK's errors into the store's (see the module docstring)."""
     try:
         yield

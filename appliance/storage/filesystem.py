@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from appliance import metrics
 from appliance.errors import BlobNotFound, StorageError, StorageFull
 from appliance.storage.base import CHUNK_SIZE, BlobInfo
 
@@ -82,6 +83,10 @@ class FilesystemBlobStore:
         return BlobInfo(key=key, size=size)
 
     def open(self, key: str) -> IO[bytes]:
+        with metrics.counting_storage_errors("filesystem"):
+            return self._open(key)
+
+    def _open(self, key: str) -> IO[bytes]:
         try:
             return open(self._path(key), "rb")
         except FileNotFoundError:
@@ -112,7 +117,8 @@ class FilesystemBlobStore:
         except FileNotFoundError:
             return
         except OSError as exc:
-            raise StorageError(f"cannot delete blob {key}: {exc.strerror}") from exc
+            with metrics.counting_storage_errors("filesystem"):
+                raise StorageError(f"cannot delete blob {key}: {exc.strerror}") from exc
         with contextlib.suppress(OSError):
             _fsync_dir(path.parent)
 
@@ -128,9 +134,10 @@ class FilesystemBlobStore:
             probe.write_bytes(b"ok")
             probe.unlink()
         except OSError as exc:
-            raise StorageError(
-                f"the storage folder {self.root} is not writable: {exc.strerror}"
-            ) from exc
+            with metrics.counting_storage_errors("filesystem"):
+                raise StorageError(
+                    f"the storage folder {self.root} is not writable: {exc.strerror}"
+                ) from exc
 
     def iter_blobs(self, older_than: dt.datetime) -> Iterator[str]:
         cutoff = older_than.timestamp()
@@ -176,6 +183,14 @@ class _BoundedReader(io.RawIOBase):
 
 @contextlib.contextmanager
 def _disk_errors(action: str) -> Iterator[None]:
+    """Disk errors, translated (below) and counted in
+    ``appliance_storage_errors_total``."""
+    with metrics.counting_storage_errors("filesystem"), _translated_disk_errors(action):
+        yield
+
+
+@contextlib.contextmanager
+def _translated_disk_errors(action: str) -> Iterator[None]:
     """Turn the disk's OSErrors into StorageErrors (StorageFull when full)."""
     try:
         yield

@@ -39,6 +39,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, HTTPClientError
 
+from appliance import metrics
 from appliance.errors import BlobNotFound, StorageError, StorageUnavailable
 from appliance.storage.base import CHUNK_SIZE, BlobInfo
 from appliance.storage.cloud import (
@@ -257,6 +258,14 @@ def _status(exc: BaseException | None) -> int:
 
 @contextlib.contextmanager
 def _s3_errors(action: str) -> Iterator[None]:
+    """S3 errors, translated (below) and counted in
+    ``appliance_storage_errors_total``."""
+    with metrics.counting_storage_errors("s3"), _translated_s3_errors(action):
+        yield
+
+
+@contextlib.contextmanager
+def _translated_s3_errors(action: str) -> Iterator[None]:
     """Turn botocore's errors into the store's (see the module docstring)."""
     try:
         yield

@@ -1,4 +1,5 @@
-"""Operations endpoints: liveness and readiness probes.
+"""Operations endpoints: liveness and readiness probes, and the metrics
+(``GET /metrics``, Prometheus text format, :mod:`appliance.metrics`).
 
 Bodies use the health check response format
 (``application/health+json``, draft-inadarei-api-health-check): an overall
@@ -8,6 +9,7 @@ under ``checks``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 from flask import Blueprint, Response
@@ -72,3 +74,16 @@ def ready() -> Response:
         },
     }
     return _health(body, 200 if passed else 503)
+
+
+@bp.get("/metrics")
+def prometheus_metrics() -> Response:
+    """Every process's counters, and gauges read from the index now."""
+    from appliance.metrics import CONTENT_TYPE, IndexCollector, exposition
+
+    extension = get_extension()
+    extra = []
+    # services that cannot be built (the index down): the counters only
+    with contextlib.suppress(ApplianceError):
+        extra.append(IndexCollector(extension.config, extension.services.engine))
+    return Response(exposition(extra), mimetype=None, content_type=CONTENT_TYPE)

@@ -1,0 +1,124 @@
+"""``GET /metrics`` of a running ``dicom-appliance serve`` (two HTTP
+workers, two DIMSE workers: the counts of every process are added up) after
+a known workload, each counter checked against it."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from pydicom import dcmread
+
+from tests.conftest import dcmtk
+from tests.helpers import part10_of, small_study, stow
+from tests.integration.test_forward import study_files
+from tests.integration.test_serve import AE_TITLE, migrated_site, run_echo, running
+
+pytestmark = [pytest.mark.integration, pytest.mark.interop]
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(base_url: str) -> Samples:
+    response = httpx.get(f"{base_url}/metrics", timeout=30)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    samples: Samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """The sum over every series of *name* whose labels include *labels*."""
+    wanted = set(labels.items())
+    return sum(v for (n, found), v in samples.items() if n == name and wanted <= found)
+
+
+def test_the_counters_add_up_over_every_process(tmp_path: Path) -> None:
+    site = migrated_site(tmp_path / "app")
+    stowed = small_study(3, patient_id="METRICS-1")
+    files = study_files(tmp_path / "study", 4)
+    with running(site) as app:
+        before = scrape(app.base_url)
+        assert value(before, "appliance_index_up") == 1
+        assert value(before, "appliance_index_objects", level="instance") == 0
+
+        body = [part10_of(ds) for ds in stowed]
+        response = stow(app.base_url, *body)
+        assert response.status_code == 200
+        for _ in range(2):
+            assert httpx.get(f"{app.base_url}/v1/studies", timeout=30).status_code == 200
+        missing = httpx.get(f"{app.base_url}/v1/studies/1.2.3/metadata", timeout=30)
+        assert missing.status_code == 404
+        assert run_echo(site.dimse_port)[0] == 0
+        assert run_echo(site.dimse_port, called="NOT_US")[0] != 0
+        done = subprocess.run(
+            [dcmtk("storescu"), "-aet", "MODALITY1", "-aec", AE_TITLE, "127.0.0.1"]
+            + [str(site.dimse_port)]
+            + [str(path) for path in files],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+
+        after = scrape(app.base_url)
+
+    def grew(name: str, **labels: str) -> float:
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    # ingest, by protocol
+    assert grew("appliance_ingest_instances_total", protocol="dicomweb", outcome="created") == 3
+    assert grew("appliance_ingest_instances_total", protocol="dimse", outcome="created") == 4
+    assert grew("appliance_ingest_instances_total") == 7
+    # DIMSE, per calling AE
+    assert (
+        grew(
+            "appliance_dimse_operations_total",
+            service="C-STORE",
+            calling_ae="MODALITY1",
+            outcome="success",
+        )
+        == 4
+    )
+    assert grew("appliance_dimse_operations_total", service="C-ECHO", outcome="success") == 1
+    assert grew("appliance_dimse_associations_total", event="accepted") == 2
+    assert grew("appliance_dimse_associations_total", event="released") == 2
+    assert grew("appliance_dimse_associations_total", event="rejected") == 1
+    received_dimse = grew("appliance_received_bytes_total", protocol="dimse")
+    # the data sets storescu sent: each file less its preamble, "DICM" and
+    # File Meta (group 2: a 12-byte group length element, then its length)
+    data_sets = sum(
+        path.stat().st_size
+        - (
+            128
+            + 4
+            + 12
+            + dcmread(path, stop_before_pixels=True).file_meta.FileMetaInformationGroupLength
+        )
+        for path in files
+    )
+    assert received_dimse == data_sets
+    # HTTP, per transaction and status
+    assert grew("appliance_http_requests_total", method="POST", status="200") == 1
+    assert grew("appliance_http_requests_total", method="GET", status="200") >= 2
+    assert grew("appliance_http_requests_total", status="404") == 1
+    assert grew("appliance_http_request_duration_seconds_count") >= 4
+    assert grew("appliance_received_bytes_total", protocol="http") >= sum(map(len, body))
+    assert grew("appliance_sent_bytes_total", protocol="http") > 0
+    # what the index holds, read at the scrape
+    assert value(after, "appliance_index_objects", level="instance") == 7
+    assert value(after, "appliance_index_objects", level="study") == 2
+    blobs = [p for p in (site.workdir / "blobs").rglob("*") if p.is_file()]
+    assert value(after, "appliance_stored_bytes") == sum(p.stat().st_size for p in blobs)
+    assert value(after, "appliance_changefeed_sequence") >= 7
+    assert total(after, "appliance_storage_errors_total") == 0
