@@ -375,7 +375,7 @@ def cmd_copy(args: argparse.Namespace) -> int:
 
     source_config = load_config(args.config)
     target_config = load_config(args.to, environ={})
-    setup_logging(source_config.log.level)
+    setup_logging(source_config.log)
     if source_config.index.url == target_config.index.url:
         raise ConfigError("--to", "the target's index is this appliance's own")
     source = build_services(source_config)
@@ -413,7 +413,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """``serve``: check, then run the supervisor until SIGTERM/SIGINT."""
     config = load_config(args.config)
     set_process_name("supervisor")
-    setup_logging(config.log.level)
+    setup_logging(config.log)
     prepare(config)
     # The supervisor only starts and watches the children: it runs in a new
     # image of this process (same pid, environment and working folder) that

@@ -253,11 +253,46 @@ class QueryConfig:
     max_results: int = _field(1000, check=_positive)
 
 
+#: The areas of ``log.levels`` and the loggers each names.
+LOG_AREAS: dict[str, tuple[str, ...]] = {
+    "http": ("dicomweb", "gunicorn.error", "gunicorn.access"),
+    "dimse": ("dimse_bridge",),
+    "ingest": ("appliance.ingest",),
+    "query": ("appliance.query",),
+    "retrieve": ("appliance.retrieve",),
+    "index": ("appliance.index",),
+    "storage": ("appliance.storage",),
+    "forward": ("appliance.forward",),
+    "fhir": ("appliance.fhir",),
+    "commitment": ("appliance.commitment", "dimse_bridge.services.commitment"),
+    "server": ("appliance.server",),
+}
+
+
+def _log_levels(value: tuple[str, ...]) -> str | None:
+    for item in value:
+        area, sep, level = item.partition("=")
+        if not sep or level.strip() not in ("debug", "info", "warning", "error"):
+            return f"{item!r} is not AREA=LEVEL (LEVEL: debug, info, warning or error)"
+        area = area.strip()
+        if (
+            area not in LOG_AREAS
+            and re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", area) is None
+        ):
+            return f"{area!r} is neither an area ({', '.join(LOG_AREAS)}) nor a logger name"
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class LogConfig:
     level: Literal["debug", "info", "warning", "error"] = _field(
         "info", check=_one_of("debug", "info", "warning", "error")
     )
+    #: json: one JSON object per line; text: readable lines; auto: text on a
+    #: terminal, JSON otherwise (journald, a container's log, a file)
+    format: Literal["auto", "text", "json"] = _field("auto", check=_one_of("auto", "text", "json"))
+    #: levels per area, "AREA=LEVEL" (areas: README "Logs"; or a logger name)
+    levels: tuple[str, ...] = _field((), check=_log_levels)
 
 
 def _between(low: int, high: int) -> Validator:

@@ -52,7 +52,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from appliance import runstate
-from appliance.config import Config, load_config, resolve_index_url
+from appliance.config import Config, LogConfig, load_config, resolve_index_url
 from appliance.errors import ApplianceError, ConfigError
 from appliance.logs import ACCESS_LOG_FORMAT, logging_config, set_process_name, setup_logging
 
@@ -454,7 +454,7 @@ def gunicorn_settings(config: Config) -> dict[str, Any]:
         "proc_name": "dicom-appliance-http",
         "graceful_timeout": HTTP_GRACEFUL_TIMEOUT,
         "loglevel": config.log.level,
-        "logconfig_dict": logging_config(config.log.level),
+        "logconfig_dict": logging_config(config.log),
         "access_log_format": ACCESS_LOG_FORMAT,
         # no control socket under $HOME: the supervisor is the only controller
         "control_socket_disable": True,
@@ -530,11 +530,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # leave index.url to the processes that do (no SQLAlchemy import)
         config = load_config(args.config, index_url=args.role in ("dimse", "worker"))
     except ConfigError as exc:
-        setup_logging("info", dicom=False)
+        setup_logging(LogConfig(), dicom=False)
         LOGGER.error("%s", exc.reason)
         return 2
     # the supervisor and gunicorn's master read no DICOM: they never import pydicom
-    setup_logging(config.log.level, dicom=args.role in ("dimse", "worker"))
+    setup_logging(config.log, dicom=args.role in ("dimse", "worker"))
     try:
         if args.role == "supervise":
             return serve(config)

@@ -1,4 +1,9 @@
-"""Counting what the HTTP side does (``appliance_http_*``, bytes in and
+"""Counting and naming what the HTTP side does: each request gets a
+correlation id (the client's ``X-Request-ID`` if it is a sane token, else a
+new one), sent back in ``X-Request-ID`` and put on every log line of the
+request (:data:`appliance.logs.CORRELATION_ID`).
+
+Counting what the HTTP side does (``appliance_http_*``, bytes in and
 out): a WSGI middleware around the Flask app, so a request is counted once
 its answer's body has been sent (a streamed WADO-RS answer included) and
 whatever answered it (a view, an error handler, a 404 for no route).
@@ -10,13 +15,16 @@ matched no route is ``unmatched``.
 
 from __future__ import annotations
 
+import re
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from flask import request
 
 from appliance import metrics
+from appliance.logs import CORRELATION_ID
 
 #: Where the view records its transaction in the WSGI environ.
 TRANSACTION = "appliance.transaction"
@@ -40,9 +48,13 @@ class Counting:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         started = time.perf_counter()
         status: list[str] = []
+        correlation = _request_id(environ.get("HTTP_X_REQUEST_ID", ""))
+        CORRELATION_ID.set(correlation)
 
         def counting_start(code: str, headers: Any, *rest: Any) -> Any:
             status[:] = [code.split(" ", 1)[0]]
+            headers = [(k, v) for k, v in headers if k.lower() != "x-request-id"]
+            headers.append(("X-Request-ID", correlation))
             return start_response(code, headers, *rest)
 
         length = environ.get("CONTENT_LENGTH")
@@ -83,3 +95,12 @@ class _Body:
             metrics.HTTP_SECONDS.labels(transaction).observe(time.perf_counter() - self._started)
             if self._sent:
                 metrics.SENT_BYTES.labels("http").inc(self._sent)
+            CORRELATION_ID.set(None)
+
+
+def _request_id(offered: str) -> str:
+    """The client's request id if it is a short token (letters, digits and
+    ``-_.:``; it goes into logs), else a new random one."""
+    if 0 < len(offered) <= 64 and re.fullmatch(r"[A-Za-z0-9._:-]+", offered):
+        return offered
+    return uuid.uuid4().hex[:16]

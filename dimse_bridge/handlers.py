@@ -11,14 +11,19 @@ from __future__ import annotations
 import functools
 import logging
 import socket
+import uuid
+from typing import Any
 
 from pynetdicom import evt
 from pynetdicom.events import Event, EventHandlerType
 
 from appliance import metrics
 from appliance.config import Config
+from appliance.logs import CORRELATION_ID
 from dimse_bridge.stats import stats_of
 
+#: The attribute of a pynetdicom Association holding its correlation id.
+_CORRELATION = "_appliance_correlation"
 LOGGER = logging.getLogger(__name__)
 
 
@@ -63,6 +68,19 @@ def address_allowed(config: Config, calling_ae: str, address: str) -> bool:
     )
 
 
+def correlate(assoc: Any) -> str:
+    """Give *assoc* its correlation id (made on first use) and put it on
+    the log lines of this thread: pynetdicom runs an association's events
+    in more than one thread (the connection's, the association's), so each
+    handler calls this first."""
+    found = getattr(assoc, _CORRELATION, None)
+    if found is None:
+        found = f"assoc-{uuid.uuid4().hex[:12]}"
+        setattr(assoc, _CORRELATION, found)
+    CORRELATION_ID.set(found)
+    return str(found)
+
+
 def on_connection_open(event: Event) -> None:
     """``EVT_CONN_OPEN``: switch Nagle's algorithm off on the accepted socket.
 
@@ -77,6 +95,7 @@ def on_connection_open(event: Event) -> None:
     reason.  The handler runs in the connection's thread before the
     association's first PDU is read.
     """
+    correlate(event.assoc)
     transport = event.assoc.dul.socket
     sock = transport.socket if transport is not None else None
     if sock is None:
@@ -96,6 +115,7 @@ def on_accepted(event: Event, config: Config) -> None:
     message is read: the handler runs in the association's thread first.
     """
     assoc = event.assoc
+    correlate(assoc)
     stats = stats_of(assoc)
     calling = assoc.requestor.ae_title
     address = str(assoc.requestor.address)
@@ -111,6 +131,7 @@ def on_accepted(event: Event, config: Config) -> None:
 
 def on_released(event: Event) -> None:
     """``EVT_RELEASED``: the association's one summary line."""
+    correlate(event.assoc)
     metrics.ASSOCIATIONS.labels(stats_of(event.assoc).calling_ae, "released").inc()
     LOGGER.info(
         "association released: calling AE '%s' from %s: %s",
@@ -126,6 +147,7 @@ def on_aborted(event: Event) -> None:
     if event.assoc.requestor.primitive is None:
         LOGGER.debug("connection from %s closed without an association request", _peer(event))
         return
+    correlate(event.assoc)
     metrics.ASSOCIATIONS.labels(stats_of(event.assoc).calling_ae, "aborted").inc()
     LOGGER.warning(
         "association aborted: calling AE '%s' from %s: %s",
@@ -139,6 +161,7 @@ def on_rejected(event: Event) -> None:
     """``EVT_REJECTED``: log the rejection with the likely reason (PS3.8
     9.3.4, A-ASSOCIATE-RJ Reason/Diag.)."""
     assoc = event.assoc
+    correlate(assoc)
     calling = assoc.requestor.ae_title
     metrics.ASSOCIATIONS.labels(metrics.ae_label(str(calling)), "rejected").inc()
     primitive = assoc.requestor.primitive

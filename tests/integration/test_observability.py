@@ -1,10 +1,13 @@
-"""``GET /metrics`` of a running ``dicom-appliance serve`` (two HTTP
-workers, two DIMSE workers: the counts of every process are added up) after
-a known workload, each counter checked against it."""
+"""What a running ``dicom-appliance serve`` tells its operator: ``GET
+/metrics`` (two HTTP workers, two DIMSE workers: the counts of every process
+are added up) after a known workload, each counter checked against it; and
+its log lines."""
 
 from __future__ import annotations
 
+import json
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -122,3 +125,39 @@ def test_the_counters_add_up_over_every_process(tmp_path: Path) -> None:
     assert value(after, "appliance_stored_bytes") == sum(p.stat().st_size for p in blobs)
     assert value(after, "appliance_changefeed_sequence") >= 7
     assert total(after, "appliance_storage_errors_total") == 0
+
+
+def test_serve_logs_json_lines_with_a_correlation_id_per_request_and_association(
+    tmp_path: Path,
+) -> None:
+    """Its output not a terminal, ``serve`` writes one JSON object per line;
+    a request's access line and its X-Request-ID answer carry the client's
+    id; the lines of one association share one id; no line is not JSON."""
+    site = migrated_site(tmp_path / "app")
+    with running(site) as app:
+        response = httpx.get(
+            f"{app.base_url}/v1/studies", headers={"X-Request-ID": "req-42"}, timeout=30
+        )
+        assert response.headers["X-Request-ID"] == "req-42"
+        made = httpx.get(f"{app.base_url}/v1/studies", timeout=30).headers["X-Request-ID"]
+        assert len(made) == 16
+        hostile = httpx.get(
+            f"{app.base_url}/v1/studies", headers={"X-Request-ID": "a b\tc"}, timeout=30
+        )
+        assert hostile.headers["X-Request-ID"] != "a b\tc"
+        assert run_echo(site.dimse_port)[0] == 0
+        deadline = time.monotonic() + 10
+        while "association released" not in app.log:
+            assert time.monotonic() < deadline, app.log
+            time.sleep(0.1)
+        log = app.log
+    lines = [json.loads(line) for line in log.splitlines() if line.strip()]
+    access = [r for r in lines if r["logger"] == "gunicorn.access"]
+    assert any("id=req-42" in r["message"] for r in access)
+    association = [r for r in lines if r["message"].startswith("association ")]
+    ids = {r.get("correlation_id") for r in association}
+    assert len(ids) == 1
+    (only,) = ids
+    assert only is not None
+    assert only.startswith("assoc-")
+    assert {r["process"] for r in lines} >= {"supervisor", "http-worker"}
