@@ -355,6 +355,13 @@ class ForwardConfig:
     retry_max_seconds: int = _field(300, check=_positive)
 
 
+def _uri(value: str) -> str | None:
+    # FHIR's uri type (R4 datatypes.html#uri): no whitespace
+    if value and re.search(r"\s", value):
+        return "must be a URI (no spaces), e.g. urn:oid:1.2.36.146.595.217.0.1"
+    return None
+
+
 def _timezone(value: str) -> str | None:
     if not value:
         return None
@@ -387,7 +394,7 @@ class FhirConfig:
     client_secret: str = _field("", secret=True)
     scope: str = _field("")
     #: Patient.identifier.system of the PatientID ("" = an identifier with no system)
-    patient_system: str = _field("")
+    patient_system: str = _field("", check=_uri)
     #: Endpoint.address: this appliance's DICOMweb service root as the FHIR
     #: server's users reach it ("" = http.public_url + "/v1", else
     #: http://HOST:PORT/v1 of [http])

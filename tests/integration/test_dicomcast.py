@@ -319,6 +319,21 @@ def test_a_503_storm_waits_and_a_refused_study_is_parked_until_retried(
             local.drain()
         assert len(fhir.resources("ImagingStudy")) == 1
 
+        # a refusal (the server's 422, from its fault switch) parks the study
+        refused = small_study(1, patient_id="STORM-2")[0]
+        local.store(refused)
+        fhir.fail(422, 1)
+        local.drain()
+        status = local.status()
+        assert status["parked"] == 1
+        assert "HTTP 422" in status["last_error"]
+        assert httpx.post(f"{local.server.root}/admin/fhir/retry", timeout=10).json() == {
+            "requeued": 1
+        }
+        local.drain()
+        assert local.status()["parked"] == 0
+        assert len(fhir.resources("ImagingStudy")) == 2
+
         nobody = small_study(1, patient_id="")[0]
         local.store(nobody)
         local.drain()

@@ -30,8 +30,10 @@ def _no_traceback(text: str) -> None:
     assert "Traceback" not in text
 
 
-def _line(text: str, key: str) -> str:
-    """The one line of *text* that sets *key*."""
+def _line(text: str, key: str, section: str | None = None) -> str:
+    """The one line of *text* (of its *section*, if given) that sets *key*."""
+    if section is not None:
+        text = text.split(f"[{section}]\n", 1)[1].split("\n[", 1)[0]
     lines = [line for line in text.splitlines() if line.startswith(f"{key} = ")]
     assert len(lines) == 1, lines
     return lines[0]
@@ -51,7 +53,7 @@ def test_config_show_masks_secrets_from_environment(
     assert "s3cr3t-pw" not in out
     assert "very-secret-key" not in out
     # shown, with only the secret part hidden
-    url_line = _line(out, "url")
+    url_line = _line(out, "url", "index")
     assert url_line.startswith('url = "postgresql+psycopg://edge:')
     assert url_line.endswith('@db.example/appliance"')
     assert _line(out, "secret_access_key") == f'secret_access_key = "{MASK}"'

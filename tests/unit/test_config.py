@@ -127,6 +127,7 @@ def test_config_is_frozen(tmp_path: Path) -> None:
         ('[fhir]\ntimezone = "Mars/Olympus"\n', "fhir.timezone"),
         ('[fhir]\ndeleted_status = "gone"\n', "fhir.deleted_status"),
         ("[fhir]\nsettle_seconds = -1\n", "fhir.settle_seconds"),
+        ('[fhir]\npatient_system = "urn:x y"\n', "fhir.patient_system"),
         ("http = 5\n", "http"),
     ],
 )
