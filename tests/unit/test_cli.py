@@ -12,7 +12,7 @@ import pytest
 
 from appliance import __version__
 from appliance.cli import main
-from appliance.config import MASK
+from appliance.config import MASK, LogConfig
 from appliance.index import migrate
 
 
@@ -195,12 +195,12 @@ def test_logging_setup_keeps_pydicom_from_quoting_values(
         pydicom_config.settings.reading_validation_mode = pydicom_config.WARN
         assert read_quotes_value(), "pydicom's default should quote the value (test premise)"
         capsys.readouterr()
-        setup_logging("debug")
+        setup_logging(LogConfig(level="debug"))
         assert not read_quotes_value()
         assert "7Q" not in "".join(capsys.readouterr())
         # a process that reads no DICOM leaves pydicom alone
         pydicom_config.settings.reading_validation_mode = pydicom_config.WARN
-        setup_logging("debug", dicom=False)
+        setup_logging(LogConfig(level="debug"), dicom=False)
         assert read_quotes_value()
     finally:
         pydicom_config.settings.reading_validation_mode = before
