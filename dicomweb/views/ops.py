@@ -55,23 +55,54 @@ def readiness_checks() -> dict[str, str]:
     return checks
 
 
+def upstream_checks() -> dict[str, str]:
+    """Each upstream's state from its queue (no probe: a readiness poll must
+    not send requests upstream): ``"ok"``, or ``"warn: <the last error>"``
+    while something waits to be tried again after a failure.  Upstreams are
+    not required: a WAN that is down delays forwarding, and the appliance
+    goes on storing."""
+    from appliance.fhir.queue import StudyQueue
+    from appliance.forward.outbox import Outbox
+
+    extension = get_extension()
+    config = extension.config
+    checks: dict[str, str] = {}
+    try:
+        engine = extension.services.engine
+        names = [d.name for d in config.forward]
+        for status in Outbox(engine).status(names) if names else []:
+            waiting = status.queued and status.last_error
+            checks[f"forward:{status.name}"] = f"warn: {status.last_error}" if waiting else OK
+        if config.fhir.url:
+            fhir = StudyQueue(engine).status(config.fhir.url)
+            waiting = fhir.queued and fhir.last_error
+            checks["fhir"] = f"warn: {fhir.last_error}" if waiting else OK
+    except ApplianceError:
+        pass  # the index check above fails already
+    return checks
+
+
+def _entry(state: str) -> dict[str, str]:
+    if state == OK:
+        return {"status": "pass"}
+    kind, _, output = state.partition(": ")
+    return {"status": "warn" if kind == "warn" else "fail", "output": output}
+
+
 @bp.get("/health/ready")
 def ready() -> Response:
     """Readiness: 200 when the index and the storage answer and the DIMSE
     listener has bound its socket (and still runs), else 503; the body lists
-    every check."""
+    every check, the upstreams (forwarding destinations, the FHIR server)
+    as ``warn`` while their last try failed, which does not make it 503."""
     checks = readiness_checks()
     passed = all(state == OK for state in checks.values())
+    upstreams = upstream_checks()
+    checks.update(upstreams)
+    warned = any(state != OK for state in upstreams.values())
     body: dict[str, object] = {
-        "status": "pass" if passed else "fail",
-        "checks": {
-            name: [
-                {"status": "pass"}
-                if state == OK
-                else {"status": "fail", "output": state.removeprefix("failed: ")}
-            ]
-            for name, state in checks.items()
-        },
+        "status": "fail" if not passed else ("warn" if warned else "pass"),
+        "checks": {name: [_entry(state)] for name, state in checks.items()},
     }
     return _health(body, 200 if passed else 503)
 

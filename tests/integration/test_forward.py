@@ -161,11 +161,21 @@ def test_stored_while_the_upstream_is_down_arrives_once_it_is_up(tmp_path: Path)
         assert found["delivered"] == 0
         assert found["queued"] == len(files)
         assert "cannot reach the upstream" in str(found["last_error"])
+        # the upstream is reported, as a warning: the appliance stays ready
+        ready = httpx.get(f"http://127.0.0.1:{site.http_port}/health/ready", timeout=30)
+        assert ready.status_code == 200
+        assert ready.json()["status"] == "warn"
+        (check,) = ready.json()["checks"]["forward:orthanc"]
+        assert check["status"] == "warn"
+        assert "cannot reach the upstream" in check["output"]
 
         orthanc = start_orthanc(tmp_path / "orthanc", port)
         try:
             wait_delivered(site, len(files))
             assert upstream_instances(orthanc.rest) == len(files)
+            ready = httpx.get(f"http://127.0.0.1:{site.http_port}/health/ready", timeout=30)
+            assert ready.json()["status"] == "pass"
+            assert ready.json()["checks"]["forward:orthanc"] == [{"status": "pass"}]
             held = stored_blobs(site)
             for path in files:
                 # what storescu sent is what this appliance holds (storescu
