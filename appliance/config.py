@@ -207,6 +207,10 @@ class StorageConfig:
         "filesystem", check=_one_of("filesystem", "azure", "s3")
     )
     path: Path = _field(Path("./data/blobs"))
+    #: filesystem: below this much free space (MB) on the folder's disk new
+    #: instances are refused (C-STORE 0xA700, STOW-RS 503) rather than the
+    #: disk filled; 0 = never
+    min_free_mb: int = _field(256, check=_non_negative)
     # azure: connection_string, or account_url with credential (a SAS token
     # or the account key)
     connection_string: str = _field("", secret=True)

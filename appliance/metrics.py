@@ -247,3 +247,31 @@ class IndexCollector:
                 fhir_studies.add_metric([state], getattr(fhir, state))
         yield lag
         yield fhir_studies
+
+
+class StorageCollector:
+    """Free space of the storage folder's disk, read at scrape time (the
+    filesystem backend; nothing for a cloud store)."""
+
+    def __init__(self, storage: object) -> None:
+        self.storage = storage
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        free_bytes = getattr(self.storage, "free_bytes", None)
+        below_floor = getattr(self.storage, "below_floor", None)
+        if free_bytes is None or below_floor is None:
+            return
+        try:
+            free, low = free_bytes(), below_floor()
+        except OSError:
+            return
+        yield GaugeMetricFamily(
+            "appliance_storage_free_bytes",
+            "Free bytes on the storage folder's disk.",
+            value=free,
+        )
+        yield GaugeMetricFamily(
+            "appliance_storage_refusing",
+            "1 while free space is below storage.min_free_mb and new instances are refused.",
+            value=1 if low else 0,
+        )

@@ -14,7 +14,7 @@ def open_blob_store(config: StorageConfig) -> BlobStore:
     if config.backend == "filesystem":
         from appliance.storage.filesystem import FilesystemBlobStore
 
-        return FilesystemBlobStore(config.path)
+        return FilesystemBlobStore(config.path, config.min_free_mb * 2**20)
     if config.backend == "azure":
         try:
             from appliance.storage.azure import AzureBlobStore

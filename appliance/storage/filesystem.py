@@ -21,6 +21,7 @@ import io
 import os
 import re
 import secrets
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,8 +38,11 @@ _TMP_PREFIX = ".tmp-"
 class FilesystemBlobStore:
     """A :class:`~appliance.storage.base.BlobStore` on a local folder."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
         self.root = root
+        #: below this much free space on the folder's file system, put()
+        #: refuses (StorageFull) instead of filling the disk (0: never)
+        self.min_free_bytes = min_free_bytes
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -50,7 +54,27 @@ class FilesystemBlobStore:
             raise BlobNotFound(f"not a blob key of this store: {key!r}")
         return self.root / key[:2] / key[2:4] / key
 
+    def free_bytes(self) -> int:
+        """Free space on the folder's file system, for an unprivileged user."""
+        return shutil.disk_usage(self.root).free
+
+    def below_floor(self) -> str | None:
+        """Why new blobs are refused (free space below the floor), or None."""
+        if not self.min_free_bytes:
+            return None
+        free = self.free_bytes()
+        if free >= self.min_free_bytes:
+            return None
+        return (
+            f"{free // 2**20} MB free on the storage folder's disk, below "
+            f"storage.min_free_mb ({self.min_free_bytes // 2**20} MB): new instances are refused"
+        )
+
     def put(self, source: IO[bytes]) -> BlobInfo:
+        low = self.below_floor()
+        if low is not None:
+            with metrics.counting_storage_errors("filesystem"):
+                raise StorageFull(low)
         key = f"{(int(time.time()) // 3600) & 0xFFFF:04x}{secrets.token_hex(14)}"
         final = self._path(key)
         folder = final.parent

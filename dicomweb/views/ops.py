@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from typing import Any
 
 from flask import Blueprint, Response
 
@@ -60,7 +61,8 @@ def upstream_checks() -> dict[str, str]:
     not send requests upstream): ``"ok"``, or ``"warn: <the last error>"``
     while something waits to be tried again after a failure.  Upstreams are
     not required: a WAN that is down delays forwarding, and the appliance
-    goes on storing."""
+    goes on storing.  And the storage disk's free space (filesystem): a
+    warning below ``storage.min_free_mb``."""
     from appliance.fhir.queue import StudyQueue
     from appliance.forward.outbox import Outbox
 
@@ -77,8 +79,13 @@ def upstream_checks() -> dict[str, str]:
             fhir = StudyQueue(engine).status(config.fhir.url)
             waiting = fhir.queued and fhir.last_error
             checks["fhir"] = f"warn: {fhir.last_error}" if waiting else OK
-    except ApplianceError:
-        pass  # the index check above fails already
+        below_floor = getattr(extension.services.storage, "below_floor", None)
+        if below_floor is not None:
+            # reads go on: a warning, not a failure, while new instances are refused
+            low = below_floor()
+            checks["disk"] = f"warn: {low}" if low else OK
+    except (ApplianceError, OSError):
+        pass  # the index or storage check above fails already
     return checks
 
 
@@ -110,11 +117,13 @@ def ready() -> Response:
 @bp.get("/metrics")
 def prometheus_metrics() -> Response:
     """Every process's counters, and gauges read from the index now."""
-    from appliance.metrics import CONTENT_TYPE, IndexCollector, exposition
+    from appliance.metrics import CONTENT_TYPE, IndexCollector, StorageCollector, exposition
 
     extension = get_extension()
-    extra = []
+    extra: list[Any] = []
     # services that cannot be built (the index down): the counters only
     with contextlib.suppress(ApplianceError):
-        extra.append(IndexCollector(extension.config, extension.services.engine))
+        services = extension.services
+        extra.append(IndexCollector(extension.config, services.engine))
+        extra.append(StorageCollector(services.storage))
     return Response(exposition(extra), mimetype=None, content_type=CONTENT_TYPE)

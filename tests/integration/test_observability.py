@@ -5,17 +5,22 @@ its log lines."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import AE
 
-from tests.conftest import dcmtk
+from tests.conftest import dcmtk, missing_peer
 from tests.helpers import part10_of, small_study, stow
 from tests.integration.test_forward import study_files
 from tests.integration.test_serve import AE_TITLE, migrated_site, run_echo, running
@@ -161,3 +166,74 @@ def test_serve_logs_json_lines_with_a_correlation_id_per_request_and_association
     assert only is not None
     assert only.startswith("assoc-")
     assert {r["process"] for r in lines} >= {"supervisor", "http-worker"}
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, megabytes: int) -> Iterator[Path]:
+    """A tmpfs of *megabytes* mounted on *folder* (a real, small file
+    system to fill); skips (fails under CI) where mounting is not allowed."""
+    folder.mkdir(parents=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        missing_peer(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def c_store(port: int, ds: Dataset) -> int:
+    """C-STORE of *ds* with pynetdicom; the response's status."""
+    ae = AE(ae_title="FILLER")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title=AE_TITLE)
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(ds)
+        return int(status.Status)
+    finally:
+        assoc.release()
+
+
+def test_a_full_disk_refuses_new_instances_and_recovers(tmp_path: Path) -> None:
+    """The blobs on a 24 MB tmpfs with ``storage.min_free_mb = 8``: filled
+    to 4 MB free by a ballast file, C-STORE answers 0xA700 and STOW-RS 503,
+    /health/ready warns (and stays 200: reads go on), the metric says so;
+    the ballast removed, both store again."""
+    with small_disk(tmp_path / "disk", 24) as disk:
+        site = migrated_site(
+            tmp_path / "app",
+            {"APPLIANCE_STORAGE_PATH": str(disk / "blobs"), "APPLIANCE_STORAGE_MIN_FREE_MB": "8"},
+        )
+        study = small_study(4, patient_id="DISK-1")
+        with running(site) as app:
+            assert c_store(site.dimse_port, study[0]) == 0x0000
+            ballast = disk / "ballast"
+            free = shutil.disk_usage(disk).free
+            with ballast.open("wb") as fh:
+                fh.truncate(0)
+                fh.write(b"\0" * (free - 4 * 2**20))
+
+            assert c_store(site.dimse_port, study[1]) == 0xA700
+            assert stow(app.base_url, part10_of(study[2])).status_code == 503
+            ready = httpx.get(f"{app.base_url}/health/ready", timeout=30)
+            assert ready.status_code == 200
+            assert ready.json()["status"] == "warn"
+            (disk_check,) = ready.json()["checks"]["disk"]
+            assert "below storage.min_free_mb" in disk_check["output"]
+            samples = scrape(app.base_url)
+            assert value(samples, "appliance_storage_refusing") == 1
+            assert total(samples, "appliance_storage_errors_total", error="StorageFull") == 2
+
+            ballast.unlink()
+            assert c_store(site.dimse_port, study[1]) == 0x0000
+            assert stow(app.base_url, part10_of(study[2])).status_code == 200
+            ready = httpx.get(f"{app.base_url}/health/ready", timeout=30)
+            assert ready.json()["status"] == "pass"
+            assert value(scrape(app.base_url), "appliance_storage_refusing") == 0
+            assert value(scrape(app.base_url), "appliance_index_objects", level="instance") == 3
