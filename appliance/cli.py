@@ -16,6 +16,8 @@
     DICOMcast (:mod:`appliance.fhir`): where it is in the change feed and
     what it has queued, synced and parked; parked studies queued again; the
     change feed read again (from a time, or from its start).
+``retention run [--dry-run]``
+    one run of the retention policy (:mod:`appliance.retention`).
 ``config show``
     print the effective configuration (file plus ``APPLIANCE_*``
     variables), secrets masked.
@@ -163,6 +165,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="ISO 8601 date or time (UTC unless it names an offset); default: the whole feed",
     )
     fhir_replay.set_defaults(func=cmd_fhir_replay)
+
+    retention = commands.add_parser(
+        "retention", help="delete what [retention] says, now (serve runs it on its own)"
+    )
+    retention_commands = retention.add_subparsers(
+        dest="retention_command", metavar="ACTION", required=True
+    )
+    retention_run = retention_commands.add_parser(
+        "run", help="one retention run: by age, then to the free-space target"
+    )
+    _add_config_option(retention_run)
+    retention_run.add_argument(
+        "--dry-run", action="store_true", help="only list what would be deleted"
+    )
+    retention_run.add_argument("--json", action="store_true", help="print JSON")
+    retention_run.set_defaults(func=cmd_retention_run)
 
     config = commands.add_parser("config", help="inspect the configuration")
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
@@ -340,6 +358,36 @@ def cmd_fhir_replay(args: argparse.Namespace) -> int:
     since = "its start" if args.since is None else args.since.isoformat()
     print(f"the change feed is read again from {since}: {count} change(s)")
     return 0
+
+
+def cmd_retention_run(args: argparse.Namespace) -> int:
+    """``retention run``: one run of the retention policy."""
+    from appliance.retention import Retention
+    from appliance.services import build_services
+
+    config = load_config(args.config)
+    setup_logging(config.log)
+    services = build_services(config)
+    try:
+        retention = Retention(config.retention, services.engine, services.index, services.storage)
+        if not retention.enabled:
+            print("retention is off ([retention] max_age_days and free_target_mb are 0)")
+            return 0
+        report = retention.run(dry_run=args.dry_run)
+    finally:
+        services.close()
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2))
+    else:
+        verb = "would delete" if args.dry_run else "deleted"
+        print(
+            f"{verb} {report.studies} stud{'y' if report.studies == 1 else 'ies'}, "
+            f"{report.instances} instance(s), {report.bytes // 2**20} MB; "
+            f"{report.kept_busy} in use kept"
+        )
+        if report.short_of_target:
+            print(report.short_of_target)
+    return 1 if report.short_of_target else 0
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:

@@ -252,6 +252,21 @@ class IngestConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RetentionConfig:
+    """What may be deleted here to keep room (README "Retention"): never an
+    instance still waiting to be forwarded; deletions are local (not
+    forwarded upstream)."""
+
+    #: delete the studies nothing was stored in for this many days (0: keep)
+    max_age_days: int = _field(0, check=_non_negative)
+    #: filesystem: while the storage disk has less free space than this (MB),
+    #: delete the studies stored in longest ago (0: never)
+    free_target_mb: int = _field(0, check=_non_negative)
+    #: minutes between two runs (in serve's worker process)
+    interval_minutes: int = _field(60, check=_positive)
+
+
+@dataclasses.dataclass(frozen=True)
 class QueryConfig:
     #: the most matches one query (QIDO-RS or C-FIND) returns
     max_results: int = _field(1000, check=_positive)
@@ -430,6 +445,7 @@ class Config:
     storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
     index: IndexConfig = dataclasses.field(default_factory=IndexConfig)
     ingest: IngestConfig = dataclasses.field(default_factory=IngestConfig)
+    retention: RetentionConfig = dataclasses.field(default_factory=RetentionConfig)
     query: QueryConfig = dataclasses.field(default_factory=QueryConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     #: upstream DICOMweb destinations (``[[forward]]``, an array of tables)

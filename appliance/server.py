@@ -69,7 +69,7 @@ LOGGER = logging.getLogger("appliance.server")
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 #: The kinds of children, in start order (``worker`` only when there is
-#: background work configured: forwarding or DICOMcast).
+#: background work configured: forwarding, DICOMcast or retention).
 ROLES = ("http", "dimse", "worker")
 #: What ``python -m appliance.server`` runs: a child, or the supervisor.
 COMMANDS = ("supervise", *ROLES)
@@ -227,7 +227,8 @@ def _children(config: Config, run_dir: Path, listen_fd: int) -> list[tuple[str, 
     for number, name in enumerate(dimse_worker_names(config), start=1):
         command = child_command("dimse", config, run_dir, worker=number, listen_fd=listen_fd)
         children.append((name, command))
-    if config.forward or config.fhir.url:
+    retention = config.retention
+    if config.forward or config.fhir.url or retention.max_age_days or retention.free_target_mb:
         children.append(("worker", child_command("worker", config, run_dir)))
     return children
 
@@ -375,43 +376,52 @@ def run_dimse(
 
 
 def run_worker(config: Config) -> int:
-    """Child entry point: background work (the forwarding senders, DICOMcast)
-    until SIGTERM or SIGINT."""
+    """Child entry point: background work (the forwarding senders, DICOMcast,
+    retention) until SIGTERM or SIGINT."""
     from appliance.services import build_services
 
     services = build_services(config)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda _signum, _frame: stop.set())
-    jobs: list[Any] = []
+    jobs: list[tuple[str, Callable[[threading.Event], None], Callable[[], None]]] = []
     try:
         if config.forward:
             from appliance.forward.outbox import Outbox
             from appliance.forward.worker import Forwarder
 
-            jobs.append(
-                Forwarder(
-                    config.forward, Outbox(services.engine), services.index, services.retrieve
-                )
+            forwarder = Forwarder(
+                config.forward, Outbox(services.engine), services.index, services.retrieve
             )
+            jobs.append(("forward", forwarder.run, forwarder.close))
         if config.fhir.url:
             from appliance.fhir.worker import DicomCast
 
-            jobs.append(DicomCast(config, services.engine))
+            cast = DicomCast(config, services.engine)
+            jobs.append(("fhir", cast.run, cast.close))
+        retention = _retention(config, services)
+        if retention.enabled:
+            jobs.append(("retention", retention.serve, lambda: None))
         threads = [
-            threading.Thread(target=job.run, args=(stop,), name=type(job).__name__, daemon=True)
-            for job in jobs
+            threading.Thread(target=run, args=(stop,), name=name, daemon=True)
+            for name, run, _ in jobs
         ]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
     finally:
-        for job in jobs:
-            job.close()
+        for _, _, close in jobs:
+            close()
         services.close()
     LOGGER.info("background worker stopped")
     return 0
+
+
+def _retention(config: Config, services: Services) -> Any:
+    from appliance.retention import Retention
+
+    return Retention(config.retention, services.engine, services.index, services.storage)
 
 
 #: The longest a node's claim of the orphan sweep keeps the others off it if

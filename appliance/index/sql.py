@@ -22,7 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
 
 from appliance.dicomio import tm_key
-from appliance.errors import IndexUnavailable, InvalidInstance, NotFound
+from appliance.errors import ApplianceError, IndexUnavailable, InvalidInstance, NotFound
 from appliance.index.engine import WRITE
 from appliance.index.schema import (
     changefeed,
@@ -155,6 +155,15 @@ def _describe(exc: SQLAlchemyError) -> str:
     the statement's parameters, which may be patient data."""
     orig = getattr(exc, "orig", None)
     return type(orig).__name__ if orig is not None else type(exc).__name__
+
+
+class Busy(ApplianceError):
+    """Retention: what was to be deleted is in use (see :meth:`SqlIndex.delete`)."""
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    # SQLite gives naive datetimes back: they were written in UTC
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 def _now() -> dt.datetime:
@@ -713,6 +722,8 @@ class SqlIndex:
         series_uid: str | None = None,
         sop_uid: str | None = None,
         forward_to: Sequence[str] = (),
+        *,
+        idle_since: dt.datetime | None = None,
     ) -> list[StoredInstance]:
         """Remove a study, a series of it, or one instance of that series from
         the index, with one ``delete`` change-feed entry per instance (earlier
@@ -728,10 +739,18 @@ class SqlIndex:
             returns (a blob whose delete fails is left to the sweeper: an
             unreferenced blob is harmless, a row without its blob is not).
 
+        With *idle_since* (retention), nothing is removed, and :class:`Busy`
+        is raised, if an instance there was stored at or after that time or
+        still has a queued forwarding entry: checked in the same
+        transaction, so an instance arriving or queued meanwhile is never
+        deleted before it is forwarded.
+
         Raises
         ------
         NotFound
             if nothing is stored there.
+        Busy
+            with *idle_since*, as above.
         """
         query = (
             _stored_instances()
@@ -744,6 +763,8 @@ class SqlIndex:
                 rows = conn.execute(query).all()
                 if not rows:
                     raise NotFound(f"no {_what(study_uid, series_uid, sop_uid)} is stored")
+                if idle_since is not None:
+                    self._check_idle(conn, rows, idle_since)
                 self._remove_instances(conn, rows)
                 now = _now()
                 uids = sorted(row.sop_instance_uid for row in rows)
@@ -773,6 +794,22 @@ class SqlIndex:
         except (OperationalError, InterfaceError) as exc:
             raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
         return [StoredInstance(*row[:9]) for row in rows]
+
+    @staticmethod
+    def _check_idle(conn: Connection, rows: Sequence[Any], idle_since: dt.datetime) -> None:
+        if any(_aware(row.updated_at) >= idle_since for row in rows if row.updated_at):
+            raise Busy("an instance was stored there since")
+        for chunk in _chunks(sorted(row.sop_instance_uid for row in rows)):
+            waiting = conn.execute(
+                select(forward_entry.c.id)
+                .where(
+                    forward_entry.c.sop_instance_uid.in_(chunk),
+                    forward_entry.c.state == "queued",
+                )
+                .limit(1)
+            ).first()
+            if waiting is not None:
+                raise Busy("an instance there still waits to be forwarded")
 
     @staticmethod
     def _queue_forward_deletes(
