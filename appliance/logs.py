@@ -31,7 +31,7 @@ QUIET_LOGGERS = ("alembic", "azure")
 ACCESS_LOG_FORMAT = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms'
 
 
-def logging_config(level: str) -> dict[str, Any]:
+def logging_config(level: str, stream: str = "ext://sys.stdout") -> dict[str, Any]:
     """A :func:`logging.config.dictConfig` dictionary for *level*.
 
     gunicorn takes the same dictionary (its ``logconfig_dict`` setting), so
@@ -41,6 +41,9 @@ def logging_config(level: str) -> dict[str, Any]:
     ----------
     level
         ``debug``, ``info``, ``warning`` or ``error`` (``log.level``).
+    stream
+        where the lines go (the admin commands, whose output is on stdout,
+        log to ``ext://sys.stderr``).
     """
     name = level.upper()
     return {
@@ -51,7 +54,7 @@ def logging_config(level: str) -> dict[str, Any]:
             "stdout": {
                 "class": "logging.StreamHandler",
                 "formatter": "appliance",
-                "stream": "ext://sys.stdout",
+                "stream": stream,
             }
         },
         "root": {"level": name, "handlers": ["stdout"]},
@@ -64,13 +67,13 @@ def logging_config(level: str) -> dict[str, Any]:
     }
 
 
-def setup_logging(level: str, *, dicom: bool = True) -> None:
-    """Send this process's log records to stdout at *level*, and (*dicom*)
+def setup_logging(level: str, *, dicom: bool = True, stream: str = "ext://sys.stdout") -> None:
+    """Send this process's log records to stdout (or *stream*) at *level*, and (*dicom*)
     keep pydicom from quoting element values in warnings (see
     :func:`quiet_pydicom`; processes that read no DICOM, the supervisor and
     gunicorn's master, skip it and never import pydicom).
     """
-    logging.config.dictConfig(logging_config(level))
+    logging.config.dictConfig(logging_config(level, stream))
     if dicom:
         quiet_pydicom()
 
