@@ -18,12 +18,26 @@
     change feed read again (from a time, or from its start).
 ``retention run [--dry-run]``
     one run of the retention policy (:mod:`appliance.retention`).
+``verify [--deep] [--repair [--drop-missing]] [--grace SECONDS]``
+    check the index against the blob store: every row's blob is there (and
+    as large as the row says; with ``--deep`` its header names the row's
+    instance), every blob has its row (see :mod:`appliance.integrity`);
+    ``--repair`` removes the blobs without a row older than the grace
+    period, ``--drop-missing`` too the rows whose blob is missing.
+``sweep [--grace SECONDS]``
+    remove the blobs without an index row older than the grace period, as
+    ``serve`` does at start (:mod:`appliance.ingest.sweep`).
+``reindex [--force]``
+    rebuild a lost index from the blobs' headers (blobs untouched).
 ``config show``
     print the effective configuration (file plus ``APPLIANCE_*``
     variables), secrets masked.
 
-Exit codes: 0 success, 1 failure while running, 2 a configuration that
-cannot start (a bad key or value, an un-migrated index).  Errors are one
+Exit codes: 0 success, 1 failure while running (``verify``: problems
+remain), 2 a configuration that cannot start (a bad key or value, an
+un-migrated index).  ``verify``, ``sweep`` and ``reindex`` show a progress
+bar on stderr when it is a terminal (not with ``--quiet``), then a summary
+on stdout (``--json``: as JSON).  Errors are one
 line on stderr naming the cause, never a stack trace.
 """
 
@@ -31,13 +45,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -50,6 +65,9 @@ from appliance.index import migrate
 from appliance.index.engine import engine_for
 from appliance.logs import set_process_name, setup_logging
 from appliance.storage import open_blob_store
+
+if TYPE_CHECKING:
+    from appliance.services import Services
 
 PROG = "dicom-appliance"
 LOGGER = logging.getLogger(__name__)
@@ -181,6 +199,56 @@ def build_parser() -> argparse.ArgumentParser:
     )
     retention_run.add_argument("--json", action="store_true", help="print JSON")
     retention_run.set_defaults(func=cmd_retention_run)
+    verify = commands.add_parser(
+        "verify",
+        help="check that every index row's blob is in the store and every blob has its row; "
+        "--repair fixes what is safe",
+    )
+    _add_config_option(verify)
+    verify.add_argument(
+        "--deep",
+        action="store_true",
+        help="also read each blob's header (not its pixel data): it must be the row's instance",
+    )
+    verify.add_argument(
+        "--repair",
+        action="store_true",
+        help="remove the blobs without a row written more than --grace seconds ago "
+        "(as the orphan sweep does)",
+    )
+    verify.add_argument(
+        "--drop-missing",
+        action="store_true",
+        help="with --repair: also delete the index rows whose blob is missing (through the "
+        "index's delete: change feed and forwarded deletions as for a DELETE)",
+    )
+    _add_grace_option(verify)
+    _add_summary_options(verify, examples=True)
+    verify.set_defaults(func=cmd_verify)
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="remove the blobs without an index row written more than --grace seconds ago "
+        "(serve does it at start); one node sweeps at a time",
+    )
+    _add_config_option(sweep)
+    _add_grace_option(sweep)
+    _add_summary_options(sweep, examples=False)
+    sweep.set_defaults(func=cmd_sweep)
+
+    reindex = commands.add_parser(
+        "reindex",
+        help="rebuild a lost index from the headers of the blobs in the store (blobs are "
+        "neither rewritten nor deleted); the index must be migrated and empty",
+    )
+    _add_config_option(reindex)
+    reindex.add_argument(
+        "--force",
+        action="store_true",
+        help="run on an index that is not empty: add the instances it is missing",
+    )
+    _add_summary_options(reindex, examples=True)
+    reindex.set_defaults(func=cmd_reindex)
 
     config = commands.add_parser("config", help="inspect the configuration")
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
@@ -190,6 +258,50 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_option(show)
     show.set_defaults(func=cmd_config_show)
     return parser
+
+
+def _seconds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (0 or more)")
+    return value
+
+
+def _add_grace_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--grace",
+        type=_seconds,
+        default=3600,
+        metavar="SECONDS",
+        help="a blob without a row younger than this may be an ingest in flight and is "
+        "left alone (default: 3600)",
+    )
+
+
+def _add_summary_options(parser: argparse.ArgumentParser, *, examples: bool) -> None:
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar on stderr")
+    if examples:
+        parser.add_argument(
+            "--examples",
+            type=_count,
+            default=10,
+            metavar="N",
+            help="examples (UIDs, blob keys) kept per kind of finding (default: 10)",
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -451,6 +563,120 @@ def cmd_copy(args: argparse.Namespace) -> int:
         f"{len(report.failed)} failed, in {report.seconds:.1f} s"
     )
     return 1 if report.failed else 0
+
+
+ProgressUpdate = Callable[[int, int | None], None]
+
+
+@contextlib.contextmanager
+def _progress(args: argparse.Namespace, description: str, unit: str) -> Iterator[ProgressUpdate]:
+    """A tqdm bar on stderr, shown only when stderr is a terminal and
+    ``--quiet`` is not given; yields ``update(done, total)``."""
+    from tqdm import tqdm
+
+    bar = tqdm(
+        desc=description,
+        unit=unit,
+        file=sys.stderr,
+        disable=bool(args.quiet) or not sys.stderr.isatty(),
+        dynamic_ncols=True,
+    )
+
+    def update(done: int, total: int | None) -> None:
+        if total is not None and bar.total != max(total, done):
+            bar.total = max(total, done)  # blobs without a row come on top
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+def _admin_services(config: Config) -> Services:
+    """The services of an admin command: logs on stderr (its summary is on
+    stdout), at WARNING unless ``log.level`` asks for debug or less."""
+    from appliance.services import build_services
+
+    level = config.log.level if config.log.level in ("debug", "error") else "warning"
+    setup_logging(dataclasses.replace(config.log, level=level), stream="ext://sys.stderr")
+    return build_services(config)
+
+
+def _print_report(args: argparse.Namespace, report: Any) -> None:
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2))
+    else:
+        print("\n".join(report.summary()))
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """``verify``: the index against the store; 0 if clean (or fully
+    repaired), 1 if problems remain."""
+    from appliance.integrity import verify
+
+    if args.drop_missing and not args.repair:
+        return _fail("--drop-missing needs --repair", 2)
+    config = load_config(args.config)
+    services = _admin_services(config)
+    try:
+        with _progress(args, "verify", "key") as progress:
+            report = verify(
+                services,
+                deep=args.deep,
+                repair=args.repair,
+                drop_missing=args.drop_missing,
+                grace=dt.timedelta(seconds=args.grace),
+                examples=args.examples,
+                progress=progress,
+            )
+    finally:
+        services.close()
+    _print_report(args, report)
+    return 0 if report.clean else 1
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """``sweep``: the orphan sweep, now, under its claim; 0 if done, 1 if a
+    blob could not be removed or the sweep refused or was claimed."""
+    from appliance.ingest.sweep import claimed_sweep, sweep_holder, sweep_orphans
+
+    config = load_config(args.config)
+    services = _admin_services(config)
+    try:
+        with claimed_sweep(services.index) as lease:
+            if lease is None:
+                return _fail(
+                    f"{sweep_holder(services.index)} is sweeping already; nothing was done", 1
+                )
+            with _progress(args, "sweep", "blob") as progress:
+                report = sweep_orphans(
+                    services.storage,
+                    services.index,
+                    dt.timedelta(seconds=args.grace),
+                    lease=lease,
+                    progress=lambda done: progress(done, None),
+                )
+    finally:
+        services.close()
+    _print_report(args, report)
+    return 0 if report.ok else 1
+
+
+def cmd_reindex(args: argparse.Namespace) -> int:
+    """``reindex``: the index rebuilt from the store; 0 if every blob was
+    indexed (or was there already), 1 if some could not be."""
+    from appliance.integrity import reindex
+
+    config = load_config(args.config)
+    services = _admin_services(config)
+    try:
+        with _progress(args, "reindex", "blob") as progress:
+            report = reindex(services, force=args.force, examples=args.examples, progress=progress)
+    finally:
+        services.close()
+    _print_report(args, report)
+    return 0 if report.ok else 1
 
 
 def _revision(revision: str | None) -> str:

@@ -82,21 +82,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
-def json_wanted(log: LogConfig) -> bool:
-    """Whether *log* asks for JSON here: ``json``, or ``auto`` with stdout
-    not a terminal."""
+def json_wanted(log: LogConfig, stream: str = "ext://sys.stdout") -> bool:
+    """Whether *log* asks for JSON here: ``json``, or ``auto`` with the
+    *stream* the lines go to not a terminal."""
     if log.format == "auto":
-        return not sys.stdout.isatty()
+        out = sys.stderr if stream.endswith("stderr") else sys.stdout
+        return not out.isatty()
     return log.format == "json"
 
 
-def logging_config(log: LogConfig) -> dict[str, Any]:
+def logging_config(log: LogConfig, stream: str = "ext://sys.stdout") -> dict[str, Any]:
     """A :func:`logging.config.dictConfig` dictionary for *log* (``[log]``).
 
     gunicorn takes the same dictionary (its ``logconfig_dict`` setting), so
     its error and access lines go through the same handler and format.
     Per-area levels (``log.levels``) never lower the loggers that would
-    print patient data.
+    print patient data.  *stream*: where the lines go (the admin commands,
+    whose output is on stdout, log to ``ext://sys.stderr``).
     """
     from appliance.config import LOG_AREAS
 
@@ -114,7 +116,9 @@ def logging_config(log: LogConfig) -> dict[str, Any]:
         loggers[logger] = {"level": "WARNING"}
     for logger in VALUE_QUOTING_LOGGERS:
         loggers[logger] = {"level": "ERROR"}
-    formatter: dict[str, Any] = {"()": JsonFormatter} if json_wanted(log) else {"format": FORMAT}
+    formatter: dict[str, Any] = (
+        {"()": JsonFormatter} if json_wanted(log, stream) else {"format": FORMAT}
+    )
     return {
         "version": 1,
         "disable_existing_loggers": False,
@@ -125,7 +129,7 @@ def logging_config(log: LogConfig) -> dict[str, Any]:
                 "class": "logging.StreamHandler",
                 "formatter": "appliance",
                 "filters": ["correlation"],
-                "stream": "ext://sys.stdout",
+                "stream": stream,
             }
         },
         "root": {"level": name, "handlers": ["stdout"]},
@@ -133,13 +137,13 @@ def logging_config(log: LogConfig) -> dict[str, Any]:
     }
 
 
-def setup_logging(log: LogConfig, *, dicom: bool = True) -> None:
-    """Send this process's log records to stdout as *log* says, and
+def setup_logging(log: LogConfig, *, dicom: bool = True, stream: str = "ext://sys.stdout") -> None:
+    """Send this process's log records to stdout (or *stream*) as *log* says, and
     (*dicom*) keep pydicom from quoting element values in warnings (see
     :func:`quiet_pydicom`; processes that read no DICOM, the supervisor and
     gunicorn's master, skip it and never import pydicom).
     """
-    logging.config.dictConfig(logging_config(log))
+    logging.config.dictConfig(logging_config(log, stream))
     if dicom:
         quiet_pydicom()
 

@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import ctypes
 import dataclasses
-import datetime as dt
 import logging
 import os
 import shutil
@@ -424,27 +423,19 @@ def _retention(config: Config, services: Services) -> Any:
     return Retention(config.retention, services.engine, services.index, services.storage)
 
 
-#: The longest a node's claim of the orphan sweep keeps the others off it if
-#: the node dies while sweeping (it releases the claim when done).
-SWEEP_LEASE = dt.timedelta(hours=1)
-
-
 def _sweep(services: Services) -> None:
     """Remove blobs a crash left without an index row (once, at start).
     Nodes sharing the index and the store sweep one at a time: the sweep is
     claimed in the index (``task_lease``), and a node that finds it claimed
-    by another leaves it to that one."""
-    from appliance.ingest import sweep_orphans
+    by another (or by ``reindex``) leaves it to that one."""
+    from appliance.ingest.sweep import claimed_sweep, sweep_orphans
 
-    holder = f"{socket.gethostname()}:{os.getpid()}"
     try:
-        if not services.index.claim("orphan-sweep", holder, SWEEP_LEASE):
-            LOGGER.info("orphan sweep skipped: another node is running it")
-            return
-        try:
-            sweep_orphans(services.storage, services.index)
-        finally:
-            services.index.release("orphan-sweep", holder)
+        with claimed_sweep(services.index) as lease:
+            if lease is None:
+                LOGGER.info("orphan sweep skipped: another node is running it")
+                return
+            sweep_orphans(services.storage, services.index, lease=lease)
     except Exception:
         LOGGER.exception("the orphan sweep failed; it runs again at the next start")
 

@@ -325,6 +325,35 @@ class SqlIndex:
         except SQLAlchemyError as exc:
             raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
 
+    def renew(self, task: str, holder: str, lease: dt.timedelta) -> bool:
+        """Extend *holder*'s claim of *task* to *lease* from now; False if
+        it is no longer the holder (its lease ran out and another took it)."""
+        statement = (
+            update(task_lease)
+            .where(task_lease.c.name == task, task_lease.c.holder == holder)
+            .values(expires_at=_now() + lease)
+        )
+        try:
+            with self._writing() as conn:
+                return int(conn.execute(statement).rowcount) == 1
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
+
+    def claimed_by(self, task: str) -> tuple[str, dt.datetime] | None:
+        """Who holds *task* and until when, or None if nobody does."""
+        query = select(task_lease.c.holder, task_lease.c.expires_at).where(
+            task_lease.c.name == task
+        )
+        try:
+            with self._reading() as conn:
+                row = conn.execute(query).first()
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
+        if row is None:
+            return None
+        expires = row.expires_at if row.expires_at.tzinfo else row.expires_at.replace(tzinfo=dt.UTC)
+        return None if expires < _now() else (str(row.holder), expires)
+
     def release(self, task: str, holder: str) -> None:
         """End *holder*'s lease of *task* (a no-op if it is not the holder)."""
         statement = (
@@ -383,13 +412,74 @@ class SqlIndex:
             raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
         return None if row is None else ChangeEntry(**row._mapping)
 
-    def blob_keys(self, keys: list[str]) -> set[str]:
+    def blob_keys(self, keys: Sequence[str]) -> set[str]:
         """Those of *keys* that an instance row references."""
-        if not keys:
-            return set()
-        with self._reading() as conn:
-            rows = conn.execute(select(instance.c.blob_key).where(instance.c.blob_key.in_(keys)))
-            return {r[0] for r in rows}
+        found: set[str] = set()
+        try:
+            with self._reading() as conn:
+                for chunk in _chunks(list(keys)):
+                    rows = conn.execute(
+                        select(instance.c.blob_key).where(instance.c.blob_key.in_(chunk))
+                    )
+                    found.update(r[0] for r in rows)
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
+        return found
+
+    def blob_page(self, after: str, limit: int) -> list[StoredInstance]:
+        """Up to *limit* stored instances whose blob key is above *after*, in
+        blob key order (the unique index on the key serves it): a walk over
+        the whole index in the order a store lists its blobs."""
+        query = (
+            _stored_instances()
+            .where(instance.c.blob_key > after)
+            .order_by(None)
+            .order_by(instance.c.blob_key)
+            .limit(limit)
+        )
+        try:
+            with self._reading() as conn:
+                rows = conn.execute(query).all()
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
+        return [StoredInstance(*row) for row in rows]
+
+    def count_instances(self) -> int:
+        """How many instances the index holds."""
+        try:
+            with self._reading() as conn:
+                return int(conn.execute(select(func.count()).select_from(instance)).scalar_one())
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
+
+    def holds_nothing(self) -> bool:
+        """True if the index has no instance *and* no change-feed entry: a
+        new index, or one that was lost and created again, as opposed to
+        one whose instances were all deleted (their deletions are in the
+        feed).  Blobs in the store are then not orphans but instances the
+        index does not know yet (``dicom-appliance reindex``)."""
+        query = select(select(instance.c.id).exists() | select(changefeed.c.sequence).exists())
+        try:
+            with self._reading() as conn:
+                return not conn.execute(query).scalar_one()
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
+
+    def last_action(self, sop_instance_uid: str) -> str | None:
+        """The action (``create`` or ``delete``) of the newest change-feed
+        entry of an instance, or None if the feed never named it."""
+        query = (
+            select(changefeed.c.action)
+            .where(changefeed.c.sop_instance_uid == sop_instance_uid)
+            .order_by(changefeed.c.sequence.desc())
+            .limit(1)
+        )
+        try:
+            with self._reading() as conn:
+                found = conn.execute(query).scalar_one_or_none()
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
+        return None if found is None else str(found)
 
     # ----------------------------------------------------------------- writes
 
@@ -399,10 +489,13 @@ class SqlIndex:
         blob: BlobInfo,
         duplicate_policy: str = "keep",
         forward_to: Sequence[str] = (),
+        *,
+        written_at: dt.datetime | None = None,
     ) -> AddResult:
         """Index *record*, stored as *blob*, in one transaction, with a
         forwarding outbox entry for each destination of *forward_to* if it
-        was stored (created or replaced).
+        was stored (created or replaced).  *written_at* is when the blob was
+        written, if not now (``reindex``: the instance row keeps its time).
 
         Raises
         ------
@@ -414,7 +507,7 @@ class SqlIndex:
         for attempt in (1, 2):
             try:
                 with self._writing() as conn:
-                    return self._add(conn, record, blob, duplicate_policy, forward_to)
+                    return self._add(conn, record, blob, duplicate_policy, forward_to, written_at)
             except IntegrityError:
                 # PostgreSQL: a concurrent writer committed the same SOP
                 # Instance UID (or blob key) first.  Once more, as a duplicate.
@@ -435,12 +528,14 @@ class SqlIndex:
         blob: BlobInfo,
         policy: str,
         forward_to: Sequence[str],
+        written_at: dt.datetime | None = None,
     ) -> AddResult:
         sop_uid = record.instance.sop_instance_uid
         existing = conn.execute(_EXISTING, {"sop": sop_uid}).first()
         now = _now()
+        written = now if written_at is None else written_at
         if existing is None:
-            self._insert_instance(conn, record, blob, now)
+            self._insert_instance(conn, record, blob, now, written)
             self._queue_forward(conn, forward_to, "store", record, now)
             self._log_change(conn, record, now)
             return AddResult(AddOutcome.CREATED)
@@ -454,12 +549,12 @@ class SqlIndex:
             # the usual replacement: same place in the hierarchy, new bytes
             conn.execute(
                 update(instance).where(instance.c.id == bindparam("row_id")),
-                {"row_id": existing.id, **_instance_values(record, blob, now)},
+                {"row_id": existing.id, **_instance_values(record, blob, written)},
             )
         else:
             # the instance moved to another series: out of the old, into the new
             self._remove_instances(conn, [existing])
-            self._insert_instance(conn, record, blob, now)
+            self._insert_instance(conn, record, blob, now, written)
         self._queue_forward(conn, forward_to, "store", record, now)
         self._log_change(conn, record, now)
         return AddResult(AddOutcome.REPLACED, orphaned_blob_key=existing.blob_key)
@@ -493,7 +588,12 @@ class SqlIndex:
             )
 
     def _insert_instance(
-        self, conn: Connection, record: InstanceRecord, blob: BlobInfo, now: dt.datetime
+        self,
+        conn: Connection,
+        record: InstanceRecord,
+        blob: BlobInfo,
+        now: dt.datetime,
+        written: dt.datetime,
     ) -> None:
         study_fk, series_fk = self._ensure_parents(conn, record, now)
         conn.execute(
@@ -501,8 +601,8 @@ class SqlIndex:
             {
                 "series_fk": series_fk,
                 "study_fk": study_fk,
-                "created_at": now,
-                **_instance_values(record, blob, now),
+                "created_at": written,
+                **_instance_values(record, blob, written),
             },
         )
         self._count_instance(conn, study_fk, series_fk, +1, now)
@@ -724,6 +824,7 @@ class SqlIndex:
         forward_to: Sequence[str] = (),
         *,
         idle_since: dt.datetime | None = None,
+        blob_key: str | None = None,
     ) -> list[StoredInstance]:
         """Remove a study, a series of it, or one instance of that series from
         the index, with one ``delete`` change-feed entry per instance (earlier
@@ -731,6 +832,10 @@ class SqlIndex:
         and a ``delete`` forwarding entry for each instance and each
         destination of *forward_to* that took the instance (has a ``store``
         entry for it).
+
+        With *blob_key*, only an instance whose row still names that blob
+        is removed (``verify --drop-missing``: a row whose blob is missing,
+        unless a new copy replaced it meanwhile).
 
         Returns
         -------
@@ -758,6 +863,8 @@ class SqlIndex:
             .where(*_hierarchy_conditions(study_uid, series_uid, sop_uid))
             .with_for_update(of=instance)
         )
+        if blob_key is not None:
+            query = query.where(instance.c.blob_key == blob_key)
         try:
             with self._writing() as conn:
                 rows = conn.execute(query).all()

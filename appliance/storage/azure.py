@@ -50,7 +50,7 @@ from azure.storage.blob import BlobServiceClient, ContainerClient, ExponentialRe
 
 from appliance import metrics
 from appliance.errors import BlobNotFound, StorageError, StorageUnavailable
-from appliance.storage.base import CHUNK_SIZE, BlobInfo
+from appliance.storage.base import CHUNK_SIZE, BlobEntry, BlobInfo
 from appliance.storage.cloud import (
     CONNECT_TIMEOUT,
     KEY_RE,
@@ -230,6 +230,13 @@ class AzureBlobStore:
             for item in self._client().list_blobs():
                 if KEY_RE.fullmatch(item.name) and item.last_modified < cutoff:
                     yield item.name
+
+    def list_blobs(self) -> Iterator[BlobEntry]:
+        # the service lists blob names in lexical order
+        with _azure_errors(f"list the container {self.container_name}"):
+            for item in self._client().list_blobs():
+                if KEY_RE.fullmatch(item.name):
+                    yield BlobEntry(key=item.name, size=item.size, modified=item.last_modified)
 
 
 def _code(exc: BaseException | None) -> str:

@@ -21,6 +21,16 @@ class BlobInfo:
     size: int
 
 
+@dataclasses.dataclass(frozen=True)
+class BlobEntry:
+    """A blob as a listing of the store shows it."""
+
+    key: str
+    size: int
+    #: when it was last written (timezone-aware)
+    modified: dt.datetime
+
+
 class BlobStore(Protocol):
     """Durable, opaque-keyed byte storage.
 
@@ -62,4 +72,11 @@ class BlobStore(Protocol):
     def iter_blobs(self, older_than: dt.datetime) -> Iterator[str]:
         """Keys of blobs last written before *older_than* (for sweeping
         orphans); also removes abandoned temporary files older than that."""
+        ...
+
+    def list_blobs(self) -> Iterator[BlobEntry]:
+        """Every blob of the store, in ascending key order (as ``str``
+        compares them), with its size and write time; nothing else is
+        listed and nothing is changed (for checking the store against the
+        index, and for rebuilding the index from the store)."""
         ...

@@ -29,9 +29,10 @@ from typing import IO
 
 from appliance import metrics
 from appliance.errors import BlobNotFound, StorageError, StorageFull
-from appliance.storage.base import CHUNK_SIZE, BlobInfo
+from appliance.storage.base import CHUNK_SIZE, BlobEntry, BlobInfo
 
 _KEY_RE = re.compile(r"[0-9a-f]{32}")
+_PART_RE = re.compile(r"[0-9a-f]{2}")
 _TMP_PREFIX = ".tmp-"
 
 
@@ -180,6 +181,32 @@ class FilesystemBlobStore:
                 elif _KEY_RE.fullmatch(name):
                     yield name
 
+    def list_blobs(self) -> Iterator[BlobEntry]:
+        # ROOT/ab/cd/abcd...: walking each level in name order lists the keys
+        # in key order (one folder, the blobs of one hour, is held at a time)
+        for first in _sorted_parts(self.root):
+            for second in _sorted_parts(first):
+                prefix = first.name + second.name
+                try:
+                    names = sorted(
+                        entry.name
+                        for entry in os.scandir(second)
+                        if entry.name.startswith(prefix) and _KEY_RE.fullmatch(entry.name)
+                    )
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    raise StorageError(f"cannot list the storage folder: {exc.strerror}") from exc
+                for name in names:
+                    try:
+                        stat = (second / name).stat()
+                    except FileNotFoundError:
+                        continue  # deleted since the folder was read
+                    except OSError as exc:
+                        raise StorageError(f"cannot read blob {name}: {exc.strerror}") from exc
+                    modified = dt.datetime.fromtimestamp(stat.st_mtime, dt.UTC)
+                    yield BlobEntry(key=name, size=stat.st_size, modified=modified)
+
 
 class _BoundedReader(io.RawIOBase):
     """Reads at most *length* bytes of an underlying file, then EOF."""
@@ -203,6 +230,20 @@ class _BoundedReader(io.RawIOBase):
     def close(self) -> None:
         self._fh.close()
         super().close()
+
+
+def _sorted_parts(folder: Path) -> list[Path]:
+    """The sub-folders of *folder* named by two hex digits, in name order."""
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise StorageError(f"cannot list the storage folder: {exc.strerror}") from exc
+    return sorted(
+        (Path(e.path) for e in entries if _PART_RE.fullmatch(e.name) and e.is_dir()),
+        key=lambda path: path.name,
+    )
 
 
 @contextlib.contextmanager

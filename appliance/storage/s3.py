@@ -41,7 +41,7 @@ from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, HTT
 
 from appliance import metrics
 from appliance.errors import BlobNotFound, StorageError, StorageUnavailable
-from appliance.storage.base import CHUNK_SIZE, BlobInfo
+from appliance.storage.base import CHUNK_SIZE, BlobEntry, BlobInfo
 from appliance.storage.cloud import (
     CONNECT_TIMEOUT,
     KEY_RE,
@@ -240,6 +240,17 @@ class S3BlobStore:
                 for item in page.get("Contents", []):
                     if KEY_RE.fullmatch(item["Key"]) and item["LastModified"] < cutoff:
                         yield item["Key"]
+
+    def list_blobs(self) -> Iterator[BlobEntry]:
+        # ListObjectsV2 returns keys in ascending UTF-8 binary order
+        with _s3_errors(f"list the bucket {self.bucket}"):
+            pages = self._client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket)
+            for page in pages:
+                for item in page.get("Contents", []):
+                    if KEY_RE.fullmatch(item["Key"]):
+                        yield BlobEntry(
+                            key=item["Key"], size=int(item["Size"]), modified=item["LastModified"]
+                        )
 
 
 def _code(exc: BaseException | None) -> str:

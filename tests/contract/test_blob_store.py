@@ -157,7 +157,50 @@ def test_iter_blobs_lists_only_old_enough_blobs(store: BlobStore) -> None:
     assert list(store.iter_blobs(later)) == [info.key]
 
 
+def test_list_blobs_lists_every_blob_in_key_order_with_size_and_time(store: BlobStore) -> None:
+    """The listing ``verify`` and ``reindex`` walk: every blob once, in key
+    order, its size and write time (the servers' clocks are this host's;
+    cloud stores keep whole seconds)."""
+    before = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=2)
+    infos = [store.put(io.BytesIO(b"x" * size)) for size in (0, 1, 7, 1000, 5, 3)]
+    after = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2)
+    listed = list(store.list_blobs())
+    assert [entry.key for entry in listed] == sorted(info.key for info in infos)
+    assert {entry.key: entry.size for entry in listed} == {info.key: info.size for info in infos}
+    for entry in listed:
+        assert entry.modified.tzinfo is not None
+        assert before <= entry.modified <= after
+    store.delete(infos[0].key)
+    assert infos[0].key not in [entry.key for entry in store.list_blobs()]
+
+
 # ------------------------------------------------------------ filesystem only
+
+
+def test_filesystem_listing_is_in_key_order_across_folders_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    """Keys of several hours (folders) come in key order; a temporary file
+    of a put in progress and a stray file are neither listed nor removed
+    (``iter_blobs`` removes old temporary files, the listing must not)."""
+    root = tmp_path / "blobs"
+    store = FilesystemBlobStore(root)
+    keys = ["ffff" + "0" * 28, "0000" + "f" * 28, "00ff" + "1" * 28, "a0b1" + "2" * 28]
+    for key in keys:
+        path = root / key[:2] / key[2:4] / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(key.encode())
+    made = store.put(io.BytesIO(b"made by put"))
+    temporary = root / made.key[:2] / made.key[2:4] / ".tmp-0123456789abcdef"
+    temporary.write_bytes(b"a put in progress")
+    old = time.time() - 7200
+    os.utime(temporary, (old, old))
+    stray = root / "00" / "ff" / ("ab" + "3" * 30)  # a key outside its folder
+    stray.write_bytes(b"not where a key of this store lives")
+    listed = [entry.key for entry in store.list_blobs()]
+    assert listed == sorted([*keys, made.key])
+    assert temporary.exists()
+    assert stray.exists()
 
 
 def test_keys_are_opaque_and_paths_hold_no_dicom_data(tmp_path: Path) -> None:
