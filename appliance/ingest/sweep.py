@@ -9,8 +9,13 @@ is claimed in the index (``task_lease``, :func:`claimed_sweep`), and
 indexed yet.
 
 A blob is removed only if it was written more than a grace period ago (an
-ingest in flight writes its blob before its row) and no row references it
-when it is removed.  An index that holds nothing at all (no instance and no
+ingest in flight writes its blob before its row) and more than a grace
+period before the index's newest change-feed entry, and no row references
+it when it is removed.  The second rule keeps the blobs an index restored
+from an older backup does not know (stored after the backup: acknowledged
+instances, which ``dicom-appliance reindex --force`` adds back) from being
+taken for orphans; an orphan of a crash is swept once later changes have
+come.  An index that holds nothing at all (no instance and no
 change-feed entry: lost and created again, or new beside an old store) is
 not trusted: the sweep removes nothing and says so, because every blob of
 the store would look like an orphan (``dicom-appliance reindex`` rebuilds
@@ -193,6 +198,17 @@ class SweepReport:
         return lines
 
 
+def _cutoff(index: SqlIndex, grace: dt.timedelta) -> dt.datetime:
+    """Blobs written before this may be swept: *grace* before now, or before
+    the index's newest change if that is earlier (see the module docstring)."""
+    moment = dt.datetime.now(dt.UTC)
+    newest = index.latest_change()
+    if newest is not None:
+        stamp = newest.timestamp
+        moment = min(moment, stamp if stamp.tzinfo else stamp.replace(tzinfo=dt.UTC))
+    return moment - grace
+
+
 def sweep_orphans(
     storage: BlobStore,
     index: SqlIndex,
@@ -206,7 +222,7 @@ def sweep_orphans(
     means); see the module docstring for what is never removed."""
     started = time.monotonic()
     report = SweepReport(grace_seconds=grace.total_seconds())
-    cutoff = dt.datetime.now(dt.UTC) - grace
+    cutoff = _cutoff(index, grace)
     keys = storage.iter_blobs(cutoff)
     while batch := list(itertools.islice(keys, _BATCH)):
         if lease is not None:
