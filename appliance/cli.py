@@ -16,9 +16,16 @@
     DICOMcast (:mod:`appliance.fhir`): where it is in the change feed and
     what it has queued, synced and parked; parked studies queued again; the
     change feed read again (from a time, or from its start).
+``import PATH... [--workers N] [--journal FILE]``
+    load files, folders and DICOMDIRs through the ingest pipeline, in
+    parallel, resumably (see :mod:`appliance.bulk_import`).
 ``config show``
     print the effective configuration (file plus ``APPLIANCE_*``
     variables), secrets masked.
+
+``import`` shows progress on stderr
+(off with ``--quiet`` or when stderr is not a terminal), log to stderr, and
+print a summary on stdout (``--json``: as JSON).
 
 Exit codes: 0 success, 1 failure while running, 2 a configuration that
 cannot start (a bad key or value, an un-migrated index).  Errors are one
@@ -33,8 +40,12 @@ import datetime as dt
 import json
 import logging
 import os
+import signal
 import sys
+import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -164,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fhir_replay.set_defaults(func=cmd_fhir_replay)
 
+    _add_admin_commands(commands)
+
     config = commands.add_parser("config", help="inspect the configuration")
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     show = config_commands.add_parser(
@@ -172,6 +185,51 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_option(show)
     show.set_defaults(func=cmd_config_show)
     return parser
+
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar (it is off anyway when stderr is not a terminal)",
+    )
+
+
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of threads (1 or more)")
+    return value
+
+
+def _add_admin_commands(commands: Any) -> None:
+    """``import``."""
+    bulk = commands.add_parser(
+        "import",
+        help="load DICOM files, folders (recursively) and DICOMDIRs through the ingest "
+        "pipeline; run it again to finish an interrupted import",
+    )
+    _add_config_option(bulk)
+    bulk.add_argument("paths", nargs="+", metavar="PATH", help="a file, a folder or a DICOMDIR")
+    bulk.add_argument(
+        "--workers",
+        type=_workers,
+        default=os.cpu_count() or 2,
+        metavar="N",
+        help="files stored at once (default: the number of cores)",
+    )
+    bulk.add_argument(
+        "--journal",
+        metavar="FILE",
+        help="the record of the files done, read to skip them when run again "
+        "(default: .dicom-appliance-import.journal in the working folder)",
+    )
+    _add_output_options(bulk)
+    bulk.set_defaults(func=cmd_import)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -403,6 +461,150 @@ def cmd_copy(args: argparse.Namespace) -> int:
         f"{len(report.failed)} failed, in {report.seconds:.1f} s"
     )
     return 1 if report.failed else 0
+
+
+@contextlib.contextmanager
+def _progress(quiet: bool, **options: Any) -> Iterator[Any]:
+    """A tqdm bar on stderr, disabled with *quiet* or when stderr is not a
+    terminal; log lines are written above it while it shows."""
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    disable = quiet or not sys.stderr.isatty()
+    with tqdm(file=sys.stderr, disable=disable, dynamic_ncols=True, **options) as bar:
+        if disable:
+            yield bar
+        else:
+            with logging_redirect_tqdm():
+                yield bar
+
+
+@contextlib.contextmanager
+def _first_interrupt_stops() -> Iterator[threading.Event]:
+    """An event the first Ctrl-C (SIGINT) sets, so that a long job stops
+    cleanly; a second one interrupts at once (KeyboardInterrupt)."""
+    stop = threading.Event()
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        stop.set()
+        print(
+            f"{PROG}: stopping after the files in progress (Ctrl-C again to stop at once)",
+            file=sys.stderr,
+        )
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    try:
+        previous = signal.signal(signal.SIGINT, interrupt)
+    except ValueError:  # not the main thread: Ctrl-C is not ours to take
+        yield stop
+        return
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _advance(bar: Any, done: int, total: int | None) -> None:
+    if total is not None and bar.total != total:
+        bar.total = total
+    if done > bar.n:
+        bar.update(done - bar.n)
+
+
+def _size(count: int) -> str:
+    """*count* bytes in decimal units (kB, MB, GB, TB)."""
+    value = float(count)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"
+
+
+#: Failures listed by the text summary of ``import`` (``--json`` lists all).
+SHOWN_FAILURES = 20
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """``import PATH...``: files, folders and DICOMDIRs through the ingest
+    (see :mod:`appliance.bulk_import`); 0 if nothing failed, 1 if some
+    file failed or the run stopped, 130 if interrupted (Ctrl-C)."""
+    from appliance.bulk_import import DEFAULT_JOURNAL, Journal, import_paths
+    from appliance.services import build_services
+
+    config = load_config(args.config)
+    setup_logging(config.log.level, stream="stderr")
+    # pydicom's warnings about odd encodings, one per file, would bury the
+    # progress and the summary; what matters is in the ingest's own outcome
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
+    paths = [Path(path) for path in args.paths]
+    for path in paths:
+        if not path.exists():
+            return _fail(f"{path}: no such file or folder", 2)
+    journal_path = Path(args.journal or DEFAULT_JOURNAL)
+    services = build_services(config)
+    try:
+        services.storage.check()
+        journal = Journal(journal_path, config.index.url)
+        try:
+            with (
+                _progress(args.quiet, desc="scanning", unit=" files") as bar,
+                _first_interrupt_stops() as stop,
+            ):
+                scanning = [True]
+
+                def scanned(count: int) -> None:
+                    _advance(bar, count, None)
+
+                def progress(report: Any) -> None:
+                    if scanning[0]:  # the files are counted: the same bar goes on to import
+                        scanning[0] = False
+                        bar.reset(total=report.total)
+                        bar.set_description("import", refresh=False)
+                    _advance(bar, report.done, report.total)
+                    bar.set_postfix_str(
+                        f"{report.stored} stored, {report.duplicate} duplicate, "
+                        f"{len(report.failed)} failed, {report.skipped} skipped",
+                        refresh=False,
+                    )
+
+                report = import_paths(
+                    services,
+                    paths,
+                    journal,
+                    workers=args.workers,
+                    progress=progress,
+                    scanned=scanned,
+                    stop=stop,
+                )
+        finally:
+            journal.close()
+    finally:
+        services.close()
+    if args.json:
+        print(json.dumps({**report.as_json(), "journal": str(journal_path)}, indent=2))
+    else:
+        duplicates = ", ".join(f"{n} {label}" for label, n in report.duplicates.items() if n)
+        print(
+            f"{report.stored} stored, {report.duplicate} duplicate"
+            + (f" ({duplicates})" if duplicates else "")
+            + f", {len(report.failed)} failed, {report.skipped} skipped "
+            f"({report.skipped_not_dicom} not DICOM, {report.skipped_done_before} done before)"
+            + (f", {report.dicomdirs} DICOMDIR(s) read" if report.dicomdirs else "")
+        )
+        print(
+            f"{_size(report.bytes)} in {report.seconds:.1f} s "
+            f"({report.instances_per_second:.1f} instances/s)"
+        )
+        for failure in report.failed[:SHOWN_FAILURES]:
+            print(f"failed: {failure.path}: {failure.reason}")
+        if len(report.failed) > SHOWN_FAILURES:
+            print(f"... and {len(report.failed) - SHOWN_FAILURES} more failures (--json lists all)")
+        if report.stopped:
+            print(f"stopped: {report.stopped}; run the same command again to go on")
+    if report.stopped == "interrupted":
+        return 130
+    return 1 if report.failed or report.stopped else 0
 
 
 def _revision(revision: str | None) -> str:

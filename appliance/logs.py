@@ -13,7 +13,9 @@ from __future__ import annotations
 import logging
 import logging.config
 import multiprocessing
-from typing import Any
+from typing import Any, Literal
+
+Stream = Literal["stdout", "stderr"]
 
 FORMAT = "%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s"
 
@@ -31,7 +33,7 @@ QUIET_LOGGERS = ("alembic", "azure")
 ACCESS_LOG_FORMAT = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms'
 
 
-def logging_config(level: str) -> dict[str, Any]:
+def logging_config(level: str, stream: Stream = "stdout") -> dict[str, Any]:
     """A :func:`logging.config.dictConfig` dictionary for *level*.
 
     gunicorn takes the same dictionary (its ``logconfig_dict`` setting), so
@@ -41,6 +43,9 @@ def logging_config(level: str) -> dict[str, Any]:
     ----------
     level
         ``debug``, ``info``, ``warning`` or ``error`` (``log.level``).
+    stream
+        ``stdout`` (the service) or ``stderr`` (admin commands whose stdout
+        is their result, e.g. ``import --json``).
     """
     name = level.upper()
     return {
@@ -48,13 +53,13 @@ def logging_config(level: str) -> dict[str, Any]:
         "disable_existing_loggers": False,
         "formatters": {"appliance": {"format": FORMAT}},
         "handlers": {
-            "stdout": {
+            "console": {
                 "class": "logging.StreamHandler",
                 "formatter": "appliance",
-                "stream": "ext://sys.stdout",
+                "stream": f"ext://sys.{stream}",
             }
         },
-        "root": {"level": name, "handlers": ["stdout"]},
+        "root": {"level": name, "handlers": ["console"]},
         "loggers": {
             **{logger: {"level": "WARNING"} for logger in PHI_LOGGERS + QUIET_LOGGERS},
             **{logger: {"level": "ERROR"} for logger in VALUE_QUOTING_LOGGERS},
@@ -64,13 +69,14 @@ def logging_config(level: str) -> dict[str, Any]:
     }
 
 
-def setup_logging(level: str, *, dicom: bool = True) -> None:
-    """Send this process's log records to stdout at *level*, and (*dicom*)
-    keep pydicom from quoting element values in warnings (see
+def setup_logging(level: str, *, dicom: bool = True, stream: Stream = "stdout") -> None:
+    """Send this process's log records to *stream* (``stdout`` or
+    ``stderr``) at *level*, and (*dicom*) keep pydicom from quoting element
+    values in warnings (see
     :func:`quiet_pydicom`; processes that read no DICOM, the supervisor and
     gunicorn's master, skip it and never import pydicom).
     """
-    logging.config.dictConfig(logging_config(level))
+    logging.config.dictConfig(logging_config(level, stream))
     if dicom:
         quiet_pydicom()
 
