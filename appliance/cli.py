@@ -19,11 +19,13 @@
 ``import PATH... [--workers N] [--journal FILE]``
     load files, folders and DICOMDIRs through the ingest pipeline, in
     parallel, resumably (see :mod:`appliance.bulk_import`).
+``stats [--by modality|day]``
+    counts and sizes of what the index holds (:mod:`appliance.stats`).
 ``config show``
     print the effective configuration (file plus ``APPLIANCE_*``
     variables), secrets masked.
 
-``import`` shows progress on stderr
+``import`` and ``stats`` show progress on stderr
 (off with ``--quiet`` or when stderr is not a terminal), log to stderr, and
 print a summary on stdout (``--json``: as JSON).
 
@@ -207,7 +209,7 @@ def _workers(text: str) -> int:
 
 
 def _add_admin_commands(commands: Any) -> None:
-    """``import``."""
+    """``import``, ``stats``."""
     bulk = commands.add_parser(
         "import",
         help="load DICOM files, folders (recursively) and DICOMDIRs through the ingest "
@@ -230,6 +232,19 @@ def _add_admin_commands(commands: Any) -> None:
     )
     _add_output_options(bulk)
     bulk.set_defaults(func=cmd_import)
+
+    stats = commands.add_parser(
+        "stats", help="studies, series, instances and bytes stored: in total, per modality, per day"
+    )
+    _add_config_option(stats)
+    stats.add_argument(
+        "--by",
+        choices=("modality", "ae", "day"),
+        help="only this breakdown (default: all that the index can give; per sending AE "
+        "it cannot: the sender is not recorded)",
+    )
+    _add_output_options(stats)
+    stats.set_defaults(func=cmd_stats)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -521,6 +536,17 @@ def _size(count: int) -> str:
     return f"{value:.1f} TB"
 
 
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    table = [tuple(header), *(tuple(row) for row in rows)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        cells = [
+            cell.ljust(width) if i == 0 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        print("  ".join(cells).rstrip())
+
+
 #: Failures listed by the text summary of ``import`` (``--json`` lists all).
 SHOWN_FAILURES = 20
 
@@ -605,6 +631,60 @@ def cmd_import(args: argparse.Namespace) -> int:
     if report.stopped == "interrupted":
         return 130
     return 1 if report.failed or report.stopped else 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """``stats [--by modality|day]``: counts and sizes of the index."""
+    from appliance.stats import BREAKDOWNS, NOT_AVAILABLE, collect
+
+    if args.by in NOT_AVAILABLE:
+        return _fail(f"--by {args.by} is not available: {NOT_AVAILABLE[args.by]}", 2)
+    config = load_config(args.config)
+    engine = engine_for(config.index)
+    try:
+        migrate.require_current(engine)
+        with _progress(args.quiet, desc="stats", unit=" queries", leave=False) as bar:
+            stats = collect(
+                engine,
+                [args.by] if args.by else BREAKDOWNS,
+                lambda done, total: _advance(bar, done, total),
+            )
+    finally:
+        engine.dispose()
+    if args.json:
+        print(json.dumps(stats.as_json(), indent=2))
+        return 0
+    totals = stats.totals
+    print(
+        f"total: {totals.studies} studies, {totals.series} series, "
+        f"{totals.instances} instances, {_size(totals.bytes)}"
+    )
+    header = ("studies", "series", "instances", "bytes", "size")
+    for title, first, rows in (
+        ("per modality", "modality", stats.by_modality),
+        ("per day of storage (UTC)", "day", stats.by_day),
+    ):
+        if rows is None:
+            continue
+        print(f"\n{title}:")
+        _print_table(
+            (first, *header),
+            [
+                (
+                    key or "(none)",
+                    str(c.studies),
+                    str(c.series),
+                    str(c.instances),
+                    str(c.bytes),
+                    _size(c.bytes),
+                )
+                for key, c in rows.items()
+            ],
+        )
+    if args.by is None:
+        for name, why in NOT_AVAILABLE.items():
+            print(f"\nper sending {name.upper()}: not available: {why}")
+    return 0
 
 
 def _revision(revision: str | None) -> str:

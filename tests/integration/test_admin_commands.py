@@ -1,6 +1,6 @@
 """The admin commands through ``appliance.cli.main``: ``import`` (files,
 folders, DICOMDIRs; counts; the journal; resuming after a failure, Ctrl-C
-and kill -9)."""
+and kill -9), ``stats`` (cross-checked with SQL)."""
 
 from __future__ import annotations
 
@@ -246,6 +246,69 @@ def test_import_counts_each_kind_then_a_second_run_skips_everything(
     assert code == 1
     assert f"0 stored, 0 duplicate, {len(expected.refused)} failed" in out
     assert out.count("failed: ") == len(expected.refused)
+
+
+def _utc_day() -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime())
+
+
+def test_stats_equal_what_was_imported(
+    tmp_path: Path, data: Path, capsys: pytest.CaptureFixture[str], index_url: str
+) -> None:
+    """On SQLite and PostgreSQL: the import through the CLI, then its
+    figures against SQL counts, QIDO-RS's study list and pydicom's reading
+    of the files."""
+    config = appliance(tmp_path / "appliance", index_url=index_url, migrated=False)
+    code, report = run_json(capsys, "stats", "--config", str(config))
+    assert code == 0
+    assert report["totals"] == {"studies": 0, "series": 0, "instances": 0, "bytes": 0}
+    first_day = _utc_day()
+    run(capsys, "import", str(data), "--config", str(config))
+    expected = expected_for(data)
+
+    code, stats = run_json(capsys, "stats", "--config", str(config))
+    assert code == 0
+    services = services_of(config)
+    try:
+        studies, series_count, instances, size = index_counts(services)
+        qido = study_list(services)
+    finally:
+        services.close()
+    assert stats["totals"] == {
+        "studies": studies,
+        "series": series_count,
+        "instances": instances,
+        "bytes": size,
+    }
+    assert instances == expected.stored
+    assert len(qido) == studies
+    assert sum(n for _, _, n in qido) == instances
+    by_modality = {row["key"]: row for row in stats["by_modality"]}
+    wanted = collections.Counter(str(ds.get("Modality", "")) for ds in expected.headers.values())
+    assert {key: row["instances"] for key, row in by_modality.items()} == dict(wanted)
+    assert sum(row["bytes"] for row in by_modality.values()) == size
+    assert sum(row["series"] for row in by_modality.values()) == series_count
+    days = stats["by_day"]
+    assert {day["key"] for day in days} <= {first_day, _utc_day()}, "stored today (UTC)"
+    assert sum(day["instances"] for day in days) == instances
+    if len(days) == 1:  # not across midnight
+        assert {k: v for k, v in days[0].items() if k != "key"} == stats["totals"]
+    assert "ae" in stats["not_available"]
+
+    code, only = run_json(capsys, "stats", "--config", str(config), "--by", "modality")
+    assert code == 0
+    assert "by_day" not in only
+    assert only["by_modality"] == stats["by_modality"]
+    code, out, _ = run(capsys, "stats", "--config", str(config))
+    assert code == 0
+    assert f"{instances} instances" in out
+    assert "per modality" in out
+    assert "per sending AE: not available" in out
+    code, _, err = run(capsys, "stats", "--config", str(config), "--by", "ae")
+    assert code == 2
+    assert "not available" in err
+    assert "does not record who sent" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize(("policy", "label"), [("replace", "replaced"), ("reject", "rejected")])
