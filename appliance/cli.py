@@ -21,11 +21,13 @@
     parallel, resumably (see :mod:`appliance.bulk_import`).
 ``stats [--by modality|day]``
     counts and sizes of what the index holds (:mod:`appliance.stats`).
+``backup FILE`` / ``restore FILE [--force]``
+    the index database, online (:mod:`appliance.backup`).
 ``config show``
     print the effective configuration (file plus ``APPLIANCE_*``
     variables), secrets masked.
 
-``import`` and ``stats`` show progress on stderr
+``import``, ``stats``, ``backup`` and ``restore`` show progress on stderr
 (off with ``--quiet`` or when stderr is not a terminal), log to stderr, and
 print a summary on stdout (``--json``: as JSON).
 
@@ -209,7 +211,7 @@ def _workers(text: str) -> int:
 
 
 def _add_admin_commands(commands: Any) -> None:
-    """``import``, ``stats``."""
+    """``import``, ``stats``, ``backup``, ``restore``."""
     bulk = commands.add_parser(
         "import",
         help="load DICOM files, folders (recursively) and DICOMDIRs through the ingest "
@@ -245,6 +247,30 @@ def _add_admin_commands(commands: Any) -> None:
     )
     _add_output_options(stats)
     stats.set_defaults(func=cmd_stats)
+
+    backup = commands.add_parser(
+        "backup",
+        help="copy the index database into FILE while the appliance runs (SQLite: the "
+        "online backup API; PostgreSQL: pg_dump); the blobs are backed up apart",
+    )
+    _add_config_option(backup)
+    backup.add_argument("file", metavar="FILE")
+    backup.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    _add_output_options(backup)
+    backup.set_defaults(func=cmd_backup)
+
+    restore = commands.add_parser(
+        "restore",
+        help="replace the index database by a backup (stop the appliance first); "
+        "refused over an index that holds data unless --force",
+    )
+    _add_config_option(restore)
+    restore.add_argument("file", metavar="FILE")
+    restore.add_argument(
+        "--force", action="store_true", help="replace an index that holds instances or changes"
+    )
+    _add_output_options(restore)
+    restore.set_defaults(func=cmd_restore)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -685,6 +711,90 @@ def cmd_stats(args: argparse.Namespace) -> int:
         for name, why in NOT_AVAILABLE.items():
             print(f"\nper sending {name.upper()}: not available: {why}")
     return 0
+
+
+def _backup_progress(bar: Any) -> Callable[[str, int, int | None], None]:
+    def progress(unit: str, done: int, total: int | None) -> None:
+        bar.unit = f" {unit}s" if unit != "B" else "B"
+        bar.unit_scale = unit == "B"
+        _advance(bar, done, total)
+
+    return progress
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    """``backup FILE``: the index database into FILE (see :mod:`appliance.backup`)."""
+    from appliance.backup import backup
+
+    config = load_config(args.config)
+    setup_logging(config.log.level, stream="stderr")
+    with _progress(args.quiet, desc="backup", leave=False) as bar:
+        report = _tools_or_commands(
+            lambda: backup(
+                config.index.url, Path(args.file), force=args.force, progress=_backup_progress(bar)
+            )
+        )
+    if report is None:
+        return 1
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2))
+        return 0
+    counts = (
+        f": {report.studies} studies, {report.instances} instances"
+        if report.instances is not None
+        else ""
+    )
+    print(
+        f"index backed up into {report.file} ({report.kind}, schema revision "
+        f"{report.revision or 'none'}{counts}), {_size(report.bytes)} in {report.seconds:.1f} s"
+    )
+    print("back up the blobs now (see the README, Backups): they are not in this file")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """``restore FILE [--force]``: the index database from a backup."""
+    from appliance.backup import restore
+
+    config = load_config(args.config)
+    setup_logging(config.log.level, stream="stderr")
+    with _progress(args.quiet, desc="restore", leave=False) as bar:
+        report = _tools_or_commands(
+            lambda: restore(
+                config.index.url, Path(args.file), force=args.force, progress=_backup_progress(bar)
+            )
+        )
+    if report is None:
+        return 1
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2))
+        return 0
+    print(
+        f"index restored from {report.file} ({report.kind}, schema revision {report.revision}: "
+        f"{report.studies} studies, {report.instances} instances) in {report.seconds:.1f} s"
+        + (", replacing what it held" if report.replaced else "")
+    )
+    if report.needs_migrate:
+        print(
+            f"the backup's schema revision {report.revision} is older than this version's "
+            f"{migrate.SCHEMA_REVISION}: run 'dicom-appliance migrate' before 'serve'"
+        )
+    print("the blobs are not in the backup: put them back (see the README, Backups) before 'serve'")
+    return 0
+
+
+def _tools_or_commands(run: Callable[[], Any]) -> Any:
+    """*run*'s result; if the PostgreSQL tools are missing, the commands to
+    run elsewhere on stdout, the reason on stderr, and None."""
+    from appliance.backup import ToolsMissing
+
+    try:
+        return run()
+    except ToolsMissing as exc:
+        for command in exc.commands:
+            print(command)
+        _fail(exc.reason.rstrip(":") + " (printed above)", 1)
+        return None
 
 
 def _revision(revision: str | None) -> str:

@@ -1,19 +1,23 @@
 """The admin commands through ``appliance.cli.main``: ``import`` (files,
 folders, DICOMDIRs; counts; the journal; resuming after a failure, Ctrl-C
-and kill -9), ``stats`` (cross-checked with SQL)."""
+and kill -9), ``stats`` (cross-checked with SQL), ``backup`` / ``restore``
+(SQLite while another thread keeps storing; PostgreSQL with pg_dump)."""
 
 from __future__ import annotations
 
 import collections
+import io
 import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,7 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import MediaStorageDirectoryStorage
 from sqlalchemy import func, select
 
+from appliance.backup import dump_command, libpq, restore_command
 from appliance.bulk_import import STOP_AFTER
 from appliance.cli import main
 from appliance.config import load_config
@@ -33,10 +38,12 @@ from appliance.index import migrate
 from appliance.index.engine import create_index_engine
 from appliance.index.schema import instance, series, study
 from appliance.ingest import IngestService
-from appliance.model import Level
+from appliance.model import Level, Origin
 from appliance.query import Query
 from appliance.services import Services, build_services
+from appliance.status import Status
 from appliance.storage.filesystem import FilesystemBlobStore
+from tests.conftest import missing_peer, throwaway_pg_database
 from tests.helpers import part10_of, small_study
 
 pytestmark = pytest.mark.integration
@@ -626,3 +633,285 @@ def test_import_logs_no_patient_data_and_shows_progress_only_on_a_terminal(
         assert main([*argv, "--quiet"] if quiet else argv) == 1
         shown = "".join(terminal.text)
         assert ("import: 100%" in shown) is not quiet, shown[-500:]
+
+
+# --------------------------------------------------------------------------
+# backup and restore: SQLite
+
+
+class Writer(threading.Thread):
+    """Keeps storing new studies through the ingest until stopped; every
+    acknowledged SOP Instance UID in :attr:`acknowledged`."""
+
+    def __init__(self, services: Services) -> None:
+        super().__init__(name="writer", daemon=True)
+        self.services = services
+        self.acknowledged: list[str] = []
+        self.stop = threading.Event()
+        self.failure: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                for ds in small_study(5, patient_id="WRITER"):
+                    result = self.services.ingest.store_part10(
+                        _bytes_io(part10_of(ds)), Origin("dicomweb")
+                    )
+                    assert result.status is Status.SUCCESS, result.reason
+                    self.acknowledged.append(str(ds.SOPInstanceUID))
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.failure = exc
+
+
+def _bytes_io(data: bytes) -> io.BytesIO:
+    return io.BytesIO(data)
+
+
+def _sop_uids(db: Path) -> set[str]:
+    with sqlite3.connect(db) as conn:
+        return {row[0] for row in conn.execute("SELECT sop_instance_uid FROM instance")}
+
+
+def test_sqlite_backup_while_storing_then_restore_into_a_fresh_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source_config = appliance(tmp_path / "source")
+    source = services_of(source_config)
+    try:
+        for number in range(3):
+            for ds in small_study(10, patient_id=f"P{number}"):
+                assert source.ingest.store_part10(_bytes_io(part10_of(ds)), Origin("import")).stored
+        initial = _sop_uids(tmp_path / "source" / "index.db")
+        writer = Writer(source)
+        writer.start()
+        while len(writer.acknowledged) < 20:
+            time.sleep(0.01)
+        before = set(writer.acknowledged)
+        backup_file = tmp_path / "backups" / "index.sqlite"
+        backup_file.parent.mkdir()
+        code, report = run_json(capsys, "backup", str(backup_file), "--config", str(source_config))
+        after = set(writer.acknowledged)
+        time.sleep(0.2)
+        writer.stop.set()
+        writer.join(30)
+        assert writer.failure is None, writer.failure
+        assert code == 0, report
+        assert report["kind"] == "sqlite"
+        assert report["revision"] == migrate.SCHEMA_REVISION
+        assert len(after) > len(before), "the writer kept storing during the backup"
+
+        # the blobs after the index (rsync of an immutable folder)
+        target_config = appliance(tmp_path / "target", migrated=False)
+        shutil.copytree(tmp_path / "source" / "blobs", tmp_path / "target" / "blobs")
+        code, restored = run_json(
+            capsys, "restore", str(backup_file), "--config", str(target_config)
+        )
+        assert code == 0, restored
+        assert restored["needs_migrate"] is False
+        assert restored["replaced"] is False
+
+        uids = _sop_uids(tmp_path / "target" / "index.db")
+        assert before <= uids, "everything acknowledged before the backup is in it"
+        assert uids <= initial | after, "nothing acknowledged after it ended"
+        assert restored["instances"] == len(uids) == report["instances"]
+        target = services_of(target_config)
+        try:
+            listed = study_list(target)
+            # one consistent moment: every study's counters equal its rows
+            for uid, _, count in listed:
+                with target.engine.connect() as conn:
+                    rows = conn.execute(
+                        select(func.count())
+                        .select_from(instance.join(study, study.c.id == instance.c.study_fk))
+                        .where(study.c.study_instance_uid == uid)
+                    ).scalar_one()
+                assert rows == count, uid
+            some = next(iter(before))
+            stored = target.index.find_instance(some)
+            assert stored is not None
+            with target.retrieve.open(stored) as fh:
+                assert dcmread(fh).SOPInstanceUID == some
+        finally:
+            target.close()
+
+        # quiet now: a backup restored elsewhere answers the same study list
+        again = tmp_path / "backups" / "quiet.sqlite"
+        assert run(capsys, "backup", str(again), "--config", str(source_config))[0] == 0
+        fresh_config = appliance(tmp_path / "fresh", migrated=False)
+        code, out, _ = run(capsys, "restore", str(again), "--config", str(fresh_config))
+        assert code == 0
+        assert "index restored from" in out
+        fresh = services_of(fresh_config)
+        try:
+            assert study_list(fresh) == study_list(source)
+        finally:
+            fresh.close()
+    finally:
+        source.close()
+
+    # over an index that holds data: refused, unless --force
+    code, _, err = run(capsys, "restore", str(backup_file), "--config", str(fresh_config))
+    assert code == 1
+    assert "not empty" in err
+    assert "--force" in err
+    code, forced = run_json(
+        capsys, "restore", str(backup_file), "--config", str(fresh_config), "--force"
+    )
+    assert code == 0
+    assert forced["replaced"] is True
+    assert _sop_uids(tmp_path / "fresh" / "index.db") == uids
+    # an existing backup file is not overwritten unless --force
+    code, _, err = run(capsys, "backup", str(backup_file), "--config", str(source_config))
+    assert code == 1
+    assert "exists" in err
+
+
+def test_restore_checks_the_backups_schema_revision(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old_config = appliance(tmp_path / "old", migrated=False)
+    engine = create_index_engine(f"sqlite:///{tmp_path / 'old' / 'index.db'}")
+    migrate.upgrade(engine, "0007")
+    engine.dispose()
+    old_backup = tmp_path / "old.sqlite"
+    code, report = run_json(capsys, "backup", str(old_backup), "--config", str(old_config))
+    assert code == 0
+    assert report["revision"] == "0007"
+
+    # older: restored, and the user is told to migrate
+    target_config = appliance(tmp_path / "target", migrated=False)
+    code, out, _ = run(capsys, "restore", str(old_backup), "--config", str(target_config))
+    assert code == 0
+    assert "run 'dicom-appliance migrate'" in out
+    code, _, err = run(capsys, "stats", "--config", str(target_config))
+    assert code == 2
+    assert "dicom-appliance migrate" in err
+    assert run(capsys, "migrate", "--config", str(target_config))[0] == 0
+    assert run(capsys, "stats", "--config", str(target_config))[0] == 0
+
+    # newer than this version: refused
+    newer = tmp_path / "newer.sqlite"
+    shutil.copy(old_backup, newer)
+    with sqlite3.connect(newer) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = ?", ("9999",))
+    fresh_config = appliance(tmp_path / "fresh", migrated=False)
+    code, _, err = run(capsys, "restore", str(newer), "--config", str(fresh_config))
+    assert code == 1
+    assert "revision 9999" in err
+    assert len(err.strip().splitlines()) == 1
+    # not a backup at all
+    (tmp_path / "notes.txt").write_text("hello")
+    code, _, err = run(
+        capsys, "restore", str(tmp_path / "notes.txt"), "--config", str(fresh_config)
+    )
+    assert code == 1
+    assert "not an SQLite database" in err
+
+
+# --------------------------------------------------------------------------
+# backup and restore: PostgreSQL
+
+
+@pytest.fixture
+def pg_tools() -> None:
+    if shutil.which("pg_dump") is None or shutil.which("pg_restore") is None:
+        missing_peer("pg_dump/pg_restore are not installed (apt-get install postgresql-client)")
+
+
+@pytest.fixture
+def two_databases() -> Iterator[tuple[str, str]]:
+    with (
+        throwaway_pg_database("appliance_backup_src") as source,
+        throwaway_pg_database("appliance_backup_dst") as target,
+    ):
+        yield source, target
+
+
+def _with_password(url: str, password: str) -> str:
+    """*url* with a password (the local server trusts loopback and ignores it)."""
+    scheme, rest = url.split("://", 1)
+    user, host = rest.split("@", 1)
+    return f"{scheme}://{user}:{password}@{host}"
+
+
+@pytest.mark.interop
+def test_postgresql_backup_and_restore_with_pg_dump(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    pg_tools: None,
+    two_databases: tuple[str, str],
+) -> None:
+    source_url, target_url = (_with_password(u, "s3cret-pw") for u in two_databases)
+    source_config = appliance(tmp_path / "source", index_url=source_url)
+    source = services_of(source_config)
+    try:
+        for number in range(3):
+            for ds in small_study(4, patient_id=f"P{number}"):
+                assert source.ingest.store_part10(_bytes_io(part10_of(ds)), Origin("import")).stored
+        listed = study_list(source)
+    finally:
+        source.close()
+    dump = tmp_path / "index.dump"
+    code, out, err = run(capsys, "backup", str(dump), "--config", str(source_config), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["kind"] == "postgresql"
+    assert report["revision"] == migrate.SCHEMA_REVISION
+    assert dump.read_bytes()[:5] == b"PGDMP"
+    assert "s3cret-pw" not in out + err
+
+    target_config = appliance(tmp_path / "target", index_url=target_url, migrated=False)
+    code, restored = run_json(capsys, "restore", str(dump), "--config", str(target_config))
+    assert code == 0, restored
+    assert restored["instances"] == 12
+    assert restored["studies"] == 3
+    target = services_of(target_config)
+    try:
+        assert study_list(target) == listed
+    finally:
+        target.close()
+
+    code, _, err = run(capsys, "restore", str(dump), "--config", str(target_config))
+    assert code == 1
+    assert "not empty" in err
+    code, forced = run_json(capsys, "restore", str(dump), "--config", str(target_config), "--force")
+    assert code == 0
+    assert forced["replaced"] is True
+    assert forced["instances"] == 12
+    # an SQLite file is not a dump
+    sqlite_file = tmp_path / "x.sqlite"
+    sqlite3.connect(sqlite_file).execute("CREATE TABLE t (x)").connection.commit()
+    code, _, err = run(
+        capsys, "restore", str(sqlite_file), "--config", str(target_config), "--force"
+    )
+    assert code == 1
+    assert "SQLite" in err
+
+
+def test_postgresql_without_the_tools_prints_the_commands(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = appliance(
+        tmp_path / "a",
+        index_url="postgresql+psycopg://edge:s3cret-pw@db.example:5433/dicom?sslmode=require",
+        migrated=False,
+    )
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    code, out, err = run(capsys, "backup", str(tmp_path / "b.dump"), "--config", str(config))
+    assert code == 1
+    assert "pg_dump is not installed" in err
+    assert len(err.strip().splitlines()) == 1
+    assert out.strip() == (
+        "PGPASSWORD='<the password of index.url>' pg_dump --format=custom --no-password "
+        f"--file={tmp_path / 'b.dump'} "
+        "'--dbname=postgresql://edge@db.example:5433/dicom?sslmode=require'"
+    )
+    assert "s3cret-pw" not in out + err
+    # nor on the command lines the tools run with (they are in ps)
+    url = load_config(config, environ={}).index.url
+    for argv in (dump_command(url, tmp_path / "b"), restore_command(url, tmp_path / "b")):
+        assert "s3cret-pw" not in " ".join(argv)
+    assert libpq(url) == (
+        "postgresql://edge@db.example:5433/dicom?sslmode=require",
+        {"PGPASSWORD": "s3cret-pw"},
+    )
