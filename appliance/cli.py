@@ -29,15 +29,23 @@
     ``serve`` does at start (:mod:`appliance.ingest.sweep`).
 ``reindex [--force]``
     rebuild a lost index from the blobs' headers (blobs untouched).
+``import PATH... [--workers N] [--journal FILE]``
+    load files, folders and DICOMDIRs through the ingest pipeline, in
+    parallel, resumably (see :mod:`appliance.bulk_import`).
+``stats [--by modality|day]``
+    counts and sizes of what the index holds (:mod:`appliance.stats`).
+``backup FILE`` / ``restore FILE [--force]``
+    the index database, online (:mod:`appliance.backup`).
 ``config show``
     print the effective configuration (file plus ``APPLIANCE_*``
     variables), secrets masked.
 
 Exit codes: 0 success, 1 failure while running (``verify``: problems
 remain), 2 a configuration that cannot start (a bad key or value, an
-un-migrated index).  ``verify``, ``sweep`` and ``reindex`` show a progress
-bar on stderr when it is a terminal (not with ``--quiet``), then a summary
-on stdout (``--json``: as JSON).  Errors are one
+un-migrated index).  The admin commands (``verify``, ``sweep``,
+``reindex``, ``import``, ``stats``, ``backup``, ``restore``) show progress
+on stderr when it is a terminal (not with ``--quiet``), log to stderr, and
+print a summary on stdout (``--json``: as JSON).  Errors are one
 line on stderr naming the cause, never a stack trace.
 """
 
@@ -50,8 +58,12 @@ import datetime as dt
 import json
 import logging
 import os
+import signal
 import sys
+import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -249,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_summary_options(reindex, examples=True)
     reindex.set_defaults(func=cmd_reindex)
+    _add_admin_commands(commands)
 
     config = commands.add_parser("config", help="inspect the configuration")
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
@@ -302,6 +315,88 @@ def _add_summary_options(parser: argparse.ArgumentParser, *, examples: bool) -> 
             metavar="N",
             help="examples (UIDs, blob keys) kept per kind of finding (default: 10)",
         )
+
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar (it is off anyway when stderr is not a terminal)",
+    )
+
+
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of threads (1 or more)")
+    return value
+
+
+def _add_admin_commands(commands: Any) -> None:
+    """``import``, ``stats``, ``backup``, ``restore``."""
+    bulk = commands.add_parser(
+        "import",
+        help="load DICOM files, folders (recursively) and DICOMDIRs through the ingest "
+        "pipeline; run it again to finish an interrupted import",
+    )
+    _add_config_option(bulk)
+    bulk.add_argument("paths", nargs="+", metavar="PATH", help="a file, a folder or a DICOMDIR")
+    bulk.add_argument(
+        "--workers",
+        type=_workers,
+        default=os.cpu_count() or 2,
+        metavar="N",
+        help="files stored at once (default: the number of cores)",
+    )
+    bulk.add_argument(
+        "--journal",
+        metavar="FILE",
+        help="the record of the files done, read to skip them when run again "
+        "(default: .dicom-appliance-import.journal in the working folder)",
+    )
+    _add_output_options(bulk)
+    bulk.set_defaults(func=cmd_import)
+
+    stats = commands.add_parser(
+        "stats", help="studies, series, instances and bytes stored: in total, per modality, per day"
+    )
+    _add_config_option(stats)
+    stats.add_argument(
+        "--by",
+        choices=("modality", "ae", "day"),
+        help="only this breakdown (default: all that the index can give; per sending AE "
+        "it cannot: the sender is not recorded)",
+    )
+    _add_output_options(stats)
+    stats.set_defaults(func=cmd_stats)
+
+    backup = commands.add_parser(
+        "backup",
+        help="copy the index database into FILE while the appliance runs (SQLite: the "
+        "online backup API; PostgreSQL: pg_dump); the blobs are backed up apart",
+    )
+    _add_config_option(backup)
+    backup.add_argument("file", metavar="FILE")
+    backup.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    _add_output_options(backup)
+    backup.set_defaults(func=cmd_backup)
+
+    restore = commands.add_parser(
+        "restore",
+        help="replace the index database by a backup (stop the appliance first); "
+        "refused over an index that holds data unless --force",
+    )
+    _add_config_option(restore)
+    restore.add_argument("file", metavar="FILE")
+    restore.add_argument(
+        "--force", action="store_true", help="replace an index that holds instances or changes"
+    )
+    _add_output_options(restore)
+    restore.set_defaults(func=cmd_restore)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -677,6 +772,299 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         services.close()
     _print_report(args, report)
     return 0 if report.ok else 1
+
+
+@contextlib.contextmanager
+def _bar(quiet: bool, **options: Any) -> Iterator[Any]:
+    """A tqdm bar on stderr, disabled with *quiet* or when stderr is not a
+    terminal; log lines are written above it while it shows."""
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    disable = quiet or not sys.stderr.isatty()
+    with tqdm(file=sys.stderr, disable=disable, dynamic_ncols=True, **options) as bar:
+        if disable:
+            yield bar
+        else:
+            with logging_redirect_tqdm():
+                yield bar
+
+
+@contextlib.contextmanager
+def _first_interrupt_stops() -> Iterator[threading.Event]:
+    """An event the first Ctrl-C (SIGINT) sets, so that a long job stops
+    cleanly; a second one interrupts at once (KeyboardInterrupt)."""
+    stop = threading.Event()
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        stop.set()
+        print(
+            f"{PROG}: stopping after the files in progress (Ctrl-C again to stop at once)",
+            file=sys.stderr,
+        )
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    try:
+        previous = signal.signal(signal.SIGINT, interrupt)
+    except ValueError:  # not the main thread: Ctrl-C is not ours to take
+        yield stop
+        return
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _advance(bar: Any, done: int, total: int | None) -> None:
+    if total is not None and bar.total != total:
+        bar.total = total
+    if done > bar.n:
+        bar.update(done - bar.n)
+
+
+def _size(count: int) -> str:
+    """*count* bytes in decimal units (kB, MB, GB, TB)."""
+    value = float(count)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"
+
+
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    table = [tuple(header), *(tuple(row) for row in rows)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        cells = [
+            cell.ljust(width) if i == 0 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        print("  ".join(cells).rstrip())
+
+
+#: Failures listed by the text summary of ``import`` (``--json`` lists all).
+SHOWN_FAILURES = 20
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """``import PATH...``: files, folders and DICOMDIRs through the ingest
+    (see :mod:`appliance.bulk_import`); 0 if nothing failed, 1 if some
+    file failed or the run stopped, 130 if interrupted (Ctrl-C)."""
+    from appliance.bulk_import import DEFAULT_JOURNAL, Journal, import_paths
+    from appliance.services import build_services
+
+    config = load_config(args.config)
+    setup_logging(config.log, stream="ext://sys.stderr")
+    # pydicom's warnings about odd encodings, one per file, would bury the
+    # progress and the summary; what matters is in the ingest's own outcome
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
+    paths = [Path(path) for path in args.paths]
+    for path in paths:
+        if not path.exists():
+            return _fail(f"{path}: no such file or folder", 2)
+    journal_path = Path(args.journal or DEFAULT_JOURNAL)
+    services = build_services(config)
+    try:
+        services.storage.check()
+        journal = Journal(journal_path, config.index.url)
+        try:
+            with (
+                _bar(args.quiet, desc="scanning", unit=" files") as bar,
+                _first_interrupt_stops() as stop,
+            ):
+                scanning = [True]
+
+                def scanned(count: int) -> None:
+                    _advance(bar, count, None)
+
+                def progress(report: Any) -> None:
+                    if scanning[0]:  # the files are counted: the same bar goes on to import
+                        scanning[0] = False
+                        bar.reset(total=report.total)
+                        bar.set_description("import", refresh=False)
+                    _advance(bar, report.done, report.total)
+                    bar.set_postfix_str(
+                        f"{report.stored} stored, {report.duplicate} duplicate, "
+                        f"{len(report.failed)} failed, {report.skipped} skipped",
+                        refresh=False,
+                    )
+
+                report = import_paths(
+                    services,
+                    paths,
+                    journal,
+                    workers=args.workers,
+                    progress=progress,
+                    scanned=scanned,
+                    stop=stop,
+                )
+        finally:
+            journal.close()
+    finally:
+        services.close()
+    if args.json:
+        print(json.dumps({**report.as_json(), "journal": str(journal_path)}, indent=2))
+    else:
+        duplicates = ", ".join(f"{n} {label}" for label, n in report.duplicates.items() if n)
+        print(
+            f"{report.stored} stored, {report.duplicate} duplicate"
+            + (f" ({duplicates})" if duplicates else "")
+            + f", {len(report.failed)} failed, {report.skipped} skipped "
+            f"({report.skipped_not_dicom} not DICOM, {report.skipped_done_before} done before)"
+            + (f", {report.dicomdirs} DICOMDIR(s) read" if report.dicomdirs else "")
+        )
+        print(
+            f"{_size(report.bytes)} in {report.seconds:.1f} s "
+            f"({report.instances_per_second:.1f} instances/s)"
+        )
+        for failure in report.failed[:SHOWN_FAILURES]:
+            print(f"failed: {failure.path}: {failure.reason}")
+        if len(report.failed) > SHOWN_FAILURES:
+            print(f"... and {len(report.failed) - SHOWN_FAILURES} more failures (--json lists all)")
+        if report.stopped:
+            print(f"stopped: {report.stopped}; run the same command again to go on")
+    if report.stopped == "interrupted":
+        return 130
+    return 1 if report.failed or report.stopped else 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """``stats [--by modality|day]``: counts and sizes of the index."""
+    from appliance.stats import BREAKDOWNS, NOT_AVAILABLE, collect
+
+    if args.by in NOT_AVAILABLE:
+        return _fail(f"--by {args.by} is not available: {NOT_AVAILABLE[args.by]}", 2)
+    config = load_config(args.config)
+    engine = engine_for(config.index)
+    try:
+        migrate.require_current(engine)
+        with _bar(args.quiet, desc="stats", unit=" queries", leave=False) as bar:
+            stats = collect(
+                engine,
+                [args.by] if args.by else BREAKDOWNS,
+                lambda done, total: _advance(bar, done, total),
+            )
+    finally:
+        engine.dispose()
+    if args.json:
+        print(json.dumps(stats.as_json(), indent=2))
+        return 0
+    totals = stats.totals
+    print(
+        f"total: {totals.studies} studies, {totals.series} series, "
+        f"{totals.instances} instances, {_size(totals.bytes)}"
+    )
+    header = ("studies", "series", "instances", "bytes", "size")
+    for title, first, rows in (
+        ("per modality", "modality", stats.by_modality),
+        ("per day of storage (UTC)", "day", stats.by_day),
+    ):
+        if rows is None:
+            continue
+        print(f"\n{title}:")
+        _print_table(
+            (first, *header),
+            [
+                (
+                    key or "(none)",
+                    str(c.studies),
+                    str(c.series),
+                    str(c.instances),
+                    str(c.bytes),
+                    _size(c.bytes),
+                )
+                for key, c in rows.items()
+            ],
+        )
+    if args.by is None:
+        for name, why in NOT_AVAILABLE.items():
+            print(f"\nper sending {name.upper()}: not available: {why}")
+    return 0
+
+
+def _backup_progress(bar: Any) -> Callable[[str, int, int | None], None]:
+    def progress(unit: str, done: int, total: int | None) -> None:
+        bar.unit = f" {unit}s" if unit != "B" else "B"
+        bar.unit_scale = unit == "B"
+        _advance(bar, done, total)
+
+    return progress
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    """``backup FILE``: the index database into FILE (see :mod:`appliance.backup`)."""
+    from appliance.backup import backup
+
+    config = load_config(args.config)
+    setup_logging(config.log, stream="ext://sys.stderr")
+    with _bar(args.quiet, desc="backup", leave=False) as bar:
+        report = _tools_or_commands(
+            lambda: backup(
+                config.index.url, Path(args.file), force=args.force, progress=_backup_progress(bar)
+            )
+        )
+    if report is None:
+        return 1
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2))
+        return 0
+    counts = (
+        f": {report.studies} studies, {report.instances} instances"
+        if report.instances is not None
+        else ""
+    )
+    print(
+        f"index backed up into {report.file} ({report.kind}, schema revision "
+        f"{report.revision or 'none'}{counts}), {_size(report.bytes)} in {report.seconds:.1f} s"
+    )
+    print("back up the blobs now (see the README, Backups): they are not in this file")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """``restore FILE [--force]``: the index database from a backup."""
+    from appliance.backup import restore
+
+    config = load_config(args.config)
+    setup_logging(config.log, stream="ext://sys.stderr")
+    with _bar(args.quiet, desc="restore", leave=False) as bar:
+        report = _tools_or_commands(
+            lambda: restore(
+                config.index.url, Path(args.file), force=args.force, progress=_backup_progress(bar)
+            )
+        )
+    if report is None:
+        return 1
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2))
+        return 0
+    print(
+        f"index restored from {report.file} ({report.kind}, schema revision {report.revision}: "
+        f"{report.studies} studies, {report.instances} instances) in {report.seconds:.1f} s"
+        + (", replacing what it held" if report.replaced else "")
+    )
+    if report.needs_migrate:
+        print(
+            f"the backup's schema revision {report.revision} is older than this version's "
+            f"{migrate.SCHEMA_REVISION}: run 'dicom-appliance migrate' before 'serve'"
+        )
+    print("the blobs are not in the backup: put them back (see the README, Backups) before 'serve'")
+    return 0
+
+
+def _tools_or_commands(run: Callable[[], Any]) -> Any:
+    """*run*'s result; if the PostgreSQL tools are missing, the commands to
+    run elsewhere on stdout, the reason on stderr, and None."""
+    from appliance.backup import ToolsMissing
+
+    try:
+        return run()
+    except ToolsMissing as exc:
+        for command in exc.commands:
+            print(command)
+        _fail(exc.reason.rstrip(":") + " (printed above)", 1)
+        return None
 
 
 def _revision(revision: str | None) -> str:

@@ -47,6 +47,14 @@ def head_revision() -> str:
     return head
 
 
+def revisions() -> list[str]:
+    """Every revision of the migration scripts, oldest first."""
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory.from_config(_alembic_config())
+    return [script.revision for script in reversed(list(scripts.walk_revisions()))]
+
+
 def current_revision(engine: Engine) -> str | None:
     """The database's revision, or None if it was never migrated."""
     from alembic.runtime.migration import MigrationContext
