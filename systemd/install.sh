@@ -25,7 +25,8 @@
 # and migrate runs as the caller.  The venv's scripts then name DIR in their
 # first line, so such a tree runs where it was built (tests, inspection),
 # not copied elsewhere.  PYTHON names the interpreter (default python3, 3.11
-# or newer).
+# or newer with its venv module; not one under /root or /home, which the
+# unit's ProtectHome=yes hides from the service).
 set -eu
 
 NAME=dicom-appliance
