@@ -23,10 +23,17 @@ gunicorn workers join the ``http`` group), so the supervisor alone decides
 when children stop, and can kill a whole group if a child hangs.  On Linux a
 child also gets SIGTERM if the supervisor dies without stopping it.
 
-Stopping: SIGTERM or SIGINT to the supervisor sends SIGTERM to each child,
-waits up to :data:`STOP_TIMEOUT` seconds, kills what is left, and returns 0.
-A child that exits by itself is logged with its exit code, the other child is
-stopped, and :func:`serve` returns 1, so that systemd restarts the service.
+Readiness: once the children are started, the supervisor asks the HTTP
+child's ``GET /health/ready`` (the probe a load balancer uses: index and
+storage reachable, every DIMSE worker listening) until it passes, then logs
+``ready`` and, under systemd (``Type=notify``), sends ``READY=1``
+(:mod:`appliance.sdnotify`).  The children do not get ``NOTIFY_SOCKET``.
+
+Stopping: SIGTERM or SIGINT to the supervisor sends ``STOPPING=1`` to
+systemd, SIGTERM to each child, waits up to :data:`STOP_TIMEOUT` seconds,
+kills what is left, and returns 0.  A child that exits by itself is logged
+with its exit code, the other children are stopped, and :func:`serve`
+returns 1, so that systemd restarts the service.
 """
 
 from __future__ import annotations
@@ -35,6 +42,9 @@ import argparse
 import contextlib
 import ctypes
 import dataclasses
+import http.client
+import ipaddress
+import json
 import logging
 import os
 import shutil
@@ -50,7 +60,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from appliance import runstate
+from appliance import runstate, sdnotify
 from appliance.config import Config, LogConfig, load_config, resolve_index_url
 from appliance.errors import ApplianceError, ConfigError
 from appliance.logs import ACCESS_LOG_FORMAT, logging_config, set_process_name, setup_logging
@@ -81,6 +91,13 @@ STOP_TIMEOUT = 10.0
 HTTP_GRACEFUL_TIMEOUT = 7
 #: Seconds between checks on the children.
 POLL_INTERVAL = 0.2
+#: Seconds between two readiness probes while the appliance is not ready.
+READY_PROBE_INTERVAL = 0.5
+#: Seconds one readiness probe may take.
+READY_PROBE_TIMEOUT = 2.0
+#: Seconds after which (and then every so many seconds) the supervisor warns
+#: that the appliance is still not ready, with the reason.
+NOT_READY_WARNING = 60.0
 #: Linux prctl(2) option: the signal sent when the parent dies.
 _PR_SET_PDEATHSIG = 1
 #: gunicorn settings that older releases lack (skipped there).
@@ -185,27 +202,30 @@ def serve(config: Config) -> int:
         # own run folder, so no value of an earlier start is counted again
         metrics_dir = run_dir / "metrics"
         metrics_dir.mkdir()
-        env = {**os.environ, METRICS_DIR_ENV: str(metrics_dir)}
+        env = {**sdnotify.child_environment(), METRICS_DIR_ENV: str(metrics_dir)}
         with listener:
             for name, command in _children(config, run_dir, listener.fileno()):
                 if received:
                     break
                 children.append(_start(name, command, listener.fileno(), env))
         # the workers hold the socket now; the port frees when they stop
+        readiness = ReadinessWatch(config)
         while not received:
             for child in children:
                 code = child.process.poll()
                 if code is not None:
-                    LOGGER.error(
-                        "child '%s' (pid %d) %s; stopping the appliance",
-                        child.name,
-                        child.pid,
-                        describe_exit(code),
-                    )
+                    why = f"child '{child.name}' (pid {child.pid}) {describe_exit(code)}"
+                    LOGGER.error("%s; stopping the appliance", why)
+                    sdnotify.notify("STOPPING=1", sdnotify.status(f"stopping: {why}"))
                     stop_children(children)
                     return 1
+            if not received and readiness.check():
+                LOGGER.info("ready: %s", readiness.describe())
+                sdnotify.notify("READY=1", sdnotify.status(f"ready: {readiness.describe()}"))
             time.sleep(POLL_INTERVAL)
-        LOGGER.info("received %s: stopping", signal.Signals(received[0]).name)
+        name = signal.Signals(received[0]).name
+        LOGGER.info("received %s: stopping", name)
+        sdnotify.notify("STOPPING=1", sdnotify.status(f"stopping on {name}"))
         stop_children(children)
         LOGGER.info("stopped")
         return 0
@@ -213,6 +233,101 @@ def serve(config: Config) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+class ReadinessWatch:
+    """Whether the started appliance is ready yet, by its own readiness probe.
+
+    :meth:`check` asks ``GET /health/ready`` of the HTTP child (at most every
+    :data:`READY_PROBE_INTERVAL` seconds) until it answers 200; meanwhile
+    it keeps systemd's status line on the reason and warns in the log every
+    :data:`NOT_READY_WARNING` seconds.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.ready = False
+        self._started = time.monotonic()
+        self._next_probe = self._started
+        self._next_warning = self._started + NOT_READY_WARNING
+        self._problem = ""
+
+    def check(self) -> bool:
+        """Probe if one is due; True once, when the appliance is first found
+        ready."""
+        now = time.monotonic()
+        if self.ready or now < self._next_probe:
+            return False
+        problem = probe_ready(self.config)
+        if problem is None:
+            self.ready = True
+            return True
+        self._next_probe = time.monotonic() + READY_PROBE_INTERVAL
+        if problem != self._problem:
+            self._problem = problem
+            sdnotify.notify(sdnotify.status(f"starting: {problem}"))
+        if now >= self._next_warning:
+            LOGGER.warning("not ready after %.0f s: %s", now - self._started, problem)
+            self._next_warning = now + NOT_READY_WARNING
+        return False
+
+    def describe(self) -> str:
+        """Where the appliance listens, for the log and systemd's status."""
+        web, dimse = self.config.http, self.config.dimse
+        return (
+            f"DICOMweb on {_address(web.host, web.port)}, DIMSE {dimse.ae_title} "
+            f"on {_address(dimse.host, dimse.port)}"
+        )
+
+
+def probe_ready(config: Config) -> str | None:
+    """None if the HTTP child's ``GET /health/ready`` answers 200, else why
+    not (no answer yet, or the checks that fail)."""
+    host = probe_host(config.http.host)
+    connection = http.client.HTTPConnection(host, config.http.port, timeout=READY_PROBE_TIMEOUT)
+    try:
+        connection.request("GET", "/health/ready")
+        response = connection.getresponse()
+        body = response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        return f"DICOMweb does not answer on {_address(host, config.http.port)} yet ({exc})"
+    finally:
+        connection.close()
+    if response.status == 200:
+        return None
+    return f"/health/ready answers {response.status}: {_failed_checks(body)}"
+
+
+def probe_host(host: str) -> str:
+    """The address the supervisor reaches a listener bound to *host* at: the
+    loopback address for a wildcard bind (``0.0.0.0``, ``::``)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host  # a host name
+    if address.is_unspecified:
+        return "::1" if address.version == 6 else "127.0.0.1"
+    return host
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _failed_checks(body: bytes) -> str:
+    """``dimse: the dimse-1 process has not said it is ready; ...`` from a
+    health+json body (or its first 200 characters if it is not one)."""
+    try:
+        checks = json.loads(body)["checks"]
+        failed = [
+            f"{name}: {entry.get('output', 'fail')}"
+            for name, entries in checks.items()
+            for entry in entries
+            if entry.get("status") != "pass"
+        ]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return body[:200].decode(errors="replace")
+    return "; ".join(failed) or "no failed check named"
 
 
 def dimse_worker_names(config: Config) -> list[str]:
@@ -235,7 +350,7 @@ def _children(config: Config, run_dir: Path, listen_fd: int) -> list[tuple[str, 
 def _start(name: str, command: list[str], listen_fd: int, env: dict[str, str]) -> Child:
     process = subprocess.Popen(
         command,
-        env=env,
+        env=env,  # only the supervisor talks to systemd (no NOTIFY_SOCKET)
         process_group=0,
         preexec_fn=_die_with_parent(),
         pass_fds=(listen_fd,) if name.startswith("dimse") else (),

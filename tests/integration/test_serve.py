@@ -252,7 +252,8 @@ def test_ready_lists_every_check(appliance: Appliance) -> None:
     assert response.headers["content-type"] == "application/health+json"
     body = response.json()
     assert body["status"] == "pass"
-    assert set(body["checks"]) == {"index", "storage", "dimse"}
+    # the required ones, and the storage disk's free space (filesystem)
+    assert set(body["checks"]) == {"index", "storage", "dimse", "disk"}
     assert all(entry == [{"status": "pass"}] for entry in body["checks"].values())
 
 
