@@ -32,6 +32,29 @@ PERMANENT_5XX = frozenset({501, 505})
 RETRY_AFTER_MAX = 3600.0
 
 
+def http_client(
+    *,
+    timeout: float,
+    concurrency: int,
+    user_agent: str,
+    transport: httpx.BaseTransport | None = None,
+    headers: dict[str, str] | None = None,
+) -> httpx.Client:
+    """A keep-alive client for one service: a connection per sender and one
+    spare, no redirects followed (a redirect would carry the credentials
+    elsewhere)."""
+    limits = httpx.Limits(
+        max_connections=concurrency + 1, max_keepalive_connections=concurrency + 1
+    )
+    return httpx.Client(
+        timeout=httpx.Timeout(timeout),
+        limits=limits,
+        transport=transport,
+        follow_redirects=False,
+        headers={"User-Agent": user_agent, **(headers or {})},
+    )
+
+
 def transient_http(status: int) -> bool:
     """Whether an answer with *status* is worth another try later."""
     return status in TRANSIENT_HTTP or (status >= 500 and status not in PERMANENT_5XX)

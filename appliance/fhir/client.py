@@ -26,6 +26,7 @@ from appliance.outbound import (
     AUTH_HTTP,
     CredentialsError,
     credentials_for,
+    http_client,
     retry_after,
     transient_http,
 )
@@ -60,16 +61,12 @@ class FhirClient:
 
     def __init__(self, config: FhirConfig, transport: httpx.BaseTransport | None = None):
         self.config = config
-        limits = httpx.Limits(
-            max_connections=config.concurrency + 1,
-            max_keepalive_connections=config.concurrency + 1,
-        )
-        self._client = httpx.Client(
-            timeout=httpx.Timeout(config.timeout),
-            limits=limits,
+        self._client = http_client(
+            timeout=config.timeout,
+            concurrency=config.concurrency,
+            user_agent="dicom-appliance-dicomcast",
             transport=transport,
-            follow_redirects=False,
-            headers={"User-Agent": "dicom-appliance-dicomcast", "Accept": FHIR_JSON},
+            headers={"Accept": FHIR_JSON},
         )
         self._credentials = credentials_for(config, self._client)
 

@@ -36,6 +36,7 @@ from appliance.outbound import (
     PERMANENT_5XX,
     CredentialsError,
     credentials_for,
+    http_client,
     retry_after,
     transient_http,
 )
@@ -106,16 +107,11 @@ class Upstream:
 
     def __init__(self, config: ForwardConfig, transport: httpx.BaseTransport | None = None):
         self.config = config
-        limits = httpx.Limits(
-            max_connections=config.concurrency + 1,
-            max_keepalive_connections=config.concurrency + 1,
-        )
-        self._client = httpx.Client(
-            timeout=httpx.Timeout(config.timeout),
-            limits=limits,
+        self._client = http_client(
+            timeout=config.timeout,
+            concurrency=config.concurrency,
+            user_agent="dicom-appliance-forward",
             transport=transport,
-            follow_redirects=False,
-            headers={"User-Agent": "dicom-appliance-forward"},
         )
         self._credentials = credentials_for(config, self._client)
 
