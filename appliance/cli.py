@@ -304,9 +304,14 @@ def _add_grace_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_summary_options(parser: argparse.ArgumentParser, *, examples: bool) -> None:
+def _add_summary_options(parser: argparse.ArgumentParser, *, examples: bool = False) -> None:
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar on stderr")
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress bar (it is off anyway when stderr is not a terminal)",
+    )
     if examples:
         parser.add_argument(
             "--examples",
@@ -315,15 +320,6 @@ def _add_summary_options(parser: argparse.ArgumentParser, *, examples: bool) -> 
             metavar="N",
             help="examples (UIDs, blob keys) kept per kind of finding (default: 10)",
         )
-
-
-def _add_output_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    parser.add_argument(
-        "--quiet",
-        action="store_true",
-        help="no progress bar (it is off anyway when stderr is not a terminal)",
-    )
 
 
 def _workers(text: str) -> int:
@@ -358,7 +354,7 @@ def _add_admin_commands(commands: Any) -> None:
         help="the record of the files done, read to skip them when run again "
         "(default: .dicom-appliance-import.journal in the working folder)",
     )
-    _add_output_options(bulk)
+    _add_summary_options(bulk)
     bulk.set_defaults(func=cmd_import)
 
     stats = commands.add_parser(
@@ -368,10 +364,9 @@ def _add_admin_commands(commands: Any) -> None:
     stats.add_argument(
         "--by",
         choices=("modality", "ae", "day"),
-        help="only this breakdown (default: all that the index can give; per sending AE "
-        "it cannot: the sender is not recorded)",
+        help="only this breakdown (default: all)",
     )
-    _add_output_options(stats)
+    _add_summary_options(stats)
     stats.set_defaults(func=cmd_stats)
 
     backup = commands.add_parser(
@@ -382,7 +377,7 @@ def _add_admin_commands(commands: Any) -> None:
     _add_config_option(backup)
     backup.add_argument("file", metavar="FILE")
     backup.add_argument("--force", action="store_true", help="replace FILE if it exists")
-    _add_output_options(backup)
+    _add_summary_options(backup)
     backup.set_defaults(func=cmd_backup)
 
     restore = commands.add_parser(
@@ -395,7 +390,7 @@ def _add_admin_commands(commands: Any) -> None:
     restore.add_argument(
         "--force", action="store_true", help="replace an index that holds instances or changes"
     )
-    _add_output_options(restore)
+    _add_summary_options(restore)
     restore.set_defaults(func=cmd_restore)
 
 
@@ -472,7 +467,7 @@ def cmd_forward_status(args: argparse.Namespace) -> int:
         print("no [[forward]] destination is configured")
         return 0
     header = ("destination", "queued", "in flight", "delivered", "parked", "oldest queued")
-    rows = [header] + [
+    rows = [
         (
             s.name,
             str(s.queued),
@@ -483,9 +478,7 @@ def cmd_forward_status(args: argparse.Namespace) -> int:
         )
         for s in found
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    _print_table(header, rows)
     for s in found:
         if s.last_error:
             print(f"{s.name}: last error: {s.last_error}")
@@ -665,27 +658,14 @@ ProgressUpdate = Callable[[int, int | None], None]
 
 @contextlib.contextmanager
 def _progress(args: argparse.Namespace, description: str, unit: str) -> Iterator[ProgressUpdate]:
-    """A tqdm bar on stderr, shown only when stderr is a terminal and
-    ``--quiet`` is not given; yields ``update(done, total)``."""
-    from tqdm import tqdm
+    """A progress bar (:func:`_bar`); yields ``update(done, total)``."""
+    with _bar(bool(args.quiet), desc=description, unit=unit) as bar:
 
-    bar = tqdm(
-        desc=description,
-        unit=unit,
-        file=sys.stderr,
-        disable=bool(args.quiet) or not sys.stderr.isatty(),
-        dynamic_ncols=True,
-    )
+        def update(done: int, total: int | None) -> None:
+            # blobs without a row come on top of the rows counted first
+            _advance(bar, done, None if total is None else max(total, done))
 
-    def update(done: int, total: int | None) -> None:
-        if total is not None and bar.total != max(total, done):
-            bar.total = max(total, done)  # blobs without a row come on top
-        bar.update(done - bar.n)
-
-    try:
         yield update
-    finally:
-        bar.close()
 
 
 def _admin_services(config: Config) -> Services:
@@ -930,11 +910,9 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    """``stats [--by modality|day]``: counts and sizes of the index."""
-    from appliance.stats import BREAKDOWNS, NOT_AVAILABLE, collect
+    """``stats [--by modality|ae|day]``: counts and sizes of the index."""
+    from appliance.stats import BREAKDOWNS, collect
 
-    if args.by in NOT_AVAILABLE:
-        return _fail(f"--by {args.by} is not available: {NOT_AVAILABLE[args.by]}", 2)
     config = load_config(args.config)
     engine = engine_for(config.index)
     try:
@@ -958,6 +936,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     header = ("studies", "series", "instances", "bytes", "size")
     for title, first, rows in (
         ("per modality", "modality", stats.by_modality),
+        ("per sending AE (C-STORE's Calling AE Title; none: STOW-RS, import)", "ae", stats.by_ae),
         ("per day of storage (UTC)", "day", stats.by_day),
     ):
         if rows is None:
@@ -977,9 +956,6 @@ def cmd_stats(args: argparse.Namespace) -> int:
                 for key, c in rows.items()
             ],
         )
-    if args.by is None:
-        for name, why in NOT_AVAILABLE.items():
-            print(f"\nper sending {name.upper()}: not available: {why}")
     return 0
 
 

@@ -211,6 +211,10 @@ def _read_indexed(source: IO[bytes]) -> Dataset | None:
     meta.MediaStorageSOPClassUID = UID(layout.sop_class_uid)
     meta.MediaStorageSOPInstanceUID = UID(layout.sop_instance_uid)
     meta.TransferSyntaxUID = syntax
+    if layout.implementation_version_name:
+        meta.ImplementationVersionName = layout.implementation_version_name
+    if layout.source_ae:
+        meta.SourceApplicationEntityTitle = layout.source_ae
     ds.file_meta = meta
     return ds
 
@@ -341,8 +345,23 @@ def extract_record(ds: Dataset) -> InstanceRecord:
             bits_allocated=_int(ds, "BitsAllocated"),
             number_of_frames=_int(ds, "NumberOfFrames"),
             specific_character_set=_text(ds, "SpecificCharacterSet"),
+            source_ae=_source_ae(ds),
         ),
     )
+
+
+def _source_ae(ds: Dataset) -> str:
+    """The Calling AE Title a C-STORE brought *ds* from: the File Meta's
+    Source Application Entity Title (0002,0016) when this appliance wrote
+    the File Meta (its Implementation Version Name), else "" (a file sent
+    by STOW-RS or imported carries the meta of whoever wrote it)."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        return ""
+    version = str(meta.get("ImplementationVersionName", "") or "")
+    if not version.startswith(IMPLEMENTATION_VERSION_NAME.split("_")[0] + "_"):
+        return ""
+    return str(meta.get("SourceApplicationEntityTitle", "") or "").strip()[:16]
 
 
 def _request_attributes(ds: Dataset) -> tuple[RequestAttributes, ...]:

@@ -48,6 +48,9 @@ class Layout:
     transfer_syntax, sop_class_uid, sop_instance_uid
         Transfer Syntax UID, Media Storage SOP Class and Instance UIDs
         (``""`` when absent).
+    implementation_version_name, source_ae
+        Implementation Version Name and Source Application Entity Title
+        (``""`` when absent).
     """
 
     offset: int
@@ -55,6 +58,8 @@ class Layout:
     transfer_syntax: str
     sop_class_uid: str
     sop_instance_uid: str
+    implementation_version_name: str = ""
+    source_ae: str = ""
 
 
 class Soundness(enum.Enum):
@@ -103,7 +108,7 @@ def read_layout(fp: IO[bytes]) -> Layout:
         else:
             (length,) = struct.unpack("<H", header[6:8])
             start = offset + 8
-        if element in (0x0002, 0x0003, 0x0010):
+        if element in (0x0002, 0x0003, 0x0010, 0x0013, 0x0016):
             value = fp.read(length)
             if len(value) < length:
                 raise LayoutError("the File Meta is cut short")
@@ -118,7 +123,15 @@ def read_layout(fp: IO[bytes]) -> Layout:
     def text(element: int) -> str:
         return meta.get(element, b"").decode("ascii", "replace").strip(" \0")
 
-    return Layout(offset, end - offset, text(0x0010), text(0x0002), text(0x0003))
+    return Layout(
+        offset,
+        end - offset,
+        text(0x0010),
+        text(0x0002),
+        text(0x0003),
+        text(0x0013),
+        text(0x0016),
+    )
 
 
 def data_set_of(part10: bytes) -> bytes:

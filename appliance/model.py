@@ -67,6 +67,10 @@ class InstanceAttributes:
     bits_allocated: int | None = None
     number_of_frames: int | None = None
     specific_character_set: str = ""
+    #: the Calling AE Title of the C-STORE that brought it ("" for STOW-RS
+    #: and import): the File Meta's Source Application Entity Title when this
+    #: appliance wrote that File Meta (:func:`~appliance.dicomio.part10_prefix`)
+    source_ae: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

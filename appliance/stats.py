@@ -1,5 +1,5 @@
 """``dicom-appliance stats``: what the index holds, in total and broken down
-by modality and by day of storage.
+by modality, by sending AE and by day of storage.
 
 Every figure counts stored instances (the ``instance`` table) and the
 studies and series they belong to; sizes are the sum of the instances' blob
@@ -13,11 +13,9 @@ the same moment while the appliance keeps storing.
 - **by day**: the UTC date an instance was first stored (``created_at``;
   replacing it later keeps that date); studies and series are those that
   received an instance that day.
-- **by sending AE**: not available.  The index does not record who sent an
-  instance (C-STORE's Calling AE Title is only written into the blob's File
-  Meta Information as Source Application Entity Title, and STOW-RS and
-  import have none), so there is nothing to group by without reading every
-  blob; :data:`NOT_AVAILABLE` says so rather than inventing a breakdown.
+- **by sending AE**: the Calling AE Title of the C-STORE that brought each
+  instance (``instance.source_ae``, migration 0009); STOW-RS and import have
+  none (key ""), nor have instances stored before that migration.
 """
 
 from __future__ import annotations
@@ -32,12 +30,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from appliance.index.schema import instance, series
 
 #: Breakdowns that can be asked for.
-BREAKDOWNS = ("modality", "day")
-#: Breakdowns asked for that the index cannot give, and why.
-NOT_AVAILABLE = {
-    "ae": "the index does not record who sent an instance (a C-STORE's Calling AE "
-    "Title is not kept)",
-}
+BREAKDOWNS = ("modality", "ae", "day")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,14 +52,18 @@ class Stats:
 
     totals: Counts
     by_modality: dict[str, Counts] | None = None
+    by_ae: dict[str, Counts] | None = None
     by_day: dict[str, Counts] | None = None
 
     def as_json(self) -> dict[str, Any]:
         result: dict[str, Any] = {"totals": self.totals.as_json()}
-        for name, rows in (("by_modality", self.by_modality), ("by_day", self.by_day)):
+        for name, rows in (
+            ("by_modality", self.by_modality),
+            ("by_ae", self.by_ae),
+            ("by_day", self.by_day),
+        ):
             if rows is not None:
                 result[name] = [{"key": key, **value.as_json()} for key, value in rows.items()]
-        result["not_available"] = dict(NOT_AVAILABLE)
         return result
 
 
@@ -122,6 +119,8 @@ def collect(
     queries: list[tuple[str, Select[Any]]] = [("totals", _counts(None))]
     if "modality" in breakdowns:
         queries.append(("modality", _counts(series.c.modality)))
+    if "ae" in breakdowns:
+        queries.append(("ae", _counts(instance.c.source_ae)))
     if "day" in breakdowns:
         queries.append(("day", _counts(_day(engine.dialect.name))))
     results: dict[str, list[Any]] = {}
@@ -136,6 +135,7 @@ def collect(
     return Stats(
         totals=totals,
         by_modality=_grouped(results["modality"]) if "modality" in results else None,
+        by_ae=_grouped(results["ae"]) if "ae" in results else None,
         by_day=_grouped(results["day"]) if "day" in results else None,
     )
 

@@ -308,9 +308,9 @@ class Outbox:
 
     def replay(self, destination: ForwardConfig, since: dt.datetime) -> int:
         """Queue, for *destination*, every instance stored (created or
-        replaced) at or after *since* that its modality and SOP class
-        filters take (the index does not keep who sent an instance, so a
-        calling AE title filter is not applied); how many."""
+        replaced) at or after *since* that its filters take (the calling AE
+        title: the one the index kept, "" for STOW-RS and import and for
+        instances stored before migration 0009); how many."""
         now = _now()
         page = (
             select(
@@ -320,6 +320,7 @@ class Outbox:
                 instance.c.sop_instance_uid,
                 series.c.modality,
                 instance.c.sop_class_uid,
+                instance.c.source_ae,
             )
             .select_from(instance.join(series, instance.c.series_fk == series.c.id))
             .join(study, instance.c.study_fk == study.c.id)
@@ -344,8 +345,8 @@ class Outbox:
                         "created_at": now,
                         "updated_at": now,
                     }
-                    for _, st, se, sop, modality, sop_class in found
-                    if matches(destination, modality or "", sop_class, None)
+                    for _, st, se, sop, modality, sop_class, source_ae in found
+                    if matches(destination, modality or "", sop_class, source_ae)
                 ]
                 if rows:
                     conn.execute(insert(forward_entry), rows)

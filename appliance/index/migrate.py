@@ -24,7 +24,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 #: The schema revision this code expects: the head of ``migrations/versions``
 #: (a test holds the two together; raise it with each new migration).
-SCHEMA_REVISION = "0008"
+SCHEMA_REVISION = "0009"
 
 #: Alembic's table of the database's revision (one row, one column).
 _VERSION = table("alembic_version", column("version_num"))
@@ -71,6 +71,18 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     with engine.connect() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
+        conn.commit()
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    """Take the database back to *revision* (tests, and an operator going
+    back to an older version: what the newer revisions added is dropped)."""
+    from alembic import command
+
+    cfg = _alembic_config()
+    with engine.connect() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, revision)
         conn.commit()
 
 

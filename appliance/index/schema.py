@@ -156,6 +156,9 @@ instance = Table(
     Column("size", BigInteger, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # the Calling AE Title of the C-STORE that brought it, "" otherwise
+    # (migration 0009)
+    Column("source_ae", String(16), nullable=False, server_default=""),
 )
 
 #: Each instance's WADO-RS metadata (DICOM JSON, PS3.18 Annex F) as UTF-8

@@ -185,6 +185,7 @@ def _instance_values(record: InstanceRecord, blob: BlobInfo, now: dt.datetime) -
         "specific_character_set": i.specific_character_set,
         "blob_key": blob.key,
         "size": blob.size,
+        "source_ae": i.source_ae,
         "updated_at": now,
     }
 

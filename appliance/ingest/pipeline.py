@@ -135,6 +135,11 @@ class IngestService:
             )
             return IngestResult(exc.status, exc.reason)
 
+        source_ae = origin.calling_ae.strip()[:16]
+        if record.instance.source_ae != source_ae:
+            # who sent it is the protocol's word, not the File Meta's
+            instance_ = dataclasses.replace(record.instance, source_ae=source_ae)
+            record = dataclasses.replace(record, instance=instance_)
         ids = _identified(record)
         sop_uid = record.instance.sop_instance_uid
         if expected_study_uid is not None and record.study.study_instance_uid != expected_study_uid:

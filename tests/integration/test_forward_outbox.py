@@ -212,10 +212,15 @@ def test_replay_queues_what_was_stored_since_by_the_filters(
     ct, mr = small_study(1)[0], small_study(1)[0]
     mr.Modality, mr.SOPClassUID = "MR", MR
     store(s, ct)
-    store(s, mr)
+    store(s, mr, calling_ae="MR_SCANNER")
     since = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)
     assert s.outbox.replay(destination("ct", modalities=("CT",)), since) == 1
-    assert s.outbox.replay(destination("all", calling_ae_titles=("ANYONE",)), since) == 2
+    # the calling AE title the index kept (migration 0009) filters too
+    assert s.outbox.replay(destination("nobody", calling_ae_titles=("ANYONE",)), since) == 0
+    assert (
+        s.outbox.replay(destination("all", calling_ae_titles=("CT_SCANNER", "MR_SCANNER")), since)
+        == 2
+    )
     future = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1)
     assert s.outbox.replay(destination("all"), future) == 0
     assert sorted(entries(index_engine)) == sorted(

@@ -61,18 +61,21 @@ def test_sqlite_runs_in_wal_mode_with_full_sync(tmp_path: Path) -> None:
     engine.dispose()
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_an_index_of_the_previous_revision_keeps_its_data_through_migrate(
-    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """An index made and filled at the revision before this version's (as
-    the previous release left it), upgraded by ``dicom-appliance migrate``:
-    every row is still there and the new tables work on the old data."""
-    import io
-    from contextlib import ExitStack
+#: An index made by the previous version (schema 0008, before the sending
+#: AE was kept): CT_small stored by STOW-RS and four generated instances by
+#: C-STORE from OLD_SCANNER, with their blobs.
+PREVIOUS_INDEX = Path(__file__).parents[1] / "data" / "index-0008"
 
-    from pydicom import dcmread
-    from pydicom.data import get_testdata_file
+
+def test_an_index_made_by_the_previous_version_keeps_its_data_through_migrate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The previous version's own index file, upgraded by ``dicom-appliance
+    migrate``: every row is still there, what the old schema did not keep is
+    empty (not guessed), and the appliance stores and answers on it."""
+    import io
+    import shutil
+
     from sqlalchemy import func, select
 
     from appliance.cli import main
@@ -83,38 +86,80 @@ def test_an_index_of_the_previous_revision_keeps_its_data_through_migrate(
     from appliance.ingest import IngestService
     from appliance.model import Origin
     from appliance.storage.filesystem import FilesystemBlobStore
+    from tests.helpers import part10_of, small_study
+
+    shutil.copytree(PREVIOUS_INDEX, tmp_path / "data")
+    url = f"sqlite:///{tmp_path / 'data' / 'index.db'}"
+    engine = create_index_engine(url)
+    assert migrate.stored_revision(engine) == "0008"
+
+    def content() -> list[object]:
+        with engine.connect() as conn:
+            return [
+                conn.execute(select(func.count()).select_from(table)).scalar()
+                for table in (study, series, instance, changefeed)
+            ] + sorted(conn.execute(select(instance.c.sop_instance_uid)).scalars())
+
+    before = content()
+    assert before[:4] == [2, 2, 5, 5]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("APPLIANCE_INDEX_URL", url)
+    monkeypatch.setenv("APPLIANCE_STORAGE_PATH", str(tmp_path / "data" / "blobs"))
+    assert main(["migrate"]) == 0
+    assert migrate.stored_revision(engine) == migrate.head_revision()
+    assert content() == before
+    with engine.connect() as conn:
+        assert set(conn.execute(select(instance.c.source_ae)).scalars()) == {""}
+    assert StudyQueue(engine).pull(dt.timedelta(0)) == 5
+    storage = FilesystemBlobStore(tmp_path / "data" / "blobs")
+    ingest = IngestService(storage, SqlIndex(engine), IngestConfig())
+    new = small_study(1, "AFTER-UPGRADE")[0]
+    result = ingest.store_part10(io.BytesIO(part10_of(new)), Origin("dimse", calling_ae="NEW"))
+    assert result.stored, result
+    assert main(["verify"]) == 0  # every row has its blob, every blob its row
+    engine.dispose()
+
+
+def test_migrations_go_down_and_up_again_with_data_on_postgresql(tmp_path: Path) -> None:
+    """On PostgreSQL (whose index cannot be shipped as a file): an index
+    filled at this revision, taken down to the previous one and up again,
+    keeps every row."""
+    import io
+
+    from sqlalchemy import func, select
+
+    from appliance.config import IngestConfig
+    from appliance.index.schema import changefeed, instance, series, study
+    from appliance.index.sql import SqlIndex
+    from appliance.ingest import IngestService
+    from appliance.model import Origin
+    from appliance.storage.filesystem import FilesystemBlobStore
     from tests.conftest import throwaway_pg_database
     from tests.helpers import part10_of, small_study
 
-    with ExitStack() as stack:
-        if backend == "sqlite":
-            url = f"sqlite:///{tmp_path / 'index.db'}"
-        else:
-            url = stack.enter_context(throwaway_pg_database("upgrade"))
+    with throwaway_pg_database("updown") as url:
         engine = create_index_engine(url)
-        stack.callback(engine.dispose)
-        previous = f"{int(migrate.head_revision()) - 1:04d}"
-        migrate.upgrade(engine, previous)
-        ingest = IngestService(
-            FilesystemBlobStore(tmp_path / "blobs"), SqlIndex(engine), IngestConfig()
-        )
-        ct = dcmread(get_testdata_file("CT_small.dcm"))  # type: ignore[arg-type]
-        for ds in [ct, *small_study(4, "UPGRADE-1")]:
-            result = ingest.store_part10(io.BytesIO(part10_of(ds)), Origin("dicomweb"))
-            assert result.stored, result
+        try:
+            migrate.upgrade(engine)
+            ingest = IngestService(
+                FilesystemBlobStore(tmp_path / "blobs"), SqlIndex(engine), IngestConfig()
+            )
+            for ds in small_study(3, "UPDOWN"):
+                origin = Origin("dimse", calling_ae="PG_SCANNER")
+                assert ingest.store_part10(io.BytesIO(part10_of(ds)), origin).stored
 
-        def content() -> list[object]:
-            with engine.connect() as conn:
-                return [
-                    conn.execute(select(func.count()).select_from(table)).scalar()
-                    for table in (study, series, instance, changefeed)
-                ] + sorted(conn.execute(select(instance.c.sop_instance_uid)).scalars())
+            def content() -> list[object]:
+                with engine.connect() as conn:
+                    return [
+                        conn.execute(select(func.count()).select_from(table)).scalar()
+                        for table in (study, series, instance, changefeed)
+                    ]
 
-        before = content()
-        monkeypatch.chdir(tmp_path)
-        monkeypatch.setenv("APPLIANCE_INDEX_URL", url)
-        assert main(["migrate"]) == 0
-        assert migrate.stored_revision(engine) == migrate.head_revision()
-        assert content() == before
-        assert StudyQueue(engine).pull(dt.timedelta(0)) == 5
-        assert main(["migrate"]) == 0  # nothing left to do
+            before = content()
+            previous = f"{int(migrate.head_revision()) - 1:04d}"
+            migrate.downgrade(engine, previous)
+            assert migrate.stored_revision(engine) == previous
+            migrate.upgrade(engine)
+            assert content() == before
+        finally:
+            engine.dispose()

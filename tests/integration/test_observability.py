@@ -80,6 +80,11 @@ def test_the_counters_add_up_over_every_process(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr
 
         after = scrape(app.base_url)
+        # the sending AE the index kept (C-STORE's; STOW-RS has none)
+        done = site.run("stats", "--by", "ae", "--json")
+        assert done.returncode == 0, done.stderr
+        by_ae = {row["key"]: row["instances"] for row in json.loads(done.stdout)["by_ae"]}
+        assert by_ae == {"": 3, "MODALITY1": 4}
 
     def grew(name: str, **labels: str) -> float:
         return total(after, name, **labels) - total(before, name, **labels)

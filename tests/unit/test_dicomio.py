@@ -231,3 +231,21 @@ def test_the_fast_header_reader_indexes_pydicoms_corpus_as_pydicom_does() -> Non
                 assert fast == expected, path.name
             assert outcome(lambda data=data: read_header(io.BytesIO(data))) == expected, path.name
     assert walked > 60
+
+
+def test_the_sending_ae_is_read_back_only_from_a_file_meta_of_ours() -> None:
+    """A C-STORE's blob (File Meta written by part10_prefix) names its
+    Calling AE Title, which reindex reads back; another writer's Source
+    Application Entity Title (a file sent by STOW-RS) is not a sender."""
+    ds = dcmread(get_testdata_file("CT_small.dcm"), force=True)  # type: ignore[arg-type]
+    body = io.BytesIO()
+    ds.save_as(body, enforce_file_format=True)
+    data_set = body.getvalue()[132 + 12 + ds.file_meta.FileMetaInformationGroupLength :]
+    ours = part10_prefix(ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian, "CT_ROOM_1")
+    record = extract_record(read_header(io.BytesIO(ours + data_set)))
+    assert record.instance.source_ae == "CT_ROOM_1"
+    ds.file_meta.SourceApplicationEntityTitle = "ELSEWHERE"
+    theirs = io.BytesIO()
+    ds.save_as(theirs, enforce_file_format=True)
+    theirs.seek(0)
+    assert extract_record(read_header(theirs)).instance.source_ae == ""
