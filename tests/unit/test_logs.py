@@ -46,7 +46,11 @@ def test_json_lines_carry_the_correlation_id(captured: io.StringIO) -> None:
         logging.getLogger("appliance.ingest").info("stored %s", "1.2.3")
     finally:
         CORRELATION_ID.reset(token)
-    logging.getLogger("appliance.ingest").warning("no id here")
+    token = CORRELATION_ID.set(None)  # outside any request or association
+    try:
+        logging.getLogger("appliance.ingest").warning("no id here")
+    finally:
+        CORRELATION_ID.reset(token)
     first, second = (json.loads(line) for line in captured.getvalue().splitlines())
     assert first["message"] == "stored 1.2.3"
     assert first["level"] == "info"
