@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Sequence
 
@@ -29,7 +30,12 @@ class DeleteService:
         self.forward_deletes_to = tuple(forward_deletes_to)
 
     def delete(
-        self, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None
+        self,
+        study_uid: str,
+        series_uid: str | None = None,
+        sop_uid: str | None = None,
+        *,
+        idle_since: dt.datetime | None = None,
     ) -> list[StoredInstance]:
         """Delete a study, a series of it, or one instance; what was deleted.
 
@@ -41,7 +47,11 @@ class DeleteService:
             if the index fails (then nothing was deleted).
         """
         removed = self.index.delete(
-            study_uid, series_uid, sop_uid, forward_to=self.forward_deletes_to
+            study_uid,
+            series_uid,
+            sop_uid,
+            forward_to=self.forward_deletes_to,
+            idle_since=idle_since,
         )
         failed = 0
         for stored in removed:

@@ -31,6 +31,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from appliance.config import RetentionConfig
+from appliance.delete import DeleteService
 from appliance.errors import ApplianceError, IndexUnavailable, NotFound
 from appliance.index.schema import study
 from appliance.index.sql import Busy, SqlIndex
@@ -70,6 +71,8 @@ class Retention:
         self.engine = engine
         self.index = index
         self.storage = storage
+        # no destinations: retention makes room here, it deletes nothing upstream
+        self._deleting = DeleteService(index, storage)
 
     @property
     def enabled(self) -> bool:
@@ -142,34 +145,21 @@ class Retention:
 
     def _delete(self, uid: str, now: dt.datetime, report: RetentionReport, dry_run: bool) -> int:
         """Delete study *uid* unless it is in use; the bytes it held."""
-        if dry_run:
-            # what it would delete, unless an instance is in use by then
-            try:
-                held = self.index.instances(uid)
-            except NotFound:
-                return 0
-            size = sum(s.size for s in held)
-            report.studies += 1
-            report.instances += len(held)
-            report.bytes += size
-            report.deleted.append(uid)
-            return size
         try:
-            removed = self.index.delete(uid, idle_since=now)
+            if dry_run:
+                # what it would delete, unless an instance is in use by then
+                gone = self.index.instances(uid)
+            else:
+                gone = self._deleting.delete(uid, idle_since=now)
         except Busy as exc:
             log.info("retention keeps study %s: %s", uid, exc.reason)
             report.kept_busy += 1
             return 0
         except NotFound:
             return 0
-        for stored in removed:
-            try:
-                self.storage.delete(stored.blob_key)
-            except ApplianceError as exc:
-                log.warning("blob %s stays for the sweeper: %s", stored.blob_key, exc.reason)
-        size = sum(s.size for s in removed)
+        size = sum(s.size for s in gone)
         report.studies += 1
-        report.instances += len(removed)
+        report.instances += len(gone)
         report.bytes += size
         report.deleted.append(uid)
         return size

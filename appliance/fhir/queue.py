@@ -318,6 +318,24 @@ class StudyQueue:
             raise IndexUnavailable(f"the index database failed ({exc.__class__.__name__})") from exc
         return FhirStatus(url, cursor=int(cursor or 0), latest=int(latest or 0), **fields)
 
+    def waiting_error(self) -> str | None:
+        """The newest error of a queued study (waiting to be tried again
+        after a failure), or None: what ``/health/ready`` reports."""
+        try:
+            with self.engine.connect() as conn:
+                found = conn.execute(
+                    select(fhir_study.c.last_error)
+                    .where(
+                        fhir_study.c.state == StudyState.QUEUED.value,
+                        fhir_study.c.last_error.is_not(None),
+                    )
+                    .order_by(fhir_study.c.updated_at.desc())
+                    .limit(1)
+                ).scalar()
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(f"the index database failed ({exc.__class__.__name__})") from exc
+        return None if found is None else str(found)
+
     def requeue_parked(self) -> int:
         """Queue every parked study again, due now; how many."""
         now = _now()

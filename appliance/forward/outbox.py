@@ -285,6 +285,29 @@ class Outbox:
             raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
         return [DestinationStatus(name, **found[name]) for name in destinations]
 
+    def waiting_errors(self, destinations: Sequence[str]) -> dict[str, str | None]:
+        """Per destination, the newest error of a queued entry (one waiting
+        to be tried again after a failure), or None: what ``/health/ready``
+        reports, read through the (destination, state) index without
+        counting the outbox (delivered entries are kept and many)."""
+        found: dict[str, str | None] = {}
+        try:
+            with self.engine.connect() as conn:
+                for name in destinations:
+                    found[name] = conn.execute(
+                        select(forward_entry.c.last_error)
+                        .where(
+                            forward_entry.c.destination == name,
+                            forward_entry.c.state == EntryState.QUEUED.value,
+                            forward_entry.c.last_error.is_not(None),
+                        )
+                        .order_by(forward_entry.c.updated_at.desc())
+                        .limit(1)
+                    ).scalar()
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
+        return found
+
     def requeue_parked(self, destination: str) -> int:
         """Queue every parked entry of *destination* again, due now, its
         attempts counted from zero; how many."""

@@ -72,13 +72,12 @@ def upstream_checks() -> dict[str, str]:
     try:
         engine = extension.services.engine
         names = [d.name for d in config.forward]
-        for status in Outbox(engine).status(names) if names else []:
-            waiting = status.queued and status.last_error
-            checks[f"forward:{status.name}"] = f"warn: {status.last_error}" if waiting else OK
+        errors = Outbox(engine).waiting_errors(names) if names else {}
+        for name, error in errors.items():
+            checks[f"forward:{name}"] = f"warn: {error}" if error else OK
         if config.fhir.url:
-            fhir = StudyQueue(engine).status(config.fhir.url)
-            waiting = fhir.queued and fhir.last_error
-            checks["fhir"] = f"warn: {fhir.last_error}" if waiting else OK
+            error = StudyQueue(engine).waiting_error()
+            checks["fhir"] = f"warn: {error}" if error else OK
         below_floor = getattr(extension.services.storage, "below_floor", None)
         if below_floor is not None:
             # reads go on: a warning, not a failure, while new instances are refused
