@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # the FHIR server the DICOMcast tests publish to (tests/fhir_peer, npm)
 FHIR_PEER := tests/fhir_peer/node_modules/.package-lock.json
 
-.PHONY: run test lint typecheck unit bench migrate clean
+.PHONY: run test lint typecheck unit bench load soak migrate clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,19 @@ unit: $(STAMP)
 bench: $(STAMP)
 	sh bench/ensure_tools.sh
 	$(BIN)/python -m bench all $(BENCH_ARGS)
+
+## a bounded load on loopback (dcmtk storescu, pynetdicom C-STORE, STOW-RS,
+## QIDO-RS and WADO-RS clients at once for LOAD_SECONDS), then every
+## acknowledged instance checked; results in bench/results/load-*.json
+LOAD_SECONDS ?= 60
+load: $(STAMP)
+	$(BIN)/python -m bench load --duration $(LOAD_SECONDS)
+
+## the same load for SOAK_MINUTES (default 20), sampling every serve
+## process's memory and open files; fails if they grow (not part of `make test`)
+SOAK_MINUTES ?= 20
+soak: $(STAMP)
+	$(BIN)/python -m bench soak --minutes $(SOAK_MINUTES)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

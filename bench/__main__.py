@@ -3,6 +3,7 @@
 Usage::
 
     python -m bench [all|dicomweb|dimse|core] [--reps N] [--quick]
+    python -m bench load [--duration S] | soak [--minutes M]   (see bench/load.py)
 
 ``all`` (the default, what ``make bench`` runs) measures both protocol
 families on the appliance and then on Orthanc (:mod:`bench.compare`);
@@ -45,6 +46,11 @@ from bench.servers import (
 
 
 def main(argv: list[str] | None = None) -> int:
+    args_given = sys.argv[1:] if argv is None else argv
+    if args_given[:1] in (["load"], ["soak"]):
+        from bench import load
+
+        return load.main(args_given[0], args_given[1:])
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "part",

@@ -217,8 +217,8 @@ def table(entries: list[dict[str, Any]], scaled_label: str = "scaled out") -> st
     return "\n".join(out)
 
 
-def write(document: dict[str, Any], started: datetime.datetime) -> Path:
+def write(document: dict[str, Any], started: datetime.datetime, prefix: str = "bench") -> Path:
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"bench-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+    path = RESULTS / f"{prefix}-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
     path.write_text(json.dumps(document, indent=2) + "\n")
     return path
