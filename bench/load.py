@@ -49,7 +49,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -341,6 +341,13 @@ class Ledger:
         with self._lock:
             self.sent[record.sop] = record
 
+    def never_sent(self, sops: Iterable[str]) -> None:
+        """Forget instances that did not leave the client (the connection
+        was refused)."""
+        with self._lock:
+            for sop in sops:
+                self.sent.pop(sop, None)
+
     def acknowledged(self, sop: str) -> None:
         with self._lock:
             record = self.sent[sop]
@@ -415,6 +422,10 @@ def stow_op(
             content=multipart([item.part10 for item in items]),
             headers={"Content-Type": STOW_TYPE, "Accept": JSON},
         )
+    except httpx.ConnectError as exc:
+        ledger.error("stow", repr(exc))
+        ledger.never_sent(item.sop for item in items)  # nothing reached the server
+        return 0
     except httpx.HTTPError as exc:
         ledger.error("stow", repr(exc))
         return 0
@@ -467,14 +478,17 @@ def storescu_op(site: Site, folder: Path, maker: Maker, ledger: Ledger, rng: ran
     ms = (time.perf_counter() - start) * 1000
     acked = 0
     current = None
+    begun: set[str | None] = set()
     for line in (done.stdout + done.stderr).splitlines():
         if found := _SENDING.search(line):
             current = paths.get(found.group(1).strip())
+            begun.add(current)
         elif (found := _RESPONSE.search(line)) and current is not None:
             if found.group(1) == "Success":
                 ledger.acknowledged(current)
                 acked += 1
             current = None
+    ledger.never_sent(sop for sop in paths.values() if sop not in begun)
     if done.returncode != 0 or acked != len(items):
         ledger.error("storescu", f"exit {done.returncode}, {acked}/{len(items)} acknowledged")
     else:
