@@ -722,6 +722,8 @@ class Check:
     missing_find: list[str] = dataclasses.field(default_factory=list)
     missing_wado: list[str] = dataclasses.field(default_factory=list)
     altered: list[str] = dataclasses.field(default_factory=list)
+    #: C-FINDs asked again after an answer lost in the client
+    cfind_retries: int = 0
     unacknowledged: int = 0
     unacknowledged_present: int = 0
     unacknowledged_broken: list[str] = dataclasses.field(default_factory=list)
@@ -742,6 +744,7 @@ class Check:
             "retrieved_identical": self.retrieved_identical,
             "missing_qido": len(self.missing_qido),
             "missing_cfind": len(self.missing_find),
+            "cfind_retries": self.cfind_retries,
             "missing_wado": len(self.missing_wado),
             "altered": len(self.altered),
             "unacknowledged": self.unacknowledged,
@@ -763,7 +766,10 @@ def _find_series(finder: FindClient, study: str, series: str) -> set[str]:
     query.StudyInstanceUID = study
     query.SeriesInstanceUID = series
     query.SOPInstanceUID = ""
-    matches, final = finder.find(query)
+    try:
+        matches, final = finder.find(query)
+    except RuntimeError:  # no answer, or cut short: asked again by the caller
+        return set()
     if final != SUCCESS:
         raise RuntimeError(f"C-FIND of series {series} ended with 0x{final:04X}")
     return {str(m.SOPInstanceUID) for m in matches}
@@ -796,7 +802,20 @@ def check_all(site: Site, ledger: Ledger, *, threads: int = 4) -> Check:
     finder = FindClient(site.server())
     try:
         for (study, series_uid), sops in series.items():
-            check.missing_find += sorted(sops - _find_series(finder, study, series_uid))
+            missing = sops - _find_series(finder, study, series_uid)
+            # pynetdicom's SCU now and then drops a response it reads before
+            # its generator waits for it ("Received unexpected C-FIND service
+            # message", pydicom/pynetdicom#875; the appliance's log shows the
+            # matches sent): the same query is asked again, counted
+            for _ in range(3):
+                if not missing:
+                    break
+                check.cfind_retries += 1
+                with contextlib.suppress(Exception):
+                    finder.close()
+                finder = FindClient(site.server())
+                missing = sops - _find_series(finder, study, series_uid)
+            check.missing_find += sorted(missing)
     finally:
         finder.close()
 
