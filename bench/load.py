@@ -366,6 +366,10 @@ class Ledger:
             if len(self.error_examples) < 20:
                 self.error_examples.append(f"{kind}: {message[:300]}")
 
+    def error_count(self) -> int:
+        with self._lock:
+            return sum(self.errors.values())
+
     def problem(self, message: str) -> None:
         with self._lock:
             self.problems.append(message)
@@ -662,12 +666,12 @@ def run_load(
         def loop(name: str, number: int, op: Callable[[random.Random], object]) -> None:
             rng = random.Random(f"{seed}/{name}/{number}")
             while not stop.is_set() and time.monotonic() < deadline:
-                errors = sum(ledger.errors.values())
+                errors = ledger.error_count()
                 try:
                     op(rng)
                 except Exception as exc:  # noqa: BLE001 - counted, the load goes on
                     ledger.error(name, repr(exc))
-                if sum(ledger.errors.values()) != errors:
+                if ledger.error_count() != errors:
                     stop.wait(pause_on_error)
 
         def http_loop(name: str, number: int, op: Callable[..., object]) -> None:

@@ -12,7 +12,8 @@ sent.
 
 Afterwards every acknowledged instance must be found by QIDO-RS and C-FIND
 and retrieved by WADO-RS as it was sent (the Part 10 file for STOW-RS, the
-data set for C-STORE: see :func:`bench.load.check_all`); an instance sent but
+data set for C-STORE; an Implicit VR one as the Explicit VR re-encoding that
+PS3.18 8.7.3 calls for: see :func:`bench.load.check_all`); an instance sent but
 not acknowledged may be missing, but if present it must be whole; and
 ``dicom-appliance verify --deep`` must find no index row without its blob,
 no blob of another size than its row says and no unreadable blob.
@@ -55,13 +56,14 @@ MIX = Mix(storescu=1, cstore=1, stow=2, qido=0, wado=1)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def index_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    """ "" (SQLite in the site's folder) or a throwaway PostgreSQL database."""
+def index(request: pytest.FixtureRequest) -> Iterator[tuple[str, int]]:
+    """The index URL ("": SQLite in the site's folder, or a throwaway
+    PostgreSQL database) and the number of rounds on it."""
     if request.param == "sqlite":
-        yield ""
+        yield "", ROUNDS["sqlite"]
         return
     with throwaway_pg_database("appliance_crash") as url:
-        yield url
+        yield url, ROUNDS["postgresql"]
 
 
 def crash_rounds(site: Site, seed: str, rounds: int) -> tuple[Ledger, list[str]]:
