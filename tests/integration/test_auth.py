@@ -470,3 +470,41 @@ def test_serve_refuses_anonymous_on_a_public_bind(
     assert "auth.mode" in err
     assert "loopback" in err
     assert "Traceback" not in err
+
+
+# --------------------------------------------------------------------------
+# the real thing: serve (gunicorn workers) with tokens from the command
+
+
+def test_serve_in_token_mode_with_a_token_from_the_command(tmp_path: Path) -> None:
+    from tests.integration.test_serve import migrated_site, running
+
+    site = migrated_site(
+        tmp_path / "app",
+        {"APPLIANCE_AUTH_MODE": "token", "APPLIANCE_AUTH_TOKEN_CACHE_SECONDS": "2"},
+    )
+    created = site.run("token", "create", "--role", "read", "--role", "write", "--name", "e2e")
+    assert created.returncode == 0, created.stderr
+    token = created.stdout.strip()
+    with running(site) as app:  # its readiness probe needs no token
+        url = f"{app.base_url}/v1/studies"
+        assert httpx.get(url, timeout=30).status_code == 401
+        body = stow_body(*(part10_of(ds) for ds in small_study(2, patient_id="AUTH-E2E")))
+        stored = httpx.post(
+            url, content=body, headers={**STOW_HEADERS, **bearer(token)}, timeout=60
+        )
+        assert stored.status_code == 200, stored.text
+        # every gunicorn worker takes it (each has its own cache)
+        for _ in range(6):
+            found = httpx.get(url, params={"PatientID": "AUTH-E2E"}, headers=bearer(token))
+            assert found.status_code == 200
+            assert len(found.json()) == 1
+        assert site.run("token", "revoke", token.split("_")[1]).returncode == 0
+        deadline = time.monotonic() + 15  # token_cache_seconds (2) and a margin
+        while time.monotonic() < deadline:
+            statuses = {httpx.get(url, headers=bearer(token)).status_code for _ in range(6)}
+            if statuses == {401}:
+                break
+            assert statuses <= {200, 401}
+            time.sleep(1)
+        assert statuses == {401}

@@ -196,3 +196,16 @@ def test_role_map_on_a_dotted_claim_and_scope_map(tmp_path: Path, issuer: Issuer
     assert verifier.verify(issuer.token(roles=None, scp=["dicom.delete"])).roles == {"delete"}
     # a token without the claim authenticates with no role (403 later, not 401)
     assert verifier.verify(issuer.token(roles=None)).roles == frozenset()
+
+
+def test_keys_already_fetched_keep_working_while_the_issuer_is_down(
+    tmp_path: Path, issuer: Issuer
+) -> None:
+    clock = [0.0]
+    verifier = OidcVerifier(auth_config(tmp_path, issuer), clock=lambda: clock[0])
+    token = issuer.token()
+    assert verifier.verify(token).name == "user-1"
+    issuer.close()
+    clock[0] += oidc.MAX_AGE_SECONDS + 1  # stale: a fetch is tried, and fails
+    assert verifier.verify(token).name == "user-1"
+    assert verifier.fetches == 2
