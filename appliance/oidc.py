@@ -19,6 +19,7 @@ requests to the issuer.  The keys are also fetched again after
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 import time
@@ -167,6 +168,16 @@ class OidcVerifier:
         Unauthenticated
             (``invalid_token``) for anything that does not verify.
         """
+        return self.check(token)[0]
+
+    def check(self, token: str) -> tuple[Principal, dt.datetime]:
+        """The principal of the JWT *token* and when it expires (``exp``).
+
+        Raises
+        ------
+        Unauthenticated
+            (``invalid_token``) for anything that does not verify.
+        """
         try:
             header = jwt.get_unverified_header(token)
         except jwt.DecodeError:
@@ -200,7 +211,8 @@ class OidcVerifier:
         name = _claim(claims, self.auth.name_claim)
         if not isinstance(name, str) or not name:
             name = str(claims.get("sub") or claims.get("azp") or claims.get("client_id") or "?")
-        return Principal(name, self.roles(claims), "oidc")
+        expires = dt.datetime.fromtimestamp(int(claims["exp"]), dt.UTC)
+        return Principal(name, self.roles(claims), "oidc"), expires
 
     def roles(self, claims: dict[str, Any]) -> frozenset[str]:
         """The roles the verified *claims* grant."""

@@ -11,6 +11,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
@@ -209,3 +210,45 @@ def test_keys_already_fetched_keep_working_while_the_issuer_is_down(
     clock[0] += oidc.MAX_AGE_SECONDS + 1  # stale: a fetch is tried, and fails
     assert verifier.verify(token).name == "user-1"
     assert verifier.fetches == 2
+
+
+def test_a_verified_jwt_is_kept_no_longer_than_the_cache_time_or_its_exp(
+    tmp_path: Path, issuer: Issuer
+) -> None:
+    from appliance.access import Authenticator
+
+    clock = [0.0]
+    config = auth_config(tmp_path, issuer, APPLIANCE_AUTH_TOKEN_CACHE_SECONDS="30")
+    authenticator = Authenticator(config, engine=lambda: None, clock=lambda: clock[0])  # type: ignore[arg-type,return-value]
+    verifier = authenticator._oidc
+    assert verifier is not None
+    checked: list[str] = []
+    real_check = verifier.check
+
+    def counting_check(token: str) -> Any:
+        checked.append(token)
+        return real_check(token)
+
+    verifier.check = counting_check  # type: ignore[method-assign]
+    token = issuer.token(sub="carol")
+    for _ in range(5):
+        assert authenticator.authenticate(f"Bearer {token}").name == "carol"
+    assert len(checked) == 1  # one signature check for five requests
+    clock[0] += 29
+    assert authenticator.authenticate(f"Bearer {token}").name == "carol"
+    assert len(checked) == 1
+    clock[0] += 2  # past the cache time: checked again
+    assert authenticator.authenticate(f"Bearer {token}").name == "carol"
+    assert len(checked) == 2
+    # a token with 5 s left is kept 5 s at most
+    short = issuer.token(sub="dave", exp=int(time.time()) + 5)
+    assert authenticator.authenticate(f"Bearer {short}").name == "dave"
+    clock[0] += 6
+    assert authenticator.authenticate(f"Bearer {short}").name == "dave"  # within the leeway
+    assert len(checked) == 4
+    # a refused token is never kept
+    expired = issuer.token(exp=int(time.time()) - 3600)
+    for _ in range(2):
+        with pytest.raises(Unauthenticated, match="expired"):
+            authenticator.authenticate(f"Bearer {expired}")
+    assert len(checked) == 6
