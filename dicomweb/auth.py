@@ -23,6 +23,7 @@ from flask import Flask, g, request
 
 from appliance.access import (
     ADMIN,
+    ANONYMOUS,
     DELETE,
     NOBODY,
     READ,
@@ -85,12 +86,15 @@ def install_auth(app: Flask, authenticator: Authenticator) -> None:
     if auth.metrics_anonymous:
         open_to_all.add(METRICS)
 
+    # anonymous mode: everyone is the anonymous principal, on every route
+    unidentified = ANONYMOUS if authenticator.anonymous else NOBODY
+
     def check_access() -> None:
         rule = request.url_rule
         if request.method == "OPTIONS" and (
             rule is None or getattr(rule, "provide_automatic_options", False)
         ):
-            g.principal = NOBODY
+            g.principal = unidentified
             return
         endpoint = rule.endpoint if rule is not None else None
         if endpoint is None:
@@ -99,10 +103,9 @@ def install_auth(app: Flask, authenticator: Authenticator) -> None:
             needed = ENDPOINT_PERMISSIONS.get(endpoint, "")
             if not needed:
                 LOGGER.error("endpoint %s has no permission assigned: refused", endpoint)
+        g.principal = unidentified
         if needed in open_to_all:
-            g.principal = NOBODY
             return
-        g.principal = NOBODY
         principal: Principal = authenticator.authenticate(request.headers.get("Authorization"))
         g.principal = principal
         if needed in (HEALTH, METRICS):
@@ -111,8 +114,3 @@ def install_auth(app: Flask, authenticator: Authenticator) -> None:
             authorize(principal, needed)
 
     app.before_request(check_access)
-
-
-def required_permission(endpoint: str) -> str | None:
-    """The permission *endpoint* needs (None: it is not listed)."""
-    return ENDPOINT_PERMISSIONS.get(endpoint)

@@ -24,7 +24,7 @@ from flask import g
 from pydicom.uid import generate_uid
 from sqlalchemy import event
 
-from appliance.access import ROLE_PERMISSIONS, ApiTokens, Principal
+from appliance.access import ROLE_PERMISSIONS, ApiTokens, Principal, Unauthenticated
 from appliance.cli import main
 from appliance.index import migrate
 from appliance.index.engine import create_index_engine
@@ -508,3 +508,28 @@ def test_serve_in_token_mode_with_a_token_from_the_command(tmp_path: Path) -> No
             assert statuses <= {200, 401}
             time.sleep(1)
         assert statuses == {401}
+
+
+# --------------------------------------------------------------------------
+# the token table on both index backends
+
+
+def test_api_tokens_on_each_index_backend(index_engine: Any) -> None:
+    tokens = ApiTokens(index_engine)
+    token, info = tokens.create(["delete", "read"], name="both backends")
+    assert info.roles == ("read", "delete")
+    principal, expires = tokens.verify(token)
+    assert principal == Principal(f"token:{info.id}", frozenset({"read", "delete"}), "token")
+    assert expires is None
+    [listed] = tokens.list()
+    assert listed.id == info.id
+    assert listed.last_used_at is not None  # the verification was recorded
+    assert listed.state() == "active"
+    assert tokens.revoke(info.id)
+    assert not tokens.revoke(info.id)
+    assert tokens.list()[0].state() == "revoked"
+    with pytest.raises(Unauthenticated, match="is revoked"):
+        tokens.verify(token)
+    short, _ = tokens.create(["read"], expires_in=dt.timedelta(seconds=-5))
+    with pytest.raises(Unauthenticated, match="is expired"):
+        tokens.verify(short)

@@ -83,6 +83,7 @@ def test_anonymous_mode_gives_the_anonymous_principal(tmp_path: Path) -> None:
         return response
 
     assert app.test_client().get("/health/live").status_code == 200
+    assert seen[-1] == ANONYMOUS
     assert app.test_client().get("/v1/studies/1.2.3/metadata").status_code in (404, 503)
     assert seen[-1] == ANONYMOUS
     assert seen[-1].roles == {"read", "write", "delete", "admin"}
