@@ -37,14 +37,14 @@ WORKDIR /data
 VOLUME /data
 
 # Both listeners on every interface of the container (the defaults bind
-# 127.0.0.1, which nothing outside the container reaches).  There is no
-# authentication yet (README "What works today": auth, TLS not yet), so
-# whoever reaches port 8080 may store, read and delete, and anonymous access
-# is meant for a loopback bind only (SPEC [auth]): publish the ports on a
-# trusted network only, or on 127.0.0.1 behind a reverse proxy that
-# authenticates.
+# 127.0.0.1, which nothing outside the container reaches).  Anonymous access
+# is allowed on a loopback bind only (SPEC [auth]), so the image asks for API
+# tokens: create one with `docker run ... dicom-appliance token create --role
+# read` (README "Security"), or set APPLIANCE_AUTH_MODE=oidc and its keys.
+# /health/* and /metrics stay open (auth.health_anonymous, metrics_anonymous).
 ENV APPLIANCE_HTTP_HOST=0.0.0.0 \
-    APPLIANCE_DIMSE_HOST=0.0.0.0
+    APPLIANCE_DIMSE_HOST=0.0.0.0 \
+    APPLIANCE_AUTH_MODE=token
 
 USER 10001:10001
 # DICOMweb (http.port) and DIMSE (dimse.port)

@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # the FHIR server the DICOMcast tests publish to (tests/fhir_peer, npm)
 FHIR_PEER := tests/fhir_peer/node_modules/.package-lock.json
+# the OpenID Connect provider the auth tests get tokens from (tests/oidc_peer, npm)
+OIDC_PEER := tests/oidc_peer/node_modules/.package-lock.json
 
 .PHONY: run test lint typecheck unit bench load soak migrate clean
 
@@ -19,6 +21,10 @@ $(FHIR_PEER): tests/fhir_peer/package-lock.json
 	if command -v npm >/dev/null; then npm ci --prefix tests/fhir_peer --no-audit --no-fund >/dev/null; \
 	else echo "npm not found: the FHIR server's tests will skip"; fi
 
+$(OIDC_PEER): tests/oidc_peer/package-lock.json
+	if command -v npm >/dev/null; then npm ci --prefix tests/oidc_peer --no-audit --no-fund >/dev/null; \
+	else echo "npm not found: the OpenID provider's tests will skip"; fi
+
 ## start the appliance on the embedded default (SQLite + ./data), migrating first
 run: $(STAMP)
 	$(BIN)/dicom-appliance migrate
@@ -28,7 +34,7 @@ migrate: $(STAMP)
 	$(BIN)/dicom-appliance migrate
 
 ## lint, type checks and the whole test suite
-test: lint typecheck $(FHIR_PEER)
+test: lint typecheck $(FHIR_PEER) $(OIDC_PEER)
 	$(BIN)/pytest
 
 lint: $(STAMP)

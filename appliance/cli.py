@@ -36,6 +36,10 @@
     counts and sizes of what the index holds (:mod:`appliance.stats`).
 ``backup FILE`` / ``restore FILE [--force]``
     the index database, online (:mod:`appliance.backup`).
+``token create --role ROLE [--name N] [--expires-days D]`` / ``token list`` / ``token revoke ID``
+    the API tokens of the DICOMweb API (:mod:`appliance.access`): a new
+    token printed once (only its hash is kept), the tokens without their
+    secrets, a token revoked.
 ``config show``
     print the effective configuration (file plus ``APPLIANCE_*``
     variables), secrets masked.
@@ -69,6 +73,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from appliance import __version__
+from appliance.access import ApiTokens, parse_roles
 from appliance.config import Config, ForwardConfig, load_config, render_config
 from appliance.errors import ApplianceError, ConfigError, SchemaNotCurrent
 from appliance.fhir.queue import StudyQueue
@@ -263,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     reindex.set_defaults(func=cmd_reindex)
     _add_admin_commands(commands)
 
+    _add_token_commands(commands)
+
     config = commands.add_parser("config", help="inspect the configuration")
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     show = config_commands.add_parser(
@@ -271,6 +278,50 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_option(show)
     show.set_defaults(func=cmd_config_show)
     return parser
+
+
+def _add_token_commands(commands: Any) -> None:
+    token = commands.add_parser(
+        "token", help="API tokens for the DICOMweb API ([auth] mode token or oidc)"
+    )
+    token_commands = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
+    create = token_commands.add_parser(
+        "create", help="create a token and print it (once: only its hash is kept)"
+    )
+    _add_config_option(create)
+    create.add_argument(
+        "--role",
+        action="append",
+        required=True,
+        metavar="ROLE",
+        help="read, write, delete or admin (repeat it, or separate with commas, for several)",
+    )
+    create.add_argument("--name", default="", help="a label, e.g. the viewer or script using it")
+    create.add_argument(
+        "--expires-days", type=_positive_days, metavar="DAYS", help="expire after DAYS days"
+    )
+    create.add_argument("--json", action="store_true", help="print JSON instead of text")
+    create.set_defaults(func=cmd_token_create)
+    listing = token_commands.add_parser("list", help="list the tokens (never their secrets)")
+    _add_config_option(listing)
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.set_defaults(func=cmd_token_list)
+    revoke = token_commands.add_parser(
+        "revoke", help="revoke a token (refused everywhere within auth.token_cache_seconds)"
+    )
+    _add_config_option(revoke)
+    revoke.add_argument("id", help="the token's id (token list shows it)")
+    revoke.set_defaults(func=cmd_token_revoke)
+
+
+def _positive_days(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 36500:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days (1 or more)")
+    return value
 
 
 def _seconds(text: str) -> int:
@@ -588,6 +639,96 @@ def cmd_retention_run(args: argparse.Namespace) -> int:
         if report.short_of_target:
             print(report.short_of_target)
     return 1 if report.short_of_target else 0
+
+
+@contextlib.contextmanager
+def _api_tokens(config: Config) -> Iterator[ApiTokens]:
+    """The API tokens in *config*'s index (migrated), closed after."""
+    engine = engine_for(config.index)
+    try:
+        migrate.require_current(engine)
+        yield ApiTokens(engine)
+    finally:
+        engine.dispose()
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    """``token create``: a new API token, printed once."""
+    config = load_config(args.config)
+    try:
+        roles = parse_roles(args.role)
+    except ValueError as exc:
+        return _fail(f"--role: {exc}", 2)
+    if len(args.name) > 128:
+        return _fail("--name: at most 128 characters", 2)
+    expires = None if args.expires_days is None else dt.timedelta(days=args.expires_days)
+    with _api_tokens(config) as tokens:
+        token, info = tokens.create(roles, args.name, expires)
+    LOGGER.info("API token %s created with roles %s", info.id, ",".join(info.roles))
+    if args.json:
+        print(json.dumps({"token": token, **info.as_json()}, indent=2))
+        return 0
+    print(token)
+    expiry = "never expires" if info.expires_at is None else f"expires {info.expires_at:%Y-%m-%d}"
+    print(
+        f"id {info.id}, roles {','.join(info.roles)}, {expiry}; "
+        "shown only now: only its hash is kept",
+        file=sys.stderr,
+    )
+    if config.auth.mode == "anonymous":
+        print(
+            'note: auth.mode is "anonymous": no token is asked for until it is "token" or "oidc"',
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    """``token list``: every token, without its secret."""
+    config = load_config(args.config)
+    with _api_tokens(config) as tokens:
+        found = tokens.list()
+    if args.json:
+        print(json.dumps({"tokens": [info.as_json() for info in found]}, indent=2))
+        return 0
+    if not found:
+        print("no API token")
+        return 0
+
+    def day(value: dt.datetime | None) -> str:
+        return "-" if value is None else f"{value:%Y-%m-%d %H:%M}"
+
+    header = ("id", "name", "roles", "state", "created", "expires", "last used")
+    rows = [
+        (
+            info.id,
+            info.name or "-",
+            ",".join(info.roles),
+            info.state(),
+            day(info.created_at),
+            day(info.expires_at),
+            day(info.last_used_at),
+        )
+        for info in found
+    ]
+    _print_table(header, rows)
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    """``token revoke ID``: the token refused from now on (within the
+    processes' cache time)."""
+    config = load_config(args.config)
+    with _api_tokens(config) as tokens:
+        revoked = tokens.revoke(args.id)
+    if not revoked:
+        return _fail(f"no active API token has the id {args.id!r}", 1)
+    LOGGER.info("API token %s revoked", args.id)
+    print(
+        f"API token {args.id} revoked; running servers refuse it within "
+        f"{config.auth.token_cache_seconds} s"
+    )
+    return 0
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:

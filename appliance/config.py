@@ -436,6 +436,120 @@ class FhirConfig:
     retry_max_seconds: int = _field(300, check=_positive)
 
 
+#: The roles a token may carry (SPEC ``token create --role``); what each
+#: permits is :data:`appliance.access.ROLE_PERMISSIONS`.
+AUTH_ROLES = ("read", "write", "delete", "admin")
+
+#: JWT signature algorithms that take a public key from a JWKS.  "none" and
+#: the HMAC family (HS256...) are never accepted: with a JWKS a shared secret
+#: would be a published key (RFC 8725 3.1, 3.2).
+JWT_ALGORITHMS = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+)
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether *host* is a loopback address (127.0.0.0/8, ::1) or ``localhost``."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _oidc_url(value: str) -> str | None:
+    """Empty, or https (http only to a loopback host: a test or a local
+    identity provider; a JWKS fetched in the clear could be swapped)."""
+    if not value:
+        return None
+    # an issuer may end in "/" (its "iss" claim is compared as written)
+    if _HTTP_URL.fullmatch(value.rstrip("/")) is None:
+        return "must be an https URL without a query"
+    if value.startswith("http://"):
+        host = re.sub(r":\d+$", "", value[len("http://") :].split("/", 1)[0])
+        if not is_loopback_host(host):
+            return "must be https (http is allowed only to a loopback address)"
+    return None
+
+
+def _algorithms(value: tuple[str, ...]) -> str | None:
+    if not value:
+        return "must name at least one algorithm"
+    for name in value:
+        if name not in JWT_ALGORITHMS:
+            return (
+                f"{name!r} is not allowed; use asymmetric ones ({', '.join(JWT_ALGORITHMS)}): "
+                '"none" and HS* are refused with a JWKS'
+            )
+    return None
+
+
+def _role_map(value: tuple[str, ...]) -> str | None:
+    for item in value:
+        claim, sep, role = item.rpartition("=")
+        if not sep or not claim.strip() or role.strip() not in AUTH_ROLES:
+            return f"{item!r} is not CLAIM_VALUE=ROLE (ROLE: {', '.join(AUTH_ROLES)})"
+    return None
+
+
+def _claim_path(value: str) -> str | None:
+    if re.fullmatch(r"[A-Za-z0-9_:\-]+(\.[A-Za-z0-9_:\-]+)*", value) is None:
+        return "must be a claim name or a dotted path such as realm_access.roles"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class AuthConfig:
+    """Who may use the DICOMweb API (README "Security", docs/security.md)."""
+
+    #: anonymous (everyone may do everything; only with a loopback http.host)
+    #: | token (API tokens from ``dicom-appliance token create``) | oidc
+    #: (JWTs from ``issuer``, and API tokens too)
+    mode: Literal["anonymous", "token", "oidc"] = _field(
+        "anonymous", check=_one_of("anonymous", "token", "oidc")
+    )
+    #: /health/live and /health/ready answer without a token (load balancers,
+    #: systemd and Docker probe them); false: they need the read role
+    health_anonymous: bool = _field(True)
+    #: /metrics answers without a token (no PHI in it); false: it needs the
+    #: read role
+    metrics_anonymous: bool = _field(True)
+    #: seconds a verified API token is trusted without asking the index
+    #: again: a revocation takes effect within this time
+    token_cache_seconds: int = _field(30, check=_between(0, 300))
+    #: oidc: the issuer (its "iss" claim), and the audience tokens must name
+    issuer: str = _field("", check=_oidc_url)
+    audience: str = _field("")
+    #: oidc: where the signing keys are; "" = the jwks_uri of
+    #: {issuer}/.well-known/openid-configuration
+    jwks_url: str = _field("", check=_oidc_url)
+    algorithms: tuple[str, ...] = _field(("RS256", "ES256"), check=_algorithms)
+    #: oidc: leeway for exp, nbf and iat against clock drift
+    clock_skew_seconds: int = _field(60, check=_between(0, 600))
+    #: oidc: the claim holding the caller's roles or groups (a dotted path
+    #: reaches into objects, e.g. Keycloak's realm_access.roles)
+    roles_claim: str = _field("roles", check=_claim_path)
+    #: oidc: "CLAIM_VALUE=ROLE" per mapping; empty = claim values that are a
+    #: role's name (read, write, delete, admin) are taken as they are
+    role_map: tuple[str, ...] = _field((), check=_role_map)
+    #: oidc: "SCOPE=ROLE" per mapping of an OAuth2 scope ("scope"/"scp" claim)
+    scope_map: tuple[str, ...] = _field((), check=_role_map)
+    #: oidc: the claim naming the caller in logs and the audit trail
+    name_claim: str = _field("sub", check=_claim_path)
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """The whole effective configuration; built by :func:`load_config`."""
@@ -452,6 +566,8 @@ class Config:
     forward: tuple[ForwardConfig, ...] = ()
     #: DICOMcast to a FHIR server
     fhir: FhirConfig = dataclasses.field(default_factory=FhirConfig)
+    #: who may use the DICOMweb API
+    auth: AuthConfig = dataclasses.field(default_factory=AuthConfig)
     #: the file it was read from, if any (not a key)
     source: Path | None = dataclasses.field(default=None, compare=False)
 
@@ -535,6 +651,7 @@ def load_config(
     _check_storage(config.storage)
     _check_forward(config.forward)
     _check_auth(config.fhir, "fhir")
+    _check_access(config)
     names = {destination.name for destination in config.forward}
     for i, peer in enumerate(config.dimse.peers):
         if peer.commit_after_forward and peer.commit_after_forward not in names:
@@ -684,6 +801,23 @@ def _check_auth(settings: Any, where: str) -> None:
     for key in _AUTH_NEEDS.get(settings.auth, ()):
         if not getattr(settings, key):
             raise ConfigError(f"{where}.{key}", f"is required with auth = {settings.auth}")
+
+
+def _check_access(config: Config) -> None:
+    """``[auth]``: anonymous only on loopback; what oidc needs."""
+    auth = config.auth
+    if auth.mode == "anonymous" and not is_loopback_host(config.http.host):
+        raise ConfigError(
+            "auth.mode",
+            f"anonymous is allowed only when http.host is a loopback address "
+            f"(127.0.0.0/8, ::1, localhost), and http.host is {config.http.host!r}: "
+            'set auth.mode = "token" or "oidc"',
+        )
+    if auth.mode == "oidc":
+        if not auth.issuer:
+            raise ConfigError("auth.issuer", "is required with auth.mode = oidc")
+        if not auth.audience.strip():
+            raise ConfigError("auth.audience", "is required with auth.mode = oidc")
 
 
 def _check_forward(destinations: tuple[ForwardConfig, ...]) -> None:

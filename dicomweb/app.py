@@ -17,8 +17,10 @@ from pathlib import Path
 
 from flask import Blueprint, Flask, current_app
 
+from appliance.access import Authenticator
 from appliance.config import Config
 from appliance.services import Services, build_services
+from dicomweb.auth import install_auth
 from dicomweb.cors import install_cors
 from dicomweb.errors import refuse_hostile_paths, register_error_handlers
 from dicomweb.instrument import Counting, note_transaction
@@ -95,11 +97,14 @@ def create_app(
         The supervisor's run folder, where the DIMSE process says it is ready
         (:mod:`appliance.runstate`); None when no supervisor runs this app.
     """
-    app = Flask(__name__)
-    app.extensions[EXTENSION] = ApplianceExtension(config, services, run_dir)
+    # no static folder: every route is one of ours, with its permission
+    app = Flask(__name__, static_folder=None)
+    extension = ApplianceExtension(config, services, run_dir)
+    app.extensions[EXTENSION] = extension
     register_error_handlers(app)
     install_cors(app, config.http.cors_allowed_origins)
     app.before_request(note_transaction)
+    install_auth(app, Authenticator(config.auth, lambda: extension.services.engine))
     app.before_request(refuse_hostile_paths)
     app.wsgi_app = Counting(app.wsgi_app)  # type: ignore[method-assign]
 

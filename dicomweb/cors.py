@@ -13,7 +13,10 @@ from __future__ import annotations
 from flask import Flask, Response, request
 
 #: Response headers a viewer's script may read besides the simple ones.
-EXPOSED = "ETag, Last-Modified, Content-Location, Location, Warning, Content-Length"
+#: (WWW-Authenticate: so a viewer can read why a 401 or 403 came)
+EXPOSED = (
+    "ETag, Last-Modified, Content-Location, Location, Warning, Content-Length, WWW-Authenticate"
+)
 #: Seconds a browser may cache a preflight answer.
 MAX_AGE = "600"
 METHODS = "GET, HEAD, POST, DELETE, OPTIONS"

@@ -22,6 +22,7 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from appliance.access import AccessDenied, Unauthenticated
 from appliance.dicomio import is_valid_uid
 from appliance.errors import (
     ApplianceError,
@@ -159,8 +160,38 @@ def handle_unexpected(exc: Exception) -> Response:
     return error_response(500, GENERIC_MESSAGE)
 
 
+#: The ``realm`` of our challenges (RFC 9110 11.5).
+REALM = "dicom-appliance"
+
+
+def handle_access_denied(exc: AccessDenied) -> Response:
+    """A refused request (:mod:`dicomweb.auth`), as RFC 9110 and RFC 6750
+    say: no or unusable credentials 401 with a ``Bearer`` challenge
+    (``error="invalid_token"`` for a bad, expired or revoked token, none when
+    no credentials came: RFC 6750 3.1), a malformed Authorization header 400
+    (``invalid_request``), valid credentials without the permission 403
+    (``insufficient_scope``).  The reason never holds the token."""
+    if isinstance(exc, Unauthenticated):
+        error = exc.error
+        status = 400 if error == "invalid_request" else 401
+    else:
+        error, status = "insufficient_scope", 403
+    LOGGER.info("%s %s -> %d: %s", request.method, request.path, status, exc.reason)
+    response = error_response(status, exc.reason)
+    challenge = f'Bearer realm="{REALM}"'
+    if error is not None:
+        # RFC 6750 3: error_description is printable ASCII without " and \\
+        description = "".join(
+            c if 0x20 <= ord(c) < 0x7F and c not in '"\\' else "?" for c in exc.reason
+        )
+        challenge += f', error="{error}", error_description="{description}"'
+    response.headers["WWW-Authenticate"] = challenge
+    return response
+
+
 def register_error_handlers(app: Flask) -> None:
     """Install the mapping on *app*."""
+    app.register_error_handler(AccessDenied, handle_access_denied)
     app.register_error_handler(ApplianceError, handle_appliance_error)
     app.register_error_handler(HTTPException, handle_http_exception)
     app.register_error_handler(Exception, handle_unexpected)

@@ -314,6 +314,20 @@ def start_fhir_server(folder: Path, port: int = 0) -> peers.FhirServer:
         raise
 
 
+@pytest.fixture(scope="session")
+def oidc_provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[peers.OidcProvider]:
+    """panva's oidc-provider on loopback, shared by the session's tests
+    (tests/oidc_peer; it keeps no state the tests depend on); skips (fails
+    under CI) when Node.js or its npm packages are missing."""
+    try:
+        provider = peers.start_oidc_provider(tmp_path_factory.mktemp("oidc"))
+    except peers.PeerMissing as exc:
+        missing_peer(str(exc))
+        raise
+    yield provider
+    provider.stop()
+
+
 @pytest.fixture
 def fhir_server(tmp_path: Path) -> Iterator[peers.FhirServer]:
     """An empty FHIR R4 server on loopback for one test."""

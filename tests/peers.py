@@ -11,7 +11,7 @@ import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 
 class PeerMissing(RuntimeError):
@@ -446,3 +446,95 @@ def start_fhir_server(folder: Path, port: int = 0) -> FhirServer:
     process.kill()
     process.wait(10)
     raise RuntimeError(f"the FHIR server did not listen within 30 s; see {log.name}")
+
+
+# --------------------------------------------------------------------------
+# An OpenID Connect provider: panva's oidc-provider (tests/oidc_peer, npm)
+
+OIDC_PEER = Path(__file__).resolve().parent / "oidc_peer"
+
+
+@dataclasses.dataclass
+class OidcProvider:
+    """A running OpenID Connect provider on loopback
+    (``tests/oidc_peer/server.mjs``): clients ``dicom-script`` (scopes
+    dicom.read, dicom.write, dicom.delete) and ``dicom-viewer`` (dicom.read)
+    get JWT access tokens for the audience ``dicom-appliance`` through the
+    client credentials grant."""
+
+    process: Any
+    port: int
+
+    AUDIENCE: ClassVar[str] = "dicom-appliance"
+    #: the clients' secrets: test values of server.mjs, not secrets
+    CLIENTS: ClassVar[dict[str, str]] = {
+        "dicom-script": "script-secret",
+        "dicom-viewer": "viewer-secret",
+    }
+
+    @property
+    def issuer(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def token(self, client_id: str, scope: str) -> str:
+        """An access token for *client_id* with *scope* (RFC 6749 4.4)."""
+        import httpx
+
+        response = httpx.post(
+            f"{self.issuer}/token",
+            data={"grant_type": "client_credentials", "scope": scope},
+            auth=(client_id, self.CLIENTS[client_id]),
+            timeout=10,
+        )
+        response.raise_for_status()
+        return str(response.json()["access_token"])
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except Exception:  # noqa: BLE001 - it did not stop: make it
+            self.process.kill()
+            self.process.wait(10)
+
+
+def start_oidc_provider(folder: Path) -> OidcProvider:
+    """Start ``node tests/oidc_peer/server.mjs`` on a free loopback port, its
+    log in *folder*, and wait until it listens.  Raises PeerMissing when
+    Node.js or the provider's npm packages are not installed."""
+    import re
+    import shutil
+    import subprocess
+    import time
+
+    node = shutil.which("node")
+    if node is None:
+        raise PeerMissing("Node.js is not installed (apt-get install nodejs npm)")
+    if not (OIDC_PEER / "node_modules").is_dir():
+        raise PeerMissing(
+            f"the OpenID provider's npm packages are not installed ({OIDC_PEER / 'node_modules'} "
+            "is missing); run: npm ci --prefix tests/oidc_peer"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "oidc.log"
+    with path.open("ab") as log:
+        start = log.tell()
+        process = subprocess.Popen(
+            [node, str(OIDC_PEER / "server.mjs"), "0"],
+            cwd=OIDC_PEER,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with path.open("rb") as out:
+            out.seek(start)
+            found = re.search(rb"^listening (\d+)$", out.read(), re.MULTILINE)
+        if found:
+            return OidcProvider(process, int(found.group(1)))
+        if process.poll() is not None:
+            raise RuntimeError(f"the OpenID provider exited at start; see {path}")
+        time.sleep(0.1)
+    process.kill()
+    process.wait(10)
+    raise RuntimeError(f"the OpenID provider did not listen within 30 s; see {path}")

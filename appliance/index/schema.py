@@ -308,3 +308,20 @@ fhir_study = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Index(None, "state", "next_attempt_at"),
 )
+
+#: API tokens for the DICOMweb API (``[auth]``, :mod:`appliance.access`).
+#: A token is ``dap_<id>_<secret>``; only the SHA-256 of the secret is kept
+#: (the secret is 256 random bits, so a fast hash is enough: see
+#: docs/security.md).  ``roles`` is a comma-separated list of role names.
+api_token = Table(
+    "api_token",
+    metadata,
+    Column("id", String(16), primary_key=True),
+    Column("name", String(128), nullable=False),
+    Column("roles", String(64), nullable=False),
+    Column("digest", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=True),
+    Column("revoked_at", DateTime(timezone=True), nullable=True),
+    Column("last_used_at", DateTime(timezone=True), nullable=True),
+)
