@@ -168,7 +168,8 @@ class AuditEvent:
     time: dt.datetime = dataclasses.field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
     def as_json(self) -> dict[str, Any]:
-        """The event as its JSON line's object (empty fields left out)."""
+        """The event as its JSON line's object (empty fields left out, but
+        ``instances``, even 0: a query that matched nothing)."""
         atna = ATNA_EVENTS[self.action]
         out: dict[str, Any] = {
             "time": self.time.astimezone(dt.UTC).isoformat(timespec="milliseconds"),
@@ -183,13 +184,13 @@ class AuditEvent:
             "destination": self.destination,
             "transaction": self.transaction,
             "studies": list(self.studies),
-            "instances": self.instances,
             "failed": self.failed,
             "query_keys": list(self.query_keys),
             "query": dict(self.query) if self.query else None,
             "correlation_id": self.correlation_id,
         }
         out.update((key, value) for key, value in optional.items() if value)
+        out["instances"] = self.instances
         if self.status is not None:
             out["status"] = self.status
         return out
