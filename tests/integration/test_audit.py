@@ -9,6 +9,8 @@ gunicorn workers of ``serve`` write whole lines under concurrent requests.
 from __future__ import annotations
 
 import concurrent.futures
+import datetime as dt
+import io
 import json
 import subprocess
 import threading
@@ -24,10 +26,15 @@ from flask import abort, g, request
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from appliance.config import Config
+from appliance.config import Config, RetentionConfig
+from appliance.fhir.worker import DicomCast
+from appliance.forward.outbox import Outbox
+from appliance.forward.worker import Forwarder
 from appliance.index import migrate
 from appliance.index.engine import create_index_engine
-from appliance.services import build_services
+from appliance.model import Origin
+from appliance.retention import Retention
+from appliance.services import Services, build_services
 from tests.conftest import (
     LiveAppliance,
     appliance_config,
@@ -35,10 +42,12 @@ from tests.conftest import (
     free_port,
     make_config,
     started_appliance,
+    started_server,
 )
 from tests.helpers import part10_of, small_study, stow
 from tests.integration.test_dimse_retrieve import storescp
 from tests.integration.test_serve import migrated_site, running
+from tests.peers import FhirServer
 
 pytestmark = pytest.mark.integration
 
@@ -432,3 +441,111 @@ def test_serve_workers_write_whole_lines_under_concurrent_requests(tmp_path: Pat
     result = site.run("audit", "--json", "--study", study, "--action", "retrieve")
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == requests // 2
+
+
+# ------------------------------------------------------- the appliance's own
+
+
+def _ingest(services: Services, instances: list[Dataset]) -> None:
+    for ds in instances:
+        result = services.ingest.store_part10(io.BytesIO(part10_of(ds)), Origin("import"))
+        assert result.stored, result.reason
+
+
+def test_forwarding_and_retention_are_recorded(tmp_path: Path) -> None:
+    """Forwarding to a real DICOMweb upstream (a second appliance on
+    loopback): each batch is an export event (each deletion sent, a delete
+    event), and the upstream records the store from this appliance; a
+    retention run's deletions are delete events of "retention"."""
+    for upstream in started_server(make_config(tmp_path / "upstream")):
+        config = make_config(
+            tmp_path / "here",
+            APPLIANCE_FORWARD=f'[{{name="cloud", url="{upstream.root}"}}]',
+        )
+        engine = create_index_engine(config.index.url)
+        migrate.upgrade(engine)
+        engine.dispose()
+        services = build_services(config)
+        try:
+            trail, upstream_trail = Trail(config), Trail(upstream.config)
+            instances = study_of(2, suffix="-FW")
+            study = str(instances[0].StudyInstanceUID)
+            _ingest(services, instances)
+            (cloud,) = config.forward
+            forwarder = Forwarder(
+                config.forward,
+                Outbox(services.engine),
+                services.index,
+                services.retrieve,
+                audit=services.audit,
+            )
+            try:
+                assert forwarder.send_once(cloud)
+                (export,) = trail.new(1)
+                assert (export["action"], export["outcome"]) == ("export", 0)
+                assert export["event"] == {"code": "110106", "meaning": "Export", "action": "R"}
+                assert (export["who"], export["protocol"]) == ("forward", "forward")
+                assert (export["destination"], export["address"]) == ("cloud", upstream.root)
+                assert (export["studies"], export["instances"]) == ([study], 2)
+                (received,) = upstream_trail.new(1)
+                assert (received["action"], received["studies"]) == ("store", [study])
+
+                services.delete.delete(study)
+                assert forwarder.send_once(cloud)
+                deletions = trail.new(2)  # one DELETE per instance upstream
+                assert {(e["action"], e["destination"], e["outcome"]) for e in deletions} == {
+                    ("delete", "cloud", 0)
+                }
+                upstream_trail.new(2)
+
+                kept = study_of(1, suffix="-RT")
+                _ingest(services, kept)
+                assert forwarder.send_once(cloud)
+                trail.new(1)
+            finally:
+                forwarder.close()
+            retention = Retention(
+                RetentionConfig(max_age_days=1),
+                services.engine,
+                services.index,
+                services.storage,
+                services.audit,
+            )
+            report = retention.run(now=dt.datetime.now(dt.UTC) + dt.timedelta(days=2))
+            assert report.studies == 1
+            (expired,) = trail.new(1)
+            assert (expired["action"], expired["who"], expired["protocol"]) == (
+                "delete",
+                "retention",
+                "system",
+            )
+            assert expired["studies"] == [str(kept[0].StudyInstanceUID)]
+            assert_no_patient_data(config)
+        finally:
+            services.close()
+
+
+def test_dicomcast_publications_are_exports(tmp_path: Path, fhir_server: FhirServer) -> None:
+    config = make_config(
+        tmp_path, APPLIANCE_FHIR_URL=fhir_server.url, APPLIANCE_FHIR_SETTLE_SECONDS="0"
+    )
+    for server in started_server(config):
+        cast = DicomCast(config, server.services.engine, audit=server.services.audit)
+        try:
+            trail = Trail(config)
+            instances = study_of(1, suffix="-FHIR")
+            _ingest(server.services, instances)
+            while cast.queue.pull(dt.timedelta(0)):
+                pass
+            assert cast.send_once()
+            (export,) = trail.new(1)
+            assert (export["action"], export["protocol"], export["who"]) == (
+                "export",
+                "fhir",
+                "dicomcast",
+            )
+            assert export["address"] == fhir_server.url
+            assert export["studies"] == [str(instances[0].StudyInstanceUID)]
+            assert export["outcome"] == 0
+        finally:
+            cast.close()
