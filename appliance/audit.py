@@ -80,15 +80,15 @@ class AtnaEvent:
 
 #: The message each action corresponds to.
 ATNA_EVENTS: Mapping[Action, AtnaEvent] = {
-    # A.5.3.4: instances received (the receiver records Create)
+    # A.5.3.7: instances received (the receiver records Create)
     Action.STORE: AtnaEvent("110104", "DICOM Instances Transferred", "C"),
     # A.5.3.10: a query (QIDO-RS, C-FIND, the change feed)
     Action.QUERY: AtnaEvent("110112", "Query", "E"),
-    # A.5.3.4: instances sent (the sender records Read): WADO-RS, C-GET, C-MOVE
+    # A.5.3.7: instances sent (the sender records Read): WADO-RS, C-GET, C-MOVE
     Action.RETRIEVE: AtnaEvent("110104", "DICOM Instances Transferred", "R"),
-    # A.5.3.5: DICOM Study Deleted
+    # A.5.3.8: DICOM Study Deleted
     Action.DELETE: AtnaEvent("110105", "DICOM Study Deleted", "D"),
-    # A.5.3.6: data leaving the appliance's control (forwarding, DICOMcast)
+    # A.5.3.4 (Data Export): data leaving our control (forwarding, DICOMcast)
     Action.EXPORT: AtnaEvent("110106", "Export", "R"),
 }
 

@@ -2,7 +2,7 @@
 
 *Who* is the Calling AE Title, with the peer's address.  C-FIND, C-MOVE and
 C-GET are one event per request, written when the request ends.  C-STORE is
-summed up per association and study, as PS3.15 A.5.3.4 "DICOM Instances
+summed up per association and study, as PS3.15 A.5.3.7 "DICOM Instances
 Transferred" reports one transfer of a study's instances: one event per
 study per association, with the instances stored and failed, written when
 the association is released or aborted (:func:`flush`, called by

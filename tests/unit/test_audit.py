@@ -76,7 +76,7 @@ def test_an_event_is_one_json_line_with_its_atna_message(tmp_path: Path) -> None
         "time": "2026-12-03T10:00:00.123+00:00",
         "action": "retrieve",
         "outcome": 0,
-        # PS3.15 A.5.3.4: the sender of instances records Read
+        # PS3.15 A.5.3.7: the sender of instances records Read
         "event": {"code": "110104", "meaning": "DICOM Instances Transferred", "action": "R"},
         "protocol": "dimse",
         "who": "VIEWER",
