@@ -12,8 +12,9 @@ status sent, or as a serious failure if the body was cut short: a streamed
 WADO-RS answer can fail after its 200.
 
 A request refused before its view runs (400, 401, 403, 406...) is recorded
-with its action and a failure outcome; a request that matched no route is
-not recorded (it touched nothing).
+with its action and a failure outcome; a request that matched no route, and
+an ``OPTIONS`` request (answered without the view), are not recorded (they
+touched nothing).
 """
 
 from __future__ import annotations
@@ -82,8 +83,8 @@ def note_broken(environ: dict[str, Any]) -> None:
 def capture(log: AuditLog) -> None:
     """Build the request's event (``teardown_request``; the status comes
     later); nothing for a request of no audited route."""
-    if not log.enabled:
-        return
+    if not log.enabled or request.method == "OPTIONS":
+        return  # OPTIONS (a CORS preflight) runs no view: it touches nothing
     rule = request.url_rule
     blueprint = request.blueprint
     action = ACTIONS.get(blueprint or "") if rule is not None else None
