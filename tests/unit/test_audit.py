@@ -133,7 +133,7 @@ def test_files_are_private_and_disabled_writes_nothing(tmp_path: Path) -> None:
 
 def _write_many(folder: str, writer: int, count: int) -> None:
     log = AuditLog(AuditConfig(path=Path(folder)))
-    # long lines (about 13 kB: 200 UIDs), more than a pipe's atomic 4 kB
+    # long lines (about 7 kB: 200 UIDs), more than a pipe's atomic 4 kB
     studies = tuple(f"1.2.826.0.1.3680043.8.498.{writer}.{n}" for n in range(200))
     for number in range(count):
         log.record(
