@@ -40,6 +40,10 @@
     the API tokens of the DICOMweb API (:mod:`appliance.access`): a new
     token printed once (only its hash is kept), the tokens without their
     secrets, a token revoked.
+``audit [--since TIME | --days N] [--until TIME] [--study UID] [--who NAME]
+[--action ACTION] [--outcome success|failure] [--json]``
+    the audit trail (:mod:`appliance.audit`): who stored, queried,
+    retrieved, deleted or exported which studies, when, with what outcome.
 ``config show``
     print the effective configuration (file plus ``APPLIANCE_*``
     variables), secrets masked.
@@ -267,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_summary_options(reindex, examples=True)
     reindex.set_defaults(func=cmd_reindex)
     _add_admin_commands(commands)
+    _add_audit_command(commands)
 
     _add_token_commands(commands)
 
@@ -445,6 +450,42 @@ def _add_admin_commands(commands: Any) -> None:
     restore.set_defaults(func=cmd_restore)
 
 
+def _add_audit_command(commands: Any) -> None:
+    from appliance.audit import Action
+
+    audit = commands.add_parser(
+        "audit",
+        help="show the audit trail: who stored, queried, retrieved, deleted or exported "
+        "which studies, when, and how it went",
+    )
+    _add_config_option(audit)
+    window = audit.add_mutually_exclusive_group()
+    window.add_argument(
+        "--since", type=_timestamp, metavar="TIME", help="events from TIME on (ISO 8601; UTC)"
+    )
+    window.add_argument(
+        "--days", type=_count, metavar="N", help="events of the last N days (24 h each)"
+    )
+    audit.add_argument(
+        "--until", type=_timestamp, metavar="TIME", help="events before TIME (ISO 8601; UTC)"
+    )
+    audit.add_argument("--study", metavar="UID", help="events that touched this study")
+    audit.add_argument(
+        "--who", metavar="NAME", help="events of this user or Calling AE Title (exact)"
+    )
+    audit.add_argument(
+        "--action",
+        action="append",
+        choices=[action.value for action in Action],
+        help="events of this action (repeat for several)",
+    )
+    audit.add_argument("--outcome", choices=("success", "failure"), help="how it went")
+    audit.add_argument(
+        "--json", action="store_true", help="print the events as JSON lines, as stored"
+    )
+    audit.set_defaults(func=cmd_audit)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``dicom-appliance`` with *argv* (default: the process arguments).
 
@@ -620,7 +661,9 @@ def cmd_retention_run(args: argparse.Namespace) -> int:
     setup_logging(config.log)
     services = build_services(config)
     try:
-        retention = Retention(config.retention, services.engine, services.index, services.storage)
+        retention = Retention(
+            config.retention, services.engine, services.index, services.storage, services.audit
+        )
         if not retention.enabled:
             print("retention is off ([retention] max_age_days and free_target_mb are 0)")
             return 0
@@ -729,6 +772,66 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
         f"{config.auth.token_cache_seconds} s"
     )
     return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """``audit [filters]``: the matching events, oldest first."""
+    from appliance.audit import EventFilter, ReadReport, read_events
+
+    config = load_config(args.config, index_url=False)
+    since = args.since
+    if args.days is not None:
+        since = dt.datetime.now(dt.UTC) - dt.timedelta(days=args.days)
+    selected = EventFilter(
+        since=since,
+        until=args.until,
+        study=args.study,
+        who=args.who,
+        actions=frozenset(args.action or ()),
+        success=None if args.outcome is None else args.outcome == "success",
+    )
+    report = ReadReport()
+    events = read_events(config.audit.path, selected, report)
+    if args.json:
+        for event in events:
+            print(json.dumps(event, ensure_ascii=False, separators=(",", ":")))
+    else:
+        rows = [_audit_row(event) for event in events]
+        header = ("time", "action", "outcome", "who", "address", "via", "studies", "n", "status")
+        widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+        for row in (header, *rows):
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        print(f"{len(rows)} event(s)")
+    if report.unreadable:
+        print(f"{PROG}: {report.unreadable} line(s) could not be read", file=sys.stderr)
+    return 0
+
+
+#: EventOutcomeIndicator (PS3.15 A.5.1) as the table shows it.
+_OUTCOMES = {0: "success", 4: "minor-failure", 8: "serious-failure", 12: "major-failure"}
+
+
+def _audit_row(event: dict[str, Any]) -> tuple[str, ...]:
+    studies = [str(uid) for uid in event.get("studies") or ()]
+    shown = studies[0] if studies else "-"
+    if len(studies) > 1:
+        shown += f" +{len(studies) - 1}"
+    destination = event.get("destination")
+    via = str(event.get("transaction") or event.get("protocol") or "")
+    if destination:
+        via += f" -> {destination}"
+    status = event.get("status")
+    return (
+        str(event.get("time", "")),
+        str(event.get("action", "")),
+        _OUTCOMES.get(event.get("outcome", -1), str(event.get("outcome"))),
+        str(event.get("who", "")),
+        str(event.get("address", "")),
+        via,
+        shown,
+        str(event.get("instances", 0)),
+        "-" if status is None else str(status),
+    )
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:

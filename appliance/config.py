@@ -551,6 +551,27 @@ class AuthConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AuditConfig:
+    """The audit trail (``[audit]``, README "Audit trail"): one JSON line per
+    access to patient data, in files of their own (:mod:`appliance.audit`)."""
+
+    #: record audit events (false: none are written)
+    enabled: bool = _field(True)
+    #: the folder of the daily files (audit-YYYY-MM-DD.jsonl, UTC days);
+    #: created with mode 0700, files with 0600
+    path: Path = _field(Path("./data/audit"))
+    #: days a daily file is kept after its day; older ones are deleted
+    #: (0: never)
+    retention_days: int = _field(365, check=_non_negative)
+    #: fsync each event (true) or leave it to the kernel (false: a power
+    #: loss, not a process crash, may lose the last seconds of events)
+    fsync: bool = _field(False)
+    #: also write the values of query keys (QIDO-RS parameters, C-FIND
+    #: identifiers), which may be patient names or IDs; false: their names only
+    record_query_values: bool = _field(False)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole effective configuration; built by :func:`load_config`."""
 
@@ -568,6 +589,8 @@ class Config:
     fhir: FhirConfig = dataclasses.field(default_factory=FhirConfig)
     #: who may use the DICOMweb API
     auth: AuthConfig = dataclasses.field(default_factory=AuthConfig)
+    #: the audit trail
+    audit: AuditConfig = dataclasses.field(default_factory=AuditConfig)
     #: the file it was read from, if any (not a key)
     source: Path | None = dataclasses.field(default=None, compare=False)
 
@@ -835,7 +858,11 @@ def _resolve_storage_path(config: Config, cwd: Path) -> Config:
     if not storage_path.is_absolute():
         storage_path = (cwd / storage_path).resolve()
     storage = dataclasses.replace(config.storage, path=storage_path)
-    return dataclasses.replace(config, storage=storage)
+    audit_path = config.audit.path
+    if not audit_path.is_absolute():
+        audit_path = (cwd / audit_path).resolve()
+    audit = dataclasses.replace(config.audit, path=audit_path)
+    return dataclasses.replace(config, storage=storage, audit=audit)
 
 
 def resolve_index_url(config: Config, cwd: Path | None = None) -> Config:

@@ -65,6 +65,11 @@ HTTP_SECONDS = Histogram(
     ["transaction"],
     buckets=_LATENCY_BUCKETS,
 )
+AUDIT_WRITE_FAILURES = Counter(
+    "appliance_audit_write_failures_total",
+    "Audit events that could not be written to the audit trail (disk full, "
+    "permissions); the service log names each.",
+)
 RECEIVED_BYTES = Counter(
     "appliance_received_bytes_total",
     "Bytes received: HTTP request bodies, DIMSE data sets.",

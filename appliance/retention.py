@@ -30,6 +30,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from appliance.audit import Action, AuditEvent, AuditLog, Outcome
 from appliance.config import RetentionConfig
 from appliance.delete import DeleteService
 from appliance.errors import ApplianceError, IndexUnavailable, NotFound
@@ -65,8 +66,15 @@ class Retention:
     """The retention of an appliance's index and store."""
 
     def __init__(
-        self, config: RetentionConfig, engine: Engine, index: SqlIndex, storage: BlobStore
+        self,
+        config: RetentionConfig,
+        engine: Engine,
+        index: SqlIndex,
+        storage: BlobStore,
+        audit: AuditLog | None = None,
     ) -> None:
+        #: each study deleted is a ``delete`` audit event (who: "retention")
+        self.audit = audit
         self.config = config
         self.engine = engine
         self.index = index
@@ -158,6 +166,18 @@ class Retention:
         except NotFound:
             return 0
         size = sum(s.size for s in gone)
+        if self.audit is not None and not dry_run:
+            self.audit.record(
+                AuditEvent(
+                    action=Action.DELETE,
+                    outcome=Outcome.SUCCESS,
+                    protocol="system",
+                    who="retention",
+                    studies=(uid,),
+                    instances=len(gone),
+                    transaction="retention",
+                )
+            )
         report.studies += 1
         report.instances += len(gone)
         report.bytes += size

@@ -505,13 +505,17 @@ def run_worker(config: Config) -> int:
             from appliance.forward.worker import Forwarder
 
             forwarder = Forwarder(
-                config.forward, Outbox(services.engine), services.index, services.retrieve
+                config.forward,
+                Outbox(services.engine),
+                services.index,
+                services.retrieve,
+                audit=services.audit,
             )
             jobs.append(("forward", forwarder.run, forwarder.close))
         if config.fhir.url:
             from appliance.fhir.worker import DicomCast
 
-            cast = DicomCast(config, services.engine)
+            cast = DicomCast(config, services.engine, audit=services.audit)
             jobs.append(("fhir", cast.run, cast.close))
         retention = _retention(config, services)
         if retention.enabled:
@@ -535,7 +539,9 @@ def run_worker(config: Config) -> int:
 def _retention(config: Config, services: Services) -> Any:
     from appliance.retention import Retention
 
-    return Retention(config.retention, services.engine, services.index, services.storage)
+    return Retention(
+        config.retention, services.engine, services.index, services.storage, services.audit
+    )
 
 
 def _sweep(services: Services) -> None:

@@ -11,6 +11,7 @@ import dataclasses
 
 from sqlalchemy import Engine
 
+from appliance.audit import AuditLog
 from appliance.config import Config
 from appliance.delete import DeleteService
 from appliance.forward.routes import Routes
@@ -36,6 +37,8 @@ class Services:
     query: QueryService
     retrieve: RetrieveService
     delete: DeleteService
+    #: the audit trail this process writes
+    audit: AuditLog
 
     def check_ready(self) -> dict[str, str]:
         """Probe the index and the storage; ``{"index": "ok", ...}`` or the
@@ -52,6 +55,7 @@ class Services:
 
     def close(self) -> None:
         self.engine.dispose()
+        self.audit.close()
 
 
 def build_services(config: Config, *, require_schema: bool = True) -> Services:
@@ -84,4 +88,5 @@ def build_services(config: Config, *, require_schema: bool = True) -> Services:
         query=QueryService(engine, max_results=config.query.max_results),
         retrieve=RetrieveService(index, storage),
         delete=DeleteService(index, storage, routes.deletes_to),
+        audit=AuditLog(config.audit),
     )

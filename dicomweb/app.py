@@ -21,6 +21,10 @@ from appliance.access import Authenticator
 from appliance.config import Config
 from appliance.services import Services, build_services
 from dicomweb.auth import install_auth
+from appliance.audit import AuditLog
+from appliance.config import Config
+from appliance.services import Services, build_services
+from dicomweb import audit
 from dicomweb.cors import install_cors
 from dicomweb.errors import refuse_hostile_paths, register_error_handlers
 from dicomweb.instrument import Counting, note_transaction
@@ -51,6 +55,9 @@ class ApplianceExtension:
         self._owned = services is None
         self._built_in = os.getpid()
         self._lock = threading.Lock()
+        #: the audit trail of the requests this app answers (it opens its
+        #: file in the process that writes, after any fork)
+        self.audit = AuditLog(config.audit)
 
     @property
     def services(self) -> Services:
@@ -79,6 +86,7 @@ class ApplianceExtension:
                 self._services.close()
             if self._owned:
                 self._services = None
+        self.audit.close()
 
 
 def create_app(
@@ -106,6 +114,7 @@ def create_app(
     app.before_request(note_transaction)
     install_auth(app, Authenticator(config.auth, lambda: extension.services.engine))
     app.before_request(refuse_hostile_paths)
+    app.teardown_request(lambda _exc: audit.capture(extension.audit))
     app.wsgi_app = Counting(app.wsgi_app)  # type: ignore[method-assign]
 
     for blueprint in _blueprints():

@@ -25,6 +25,7 @@ from flask import request
 
 from appliance import metrics
 from appliance.logs import CORRELATION_ID
+from dicomweb import audit
 
 #: Where the view records its transaction in the WSGI environ.
 TRANSACTION = "appliance.transaction"
@@ -75,11 +76,15 @@ class _Body:
         self._status = status
         self._started = started
         self._sent = 0
+        #: the body was iterated to its end (not: it failed after its status
+        #: was sent, or the client left before the end)
+        self._finished = False
 
     def __iter__(self) -> Iterator[bytes]:
         for chunk in self._body:
             self._sent += len(chunk)
             yield chunk
+        self._finished = True
 
     def close(self) -> None:
         try:
@@ -95,6 +100,9 @@ class _Body:
             metrics.HTTP_SECONDS.labels(transaction).observe(time.perf_counter() - self._started)
             if self._sent:
                 metrics.SENT_BYTES.labels("http").inc(self._sent)
+            audit.finish(
+                self._environ, self._status[0] if self._status else "0", not self._finished
+            )
             CORRELATION_ID.set(None)
 
 

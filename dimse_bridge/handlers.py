@@ -20,6 +20,7 @@ from pynetdicom.events import Event, EventHandlerType
 from appliance import metrics
 from appliance.config import Config
 from appliance.logs import CORRELATION_ID
+from dimse_bridge import audit
 from dimse_bridge.stats import stats_of
 
 #: The attribute of a pynetdicom Association holding its correlation id.
@@ -130,8 +131,10 @@ def on_accepted(event: Event, config: Config) -> None:
 
 
 def on_released(event: Event) -> None:
-    """``EVT_RELEASED``: the association's one summary line."""
+    """``EVT_RELEASED``: the association's one summary line, and its C-STORE
+    audit events."""
     correlate(event.assoc)
+    audit.flush(event.assoc)
     metrics.ASSOCIATIONS.labels(stats_of(event.assoc).calling_ae, "released").inc()
     LOGGER.info(
         "association released: calling AE '%s' from %s: %s",
@@ -148,6 +151,7 @@ def on_aborted(event: Event) -> None:
         LOGGER.debug("connection from %s closed without an association request", _peer(event))
         return
     correlate(event.assoc)
+    audit.flush(event.assoc)
     metrics.ASSOCIATIONS.labels(stats_of(event.assoc).calling_ae, "aborted").inc()
     LOGGER.warning(
         "association aborted: calling AE '%s' from %s: %s",

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from sqlalchemy import Engine
 
+from appliance.audit import Action, AuditEvent, AuditLog, Outcome
 from appliance.config import Config
 from appliance.errors import IndexUnavailable
 from appliance.fhir.client import FhirClient, FhirError
@@ -45,7 +46,10 @@ class DicomCast:
         config: Config,
         engine: Engine,
         client_factory: Callable[[Config], FhirClient] = lambda c: FhirClient(c.fhir),
+        audit: AuditLog | None = None,
     ) -> None:
+        #: each study published (or parked) is an ``export`` audit event
+        self.audit = audit
         self.config = config
         self.settings = config.fhir
         self.queue = StudyQueue(engine)
@@ -105,6 +109,24 @@ class DicomCast:
         self._publish(claim)
         return True
 
+    def _audit(self, study_uid: str, outcome: Outcome) -> None:
+        """A study's metadata (the patient's name and ID among it) sent to
+        the FHIR server, or refused by it for good."""
+        if self.audit is None:
+            return
+        self.audit.record(
+            AuditEvent(
+                action=Action.EXPORT,
+                outcome=outcome,
+                protocol="fhir",
+                who="dicomcast",
+                address=self.settings.url,
+                destination="fhir",
+                studies=(study_uid,),
+                transaction="DICOMcast",
+            )
+        )
+
     def _publish(self, claim: StudyClaim) -> None:
         # the Endpoint is looked up once per batch: one removed on the
         # server is made again, not referred to
@@ -115,6 +137,7 @@ class DicomCast:
                 published = self.publisher.publish(uid)
             except FhirError as exc:
                 if not exc.transient:
+                    self._audit(uid, Outcome.SERIOUS_FAILURE)
                     log.warning("fhir: study %s parked: %s", uid, exc.reason)
                     self.queue.park(claim.token, uid, exc.reason)
                     continue
@@ -132,6 +155,7 @@ class DicomCast:
                 for other in rest:
                     self.queue.retry(claim.token, other.study_instance_uid, exc.reason, at)
                 return
+            self._audit(uid, Outcome.SUCCESS)
             if self.queue.synced(claim.token, uid, published.imaging_study):
                 log.info(
                     "fhir: study %s published as %s (%d write%s)",

@@ -31,6 +31,7 @@ from typing import IO
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from appliance.audit import Action, AuditEvent, AuditLog, outcome_of_counts, study_uids
 from appliance.config import ForwardConfig
 from appliance.encoding import data_set_of
 from appliance.errors import ApplianceError, IndexUnavailable
@@ -70,6 +71,9 @@ class Forwarder:
     ----------
     upstream_factory
         Makes the :class:`Upstream` of a destination (tests pass transports).
+    audit
+        The audit trail: each batch sent is an ``export`` event (a deletion
+        sent, a ``delete`` event) of the studies in it; None: not recorded.
     """
 
     def __init__(
@@ -79,7 +83,9 @@ class Forwarder:
         index: SqlIndex,
         retrieve: RetrieveService,
         upstream_factory: Callable[[ForwardConfig], Upstream] = Upstream,
+        audit: AuditLog | None = None,
     ) -> None:
+        self.audit = audit
         self.destinations = tuple(destinations)
         self.outbox = outbox
         self.index = index
@@ -242,6 +248,8 @@ class Forwarder:
         def ids(uids: Iterable[str]) -> list[int]:
             return [entry.id for uid in uids for entry in by_uid.get(uid, [])]
 
+        if self.audit is not None:
+            _audit(self.audit, destination, by_uid, outcome)
         delivered = ids(outcome.delivered)
         if delivered:
             self.outbox.delivered(claim.token, delivered)
@@ -265,6 +273,32 @@ class Forwarder:
                     delay,
                 )
                 self.outbox.retry(claim.token, ids(uids), reason, at)
+
+
+def _audit(
+    audit: AuditLog, destination: ForwardConfig, by_uid: dict[str, list[Entry]], outcome: Outcome
+) -> None:
+    """One batch's audit event: the studies sent, the instances delivered
+    and not delivered (for now or for good)."""
+    entries = [entries[0] for entries in by_uid.values() if entries]
+    if not entries:
+        return
+    delivered = sum(uid in outcome.delivered for uid in by_uid)
+    failed = sum(uid in outcome.transient or uid in outcome.permanent for uid in by_uid)
+    audit.record(
+        AuditEvent(
+            action=Action.DELETE if entries[0].action == "delete" else Action.EXPORT,
+            outcome=outcome_of_counts(delivered, failed),
+            protocol="forward",
+            who="forward",
+            address=destination.url,
+            destination=destination.name,
+            studies=study_uids(entry.study_instance_uid for entry in entries),
+            instances=delivered,
+            failed=failed,
+            transaction="STOW-RS" if entries[0].action != "delete" else "DELETE",
+        )
+    )
 
 
 def _grouped(reasons: dict[str, str]) -> dict[str, list[str]]:

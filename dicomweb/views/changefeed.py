@@ -23,6 +23,7 @@ from flask import Blueprint, Response, request
 
 from appliance.errors import NotFound
 from appliance.index.sql import ChangeEntry
+from dicomweb import audit
 from dicomweb.app import current_services
 from dicomweb.errors import InvalidRequest
 from dicomweb.metadata import instance_metadata
@@ -44,6 +45,9 @@ def read_change_feed() -> Response:
     limit = _integer(params, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
     include = _boolean(params, "includemetadata", True)
     entries = current_services().index.changes(after=offset, limit=limit)
+    audit.note(
+        studies=tuple(dict.fromkeys(e.study_instance_uid for e in entries)), instances=len(entries)
+    )
     cache: dict[str, dict[str, Any] | None] = {}
     return _json([_entry(entry, include, cache) for entry in entries])
 
@@ -56,6 +60,7 @@ def latest_change() -> Response:
     entry = current_services().index.latest_change()
     if entry is None:
         return Response(status=204)
+    audit.note(studies=(entry.study_instance_uid,), instances=1)
     return _json(_entry(entry, include, {}))
 
 

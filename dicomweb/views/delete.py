@@ -7,6 +7,7 @@ import logging
 
 from flask import Blueprint, Response
 
+from dicomweb import audit
 from dicomweb.app import current_services
 from dicomweb.errors import check_uids
 
@@ -22,5 +23,6 @@ def delete_resource(study: str, series: str | None = None, instance: str | None 
     stored there, or 400 for a malformed UID."""
     check_uids(study, series, instance)
     removed = current_services().delete.delete(study, series, instance)
+    audit.note(instances=len(removed))
     log.info("DELETE removed %d instance(s) of study %s", len(removed), study)
     return Response(status=204)

@@ -54,10 +54,12 @@ from werkzeug.datastructures import MIMEAccept, MultiDict
 from werkzeug.exceptions import NotAcceptable
 from werkzeug.http import parse_accept_header
 
+from appliance.audit import study_uids
 from appliance.dicomio import is_valid_uid
 from appliance.errors import QueryError
 from appliance.model import Level
 from appliance.query import Query, QueryService
+from dicomweb import audit
 from dicomweb.app import current_services
 from dicomweb.jsonmodel import (
     NUMBER_VRS,
@@ -267,6 +269,14 @@ def _search(level: Level, study: str | None = None, series: str | None = None) -
     root = service_root()
     plan = _result_plan(level, keywords)
     body = [_result_json(plan, match, level, root) for match in result.matches]
+    # the audit event: the keys' names (their values only if configured:
+    # they may be a patient's name or ID) and the studies disclosed
+    audit.note(
+        studies=study_uids(m.get("StudyInstanceUID") or study for m in result.matches),
+        instances=len(body),
+        query_keys=tuple(search.keys),
+        query=search.keys,
+    )
 
     warnings: list[str] = []
     if search.fuzzymatching:

@@ -40,6 +40,7 @@ from appliance.ingest import IngestResult
 from appliance.ingest.streams import PrefixedStream
 from appliance.model import Origin
 from appliance.status import Status, StatusCategory
+from dicomweb import audit
 from dicomweb.app import current_services, get_extension
 from dicomweb.errors import (
     InvalidRequest,
@@ -129,9 +130,20 @@ def _store(study: str | None) -> Response:
     origin = Origin("dicomweb", calling_ae="", remote=request.remote_addr or "")
     source = LimitedReader(request.stream, limit)
     outcomes: list[StoredPart] = []
+    stored_in: dict[str, None] = {}  # the studies stored in, in order
+    counts = [0, 0]  # instances stored, failed
 
     def store(part: Part) -> None:
-        outcomes.append(_store_part(part, study, origin, services.ingest.store_part10))
+        outcome = _store_part(part, study, origin, services.ingest.store_part10)
+        outcomes.append(outcome)
+        # the audit event lists what was stored, even if a later part fails
+        # the whole request (dicomweb.audit)
+        if outcome.result.stored:
+            stored_in.setdefault(outcome.result.study_instance_uid, None)
+            counts[0] += 1
+        else:
+            counts[1] += 1
+        audit.note(studies=tuple(stored_in), instances=counts[0], failed=counts[1])
 
     try:
         if content_type.is_(APPLICATION_DICOM):

@@ -47,7 +47,7 @@ import hashlib
 import io
 import logging
 from collections.abc import Iterable, Iterator, Sequence
-from typing import IO
+from typing import IO, Any
 
 from flask import Blueprint, Response, request
 from pydicom import dcmread
@@ -66,6 +66,7 @@ from appliance.index.metadata_cache import WRITE_BATCH, MetadataCache
 from appliance.index.sql import StoredInstance
 from appliance.retrieve import RetrieveService
 from appliance.storage.base import CHUNK_SIZE
+from dicomweb import audit
 from dicomweb.app import current_services
 from dicomweb.errors import InvalidRequest, NotAcceptable, check_uids
 from dicomweb.media import (
@@ -601,6 +602,7 @@ def retrieve_instances(
         )
     retrieve = current_services().retrieve
     instances = retrieve.instances(study, series, instance)
+    audit.note(instances=len(instances))
     plans: list[tuple[StoredInstance, list[Acceptable]]] = []
     for stored in instances:
         options = candidates(stored.transfer_syntax_uid, acceptable)
@@ -628,8 +630,9 @@ def retrieve_instances(
         response.content_length = first.size
     else:
         boundary = new_boundary()
+        environ = request.environ
         response = Response(
-            _multipart(retrieve, root, plans, first, boundary, counter, what),
+            _multipart(retrieve, root, plans, first, boundary, counter, what, environ),
             content_type=content_type(boundary, APPLICATION_DICOM),
             direct_passthrough=True,
         )
@@ -655,6 +658,7 @@ def _multipart(
     boundary: str,
     counter: _Counter,
     what: str,
+    environ: dict[str, Any],
 ) -> Iterator[bytes]:
     """The multipart body, one instance at a time: at most one chunk (or
     one transcoded instance) is in memory."""
@@ -685,6 +689,7 @@ def _multipart(
         # the status line is gone: end the body without its close delimiter,
         # which tells the client the message is incomplete
         log.error("WADO-RS retrieve %s stopped: %s", what, exc.reason)
+        audit.note_broken(environ)
     finally:
         if body is not None:
             _close(body.chunks)
@@ -727,6 +732,7 @@ def retrieve_metadata(
     _check_json_acceptable()
     services = current_services()
     instances = services.retrieve.instances(study, series, instance)
+    audit.note(instances=len(instances))
     root = service_root()
     # the BulkDataURIs carry the service root: a part of the representation
     etag, last_modified = validators(instances, f"metadata|1|{root}")

@@ -30,10 +30,12 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.events import Event
 
+from appliance.audit import Action, Outcome
 from appliance.config import Config
 from appliance.errors import IndexUnavailable, QueryError
 from appliance.services import Services
 from appliance.status import Status, StatusCategory
+from dimse_bridge import audit
 from dimse_bridge.identifiers import (
     IdentifierError,
     InformationModel,
@@ -118,6 +120,18 @@ def handle_find(event: Event, services: Services, config: Config) -> Iterator[Fi
                 category = StatusCategory.SUCCESS  # pynetdicom sends it at the end
             result, code = category.value, 0 if category is StatusCategory.SUCCESS else outcome.last
         stats_of(event.assoc).record("C-FIND", result)
+        audit.record(
+            event.assoc,
+            services.audit,
+            Action.QUERY,
+            Outcome.SUCCESS if result in ("success", "cancel") else Outcome.MINOR_FAILURE,
+            transaction="C-FIND",
+            status=code,
+            studies=outcome.studies,
+            instances=outcome.sent,
+            query_keys=tuple(outcome.matching),
+            query=outcome.matching,
+        )
         log = LOGGER.info if result in ("success", "cancel") else LOGGER.warning
         log(
             "C-FIND from '%s': %s %s keys=%s -> %d match(es) sent, %s 0x%04X%s (%.2f s)",
@@ -143,6 +157,10 @@ class _Outcome:
         self.sent = 0
         self.last = int(Status.SUCCESS)
         self.reason = ""
+        #: for the audit event: the matching keys (keyword -> value) and
+        #: the studies of the matches sent
+        self.matching: dict[str, str] = {}
+        self.studies: dict[str, None] = {}
 
 
 def _failure(
@@ -169,6 +187,8 @@ def _find(
         yield _failure(outcome, exc.status, exc.reason, exc.offending)
         return
     outcome.level, outcome.keys = find.level.value, find.key_names()
+    outcome.matching = dict(find.keys)
+    path_study = outcome.matching.get("StudyInstanceUID", "")
     try:
         result = services.query.search(find.query())
     except QueryError as exc:
@@ -201,6 +221,7 @@ def _find(
             yield _failure(outcome, Status.UNABLE_TO_PROCESS, "a match could not be encoded")
             return
         outcome.sent += 1
+        outcome.studies[str(match.get("StudyInstanceUID") or path_study)] = None
         yield pending, identifier
     if event.is_cancelled:
         yield Status.CANCEL, None

@@ -47,6 +47,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from appliance.audit import Action, AuditLog, Outcome, study_uids
 from appliance.config import Config, PeerConfig
 from appliance.dicomio import is_valid_uid
 from appliance.errors import ApplianceError, NotFound
@@ -55,7 +56,7 @@ from appliance.model import Level
 from appliance.query import Query, QueryService
 from appliance.services import Services
 from appliance.status import Status
-from dimse_bridge import sending
+from dimse_bridge import audit, sending
 from dimse_bridge.services import ServiceSetup
 from dimse_bridge.stats import stats_of
 
@@ -170,6 +171,7 @@ def handle_move(event: Event, services: Services, config: Config) -> Iterator[An
         follows an association to it that carries no C-STORE.
     """
     operation = _begin(event, "C-MOVE", MOVE_MODELS)
+    operation.audit = services.audit
     sending.send_at_once(event.assoc)
     try:
         destination = str(event.move_destination or "").strip()
@@ -249,6 +251,7 @@ def handle_get(event: Event, services: Services) -> Iterator[Any]:
         carries the failure.
     """
     operation = _begin(event, "C-GET", GET_MODELS)
+    operation.audit = services.audit
     sending.send_at_once(event.assoc)
     sending.send_stored_bytes(event.assoc, services.retrieve)
     plan = _plan(event, services, operation)
@@ -554,6 +557,7 @@ def _plan(event: Event, services: Services, operation: _Operation) -> _Plan:
             ),
         )
     operation.matched = len(instances)
+    operation.studies = study_uids(stored.study_instance_uid for stored in instances)
     return _Plan(instances)
 
 
@@ -605,6 +609,9 @@ class _Operation:
     note: str = ""
     left_out: frozenset[str] = frozenset()
     link: _SubAssociation | None = None
+    #: for the audit event: where it is written, the studies matched
+    audit: AuditLog | None = None
+    studies: tuple[str, ...] = ()
 
     def describe(self, request: RetrieveRequest) -> None:
         """Name what *request* retrieves by its UIDs (the Patient ID is
@@ -708,6 +715,8 @@ def _log_final(event: Event, operation: _Operation, status: int, command: Datase
     where = (
         f" to '{operation.destination}'" if operation.service == "C-MOVE" else ""
     ) + f" ({'Patient' if operation.root is Level.PATIENT else 'Study'} Root)"
+    if operation.audit is not None:
+        _audit(event, operation, operation.audit, status, command)
     LOGGER.log(
         logging.INFO if outcome == "success" else logging.WARNING,
         "%s%s %s: 0x%04X %s; %d matched%s; %d bytes out%s%s",
@@ -721,6 +730,36 @@ def _log_final(event: Event, operation: _Operation, status: int, command: Datase
         operation.bytes_out,
         f", {operation.transcoded} transcoded" if operation.transcoded else "",
         f"; {note}" if note else "",
+    )
+
+
+def _audit(
+    event: Event, operation: _Operation, log: AuditLog, status: int, command: Dataset
+) -> None:
+    """The operation's audit event: the studies matched, the instances sent
+    and failed (the final response's counts), the Move Destination."""
+    if status == int(Status.SUCCESS) or status == int(Status.CANCEL):
+        outcome = Outcome.SUCCESS
+    elif status == int(Status.UNABLE_TO_PROCESS):
+        outcome = Outcome.SERIOUS_FAILURE
+    else:  # refused, a warning (some sub-operations failed), a failure
+        outcome = Outcome.MINOR_FAILURE
+    destination = ""
+    if operation.service == "C-MOVE":
+        where = f" ({operation.peer})" if operation.peer else ""
+        destination = f"{operation.destination}{where}"
+    audit.record(
+        event.assoc,
+        log,
+        Action.RETRIEVE,
+        outcome,
+        transaction=operation.service,
+        status=status,
+        studies=operation.studies,
+        instances=int(command.get("NumberOfCompletedSuboperations") or 0)
+        + int(command.get("NumberOfWarningSuboperations") or 0),
+        failed=int(command.get("NumberOfFailedSuboperations") or 0),
+        destination=destination,
     )
 
 

@@ -65,6 +65,7 @@ from appliance.errors import ApplianceError
 from appliance.model import Origin
 from appliance.services import Services
 from appliance.status import Status, StatusCategory
+from dimse_bridge import audit
 from dimse_bridge.services import ServiceSetup
 from dimse_bridge.stats import stats_of
 
@@ -224,6 +225,7 @@ def handle_store(event: Event, services: Services, config: Config) -> Dataset:
     sop_class = str(request.AffectedSOPClassUID or "")
     sop_instance = str(request.AffectedSOPInstanceUID or "")
     size = 0
+    study, stored = "", False
     try:
         assoc = event.assoc
         origin = Origin(
@@ -243,6 +245,7 @@ def handle_store(event: Event, services: Services, config: Config) -> Dataset:
                 origin=origin,
             )
         status, reason = result.status, result.reason
+        study, stored = result.study_instance_uid, result.stored
     except ApplianceError as exc:
         status, reason = exc.status, exc.reason
     except Exception as exc:  # never leak into pynetdicom (it would answer 0xC211)
@@ -250,7 +253,9 @@ def handle_store(event: Event, services: Services, config: Config) -> Dataset:
         reason = f"internal error ({exc.__class__.__name__})"
         # the traceback's last line may quote the exception's text: debug only
         LOGGER.debug("C-STORE of %s failed", sop_instance, exc_info=True)
-    return _response(event, status, reason, sop_instance, size)
+    response = _response(event, status, reason, sop_instance, size)
+    audit.record_store(event.assoc, services.audit, study, stored, int(response.Status))
+    return response
 
 
 def _response(event: Event, status: Status, reason: str, sop_instance: str, size: int) -> Dataset:
