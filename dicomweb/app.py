@@ -18,13 +18,11 @@ from pathlib import Path
 from flask import Blueprint, Flask, current_app
 
 from appliance.access import Authenticator
-from appliance.config import Config
-from appliance.services import Services, build_services
-from dicomweb.auth import install_auth
 from appliance.audit import AuditLog
 from appliance.config import Config
 from appliance.services import Services, build_services
 from dicomweb import audit
+from dicomweb.auth import install_auth
 from dicomweb.cors import install_cors
 from dicomweb.errors import refuse_hostile_paths, register_error_handlers
 from dicomweb.instrument import Counting, note_transaction
