@@ -17,6 +17,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -24,13 +25,23 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StorageCommitmentPushModel,
     StudyRootQueryRetrieveInformationModelFind,
     Verification,
 )
 
+from appliance.commitment import CommitmentOutbox, ReportState
 from appliance.status import Status
 from tests.certs import Authority, Issued, issue_cert, make_ca
-from tests.conftest import dcmtk, missing_peer
+from tests.conftest import appliance_config, dcmtk, missing_peer, started_appliance
+from tests.integration.test_dimse_commitment import (
+    SCU_AE,
+    ReportSink,
+    load,
+    n_action,
+    request,
+    wait_for,
+)
 from tests.integration.test_dimse_retrieve import wait_listening
 from tests.integration.test_dimse_store import ct_dataset, write_part10
 from tests.integration.test_serve import (
@@ -421,3 +432,71 @@ def test_tls_only_opens_no_plain_port(tmp_path: Path) -> None:
         assert code != 0
         assert "Connection refused" in out or "connect" in out.lower(), out
         assert echoscu(tls_port, *tls_options(pki.modality, pki.ca))[0] == 0
+
+
+# --------------------------------------------------------------------------
+# outgoing TLS: a Storage Commitment report on a new association
+
+
+class TlsReportSink(ReportSink):
+    """Also keeps the certificate the appliance presented on each report's
+    association (read while it is open)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.certificates: list[dict[str, Any]] = []
+
+    def handle(self, event: Any) -> tuple[int, None]:
+        sock = event.assoc.dul.socket.socket
+        assert isinstance(sock, ssl.SSLSocket)
+        self.certificates.append(sock.getpeercert())
+        return super().handle(event)
+
+
+def test_a_commitment_report_goes_to_a_tls_peer_over_tls(tmp_path: Path) -> None:
+    """A tls = true requester (pynetdicom, on both sides of TLS) asks for
+    Storage Commitment over the TLS listener of an appliance run in this
+    process (its own TLS socket), releases, and gets the N-EVENT-REPORT on
+    a new association: TLS, the appliance's client certificate presented
+    and verified by the peer."""
+    pki = make_pki(tmp_path / "pki")
+    tls_port, peer_port = free_port(), free_port()
+    env = tls_environment(
+        pki, tls_port, f'[{{ae_title="{SCU_AE}", host="127.0.0.1", port={peer_port}, tls=true}}]'
+    )
+    env["APPLIANCE_DIMSE_COMMITMENT_ON_SAME_ASSOCIATION"] = "false"
+    peer_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    peer_context.load_cert_chain(pki.dest.cert_file, pki.dest.key_file)
+    peer_context.load_verify_locations(cafile=pki.ca.cert_file)
+    peer_context.verify_mode = ssl.CERT_REQUIRED
+    sink = TlsReportSink()
+    peer = AE(ae_title=SCU_AE)
+    peer.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+    server = peer.start_server(
+        ("127.0.0.1", peer_port),
+        block=False,
+        evt_handlers=sink.handlers(),
+        ssl_context=peer_context,
+    )
+    try:
+        for app in started_appliance(appliance_config(tmp_path / "app", **env)):
+            ct = load(app, "CT_small.dcm")
+            uid = generate_uid()
+            client = ssl.create_default_context(cafile=pki.ca.cert_file)
+            client.load_cert_chain(pki.modality.cert_file, pki.modality.key_file)
+            scu = AE(ae_title=SCU_AE)
+            scu.add_requested_context(StorageCommitmentPushModel)
+            assoc = scu.associate(
+                "127.0.0.1", tls_port, ae_title=app.ae_title, tls_args=(client, "127.0.0.1")
+            )
+            assert assoc.is_established
+            assert n_action(assoc, request(uid, [ct])).Status == Status.SUCCESS
+            assoc.release()
+            got = sink.get()
+            wait_for(CommitmentOutbox(app.services.engine), uid, state=ReportState.DELIVERED)
+    finally:
+        server.shutdown()
+    assert (got.event_type, got.transaction_uid, got.committed) == (1, uid, [ct])
+    [certificate] = sink.certificates
+    subject = dict(item[0] for item in certificate["subject"])
+    assert subject["commonName"] == "appliance"
