@@ -182,6 +182,10 @@ class PeerConfig:
     #: DICOM TLS both ways: associations we open to it use TLS, and it may
     #: call only on the TLS listener
     tls: bool = _field(False)
+    #: with tls: the names (subject CN, DNS or IP subject alternative names)
+    #: one of which its client certificate must carry; empty = any
+    #: certificate from dimse.tls_ca_file
+    tls_names: tuple[str, ...] = _field(())
 
 
 def _uid_list(value: tuple[str, ...]) -> str | None:
@@ -768,6 +772,9 @@ def _check_dimse_tls(dimse: DimseConfig) -> None:
     and key that do not match, an unreadable CA file): refused now rather
     than at the first association."""
     outgoing = any(peer.tls for peer in dimse.peers)
+    for i, peer in enumerate(dimse.peers):
+        if peer.tls_names and not peer.tls:
+            raise ConfigError(f"dimse.peers[{i}].tls_names", "needs tls = true for this peer")
     if dimse.tls_only and not dimse.tls_port:
         raise ConfigError("dimse.tls_only", "needs dimse.tls_port (the TLS listener)")
     if dimse.tls_port and dimse.tls_port == dimse.port and not dimse.tls_only:

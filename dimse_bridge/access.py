@@ -89,6 +89,8 @@ class PeerAccess:
     check_host: bool
     host: str
     tls: bool
+    #: names one of which its client certificate must carry (empty: any)
+    names: frozenset[str] = frozenset()
 
     def allows_address(self, address: str) -> bool:
         if self.networks:
@@ -129,6 +131,8 @@ class AccessPolicy:
         self.require_known = dimse.require_known_peers
         self.unknown_services = frozenset(dimse.unknown_peer_services)
         self.peers: dict[str, list[PeerAccess]] = {}
+        #: some peer's client certificate names are checked
+        self.names_checked = any(peer.tls_names for peer in dimse.peers)
         for peer in dimse.peers:
             self.peers.setdefault(peer.ae_title.strip(), []).append(
                 PeerAccess(
@@ -137,12 +141,20 @@ class AccessPolicy:
                     check_host=dimse.check_peer_address,
                     host=peer.host,
                     tls=peer.tls,
+                    names=frozenset(peer.tls_names),
                 )
             )
 
-    def decide(self, calling_ae: str, address: str, tls: bool) -> Decision:
+    def decide(
+        self,
+        calling_ae: str,
+        address: str,
+        tls: bool,
+        certificate_names: frozenset[str] = frozenset(),
+    ) -> Decision:
         """The services *calling_ae* may use from *address* (on the TLS
-        listener if *tls*), or why it may not associate.
+        listener if *tls*, with a client certificate carrying
+        *certificate_names*), or why it may not associate.
 
         A title listed more than once (e.g. the same AE on two hosts) gets
         the first entry whose addresses allow *address*.
@@ -157,6 +169,9 @@ class AccessPolicy:
             return Decision(refusal=f"not allowed from {address}")
         if entry.tls and not tls:
             return Decision(refusal="a tls = true peer must use the DICOM TLS port")
+        if entry.names and not entry.names & certificate_names:
+            shown = ", ".join(sorted(certificate_names)) or "no certificate"
+            return Decision(refusal=f"its client certificate ({shown}) names none of tls_names")
         return Decision(services=entry.services)
 
 
@@ -180,7 +195,8 @@ def on_requested(event: Event, policy: AccessPolicy) -> None:
     primitive = assoc.requestor.primitive
     calling = str(primitive.calling_ae_title if primitive is not None else "").strip()
     try:
-        decision = policy.decide(calling, str(assoc.requestor.address), over_tls(assoc))
+        names = certificate_names(assoc) if policy.names_checked else frozenset()
+        decision = policy.decide(calling, str(assoc.requestor.address), over_tls(assoc), names)
     except Exception as exc:  # noqa: BLE001 - pynetdicom would log it and negotiate
         decision = Decision(refusal=f"the access check failed ({exc.__class__.__name__})")
     if not decision.refusal:
@@ -199,6 +215,27 @@ def over_tls(assoc: Any) -> bool:
     """True if *assoc* runs over TLS (came in on the TLS listener)."""
     transport = assoc.dul.socket
     return isinstance(getattr(transport, "socket", None), ssl.SSLSocket)
+
+
+def certificate_names(assoc: Any) -> frozenset[str]:
+    """The names of the client certificate of *assoc* (over TLS): its
+    subject's Common Name and its DNS and IP subject alternative names."""
+    sock = getattr(assoc.dul.socket, "socket", None)
+    if not isinstance(sock, ssl.SSLSocket):
+        return frozenset()
+    certificate: dict[str, Any] = dict(sock.getpeercert() or {})
+    names = {
+        str(value)
+        for rdn in certificate.get("subject", ())
+        for key, value in rdn
+        if key == "commonName"
+    }
+    names.update(
+        str(value)
+        for kind, value in certificate.get("subjectAltName", ())
+        if kind in ("DNS", "IP Address")
+    )
+    return frozenset(names)
 
 
 def allowed(assoc: Any, service: str) -> bool:

@@ -116,6 +116,7 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tls]:
     peers = (
         f'[{{ae_title="DEST", host="127.0.0.1", port={dest_port}, tls=true}},'
         ' {ae_title="TLSPEER", host="127.0.0.1", port=104, tls=true},'
+        ' {ae_title="NAMED", host="127.0.0.1", port=104, tls=true, tls_names=["modality"]},'
         ' {ae_title="MOVER", host="127.0.0.1", port=104}]'
     )
     site = migrated_site(folder / "site", tls_environment(pki, tls_port, peers))
@@ -306,6 +307,20 @@ def test_a_tls_peer_may_not_use_the_plain_port(tls: Tls) -> None:
     assert log_has(tls.appliance, "a tls = true peer must use the DICOM TLS port")
     options = tls_options(tls.pki.modality, tls.pki.ca)
     assert echoscu(tls.tls_port, *options, aet="TLSPEER")[0] == 0
+
+
+def test_a_peer_bound_to_its_certificate_name(tls: Tls) -> None:
+    """NAMED has tls_names = ["modality"]: the modality's certificate (CN
+    modality) may call as NAMED; another certificate of the same CA (CN
+    dest) is rejected (reason 3), though it may call as TLSPEER."""
+    code, out = echoscu(tls.tls_port, *tls_options(tls.pki.modality, tls.pki.ca), aet="NAMED")
+    assert code == 0, out
+    other = tls_options(tls.pki.dest, tls.pki.ca)
+    code, out = echoscu(tls.tls_port, *other, aet="NAMED")
+    assert code != 0
+    assert "Calling AE Title Not Recognized" in out, out
+    assert log_has(tls.appliance, "names none of tls_names")
+    assert echoscu(tls.tls_port, *other, aet="TLSPEER")[0] == 0
 
 
 # --------------------------------------------------------------------------

@@ -59,6 +59,7 @@ def test_defaults_keep_existing_configurations_working(tmp_path: Path) -> None:
         ('{ae_title="A", host="h", services=["echo", "delete"]}', "dimse.peers[0].services"),
         ('{ae_title="A", host="h", addresses=["10.0.0.0/33"]}', "dimse.peers[0].addresses"),
         ('{ae_title="A", host="h", addresses=["pacs.example"]}', "dimse.peers[0].addresses"),
+        ('{ae_title="A", host="h", tls_names=["ct1"]}', "dimse.peers[0].tls_names"),
     ],
 )
 def test_bad_peer_rules_name_the_key(tmp_path: Path, peer: str, key: str) -> None:
@@ -167,3 +168,15 @@ def test_policy_decisions(tmp_path: Path, pki: dict[str, Path]) -> None:
     assert policy.decide("HOSTED", "127.0.0.1", tls=False).services == set(DIMSE_SERVICES)
     assert policy.decide("HOSTED", "10.0.0.1", tls=False).refusal
     assert policy.decide("NOBODY", "10.0.0.1", tls=False).services == {"echo"}
+
+
+def test_policy_certificate_names(tmp_path: Path, pki: dict[str, Path]) -> None:
+    peers = '[{ae_title="CT1", host="127.0.0.1", tls=true, tls_names=["ct1.example"]}]'
+    config = load_config(environ={**tls_env(pki), "APPLIANCE_DIMSE_PEERS": peers}, cwd=tmp_path)
+    policy = AccessPolicy(config)
+    assert policy.names_checked
+    named = frozenset({"ct1.example", "10.1.2.3"})
+    assert policy.decide("CT1", "127.0.0.1", True, named).services == set(DIMSE_SERVICES)
+    refusal = policy.decide("CT1", "127.0.0.1", True, frozenset({"ws.example"})).refusal
+    assert "names none of tls_names" in refusal
+    assert "no certificate" in policy.decide("CT1", "127.0.0.1", True).refusal

@@ -33,6 +33,7 @@ def make_certificates(text: str, folder: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(sources[key].read_bytes())
 
+
 README = Path(__file__).parents[2] / "README.md"
 BLOCKS = re.findall(r"```toml\n(.*?)```", README.read_text(encoding="utf-8"), re.DOTALL)
 
