@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import shutil
+import socket
 import ssl
 import subprocess
 import time
@@ -240,6 +241,22 @@ def test_plain_tcp_to_the_tls_port_fails(tls: Tls) -> None:
     assert log_has(tls.appliance, "handshake failed (WRONG_VERSION_NUMBER)")
     # the listener goes on serving
     assert echoscu(tls.tls_port, *tls_options(tls.pki.modality, tls.pki.ca))[0] == 0
+
+
+def test_silent_connections_do_not_block_the_tls_listener(tls: Tls) -> None:
+    """Connections that never start the handshake (more than there are
+    workers) hold only their own threads: the handshake runs there, with a
+    time limit, not in the thread that accepts (pynetdicom's own server
+    would block every later client of that worker)."""
+    silent = [socket.create_connection(("127.0.0.1", tls.tls_port)) for _ in range(6)]
+    try:
+        started = time.monotonic()
+        code, out = echoscu(tls.tls_port, *tls_options(tls.pki.modality, tls.pki.ca))
+        assert code == 0, out
+        assert time.monotonic() - started < 10
+    finally:
+        for sock in silent:
+            sock.close()
 
 
 def test_client_without_a_certificate_is_refused(tls: Tls) -> None:
