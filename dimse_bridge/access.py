@@ -93,15 +93,17 @@ class PeerAccess:
     names: frozenset[str] = frozenset()
 
     def allows_address(self, address: str) -> bool:
+        if not (self.networks or self.check_host):
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # an IPv4 caller of a dual-stack listener ("::")
         if self.networks:
-            try:
-                ip = ipaddress.ip_address(address)
-            except ValueError:
-                return False
             return any(ip in network for network in self.networks)
-        if self.check_host:
-            return address in host_addresses(self.host)
-        return True
+        return str(ip) in host_addresses(self.host)
 
 
 @functools.lru_cache(maxsize=256)

@@ -159,6 +159,8 @@ def test_policy_decisions(tmp_path: Path, pki: dict[str, Path]) -> None:
     policy = AccessPolicy(config)
     assert policy.decide("CT1", "10.1.7.7", tls=False).services == {"store", "echo"}
     assert policy.decide("CT1 ", "127.0.0.1", tls=False).services == {"store", "echo"}
+    # an IPv4 caller of a dual-stack listener
+    assert policy.decide("CT1", "::ffff:10.1.7.7", tls=False).services == {"store", "echo"}
     # the same title elsewhere: the entry whose networks hold the address
     assert policy.decide("CT1", "10.9.1.1", tls=False).services == {"find"}
     assert "not allowed from 192.168.1.1" in policy.decide("CT1", "192.168.1.1", False).refusal
