@@ -15,6 +15,7 @@ checked the same configuration before it started them).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -138,6 +139,31 @@ class HttpConfig:
     public_url: str = _field("", check=_public_url)
 
 
+#: The DIMSE services a peer may be allowed (``[[dimse.peers]] services``):
+#: C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET, Storage Commitment (N-ACTION).
+DIMSE_SERVICES = ("echo", "store", "find", "move", "get", "commitment")
+
+
+def _services(value: tuple[str, ...]) -> str | None:
+    for item in value:
+        if item not in DIMSE_SERVICES:
+            return f"{item!r} is not one of {', '.join(DIMSE_SERVICES)}"
+    return None
+
+
+def _networks(value: tuple[str, ...]) -> str | None:
+    for item in value:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            return f"{item!r} is not an IP address or a CIDR network (e.g. 10.0.0.0/8)"
+    return None
+
+
+def _optional_port(value: int) -> str | None:
+    return None if 0 <= value <= 65535 else "must be 0 (off) or a TCP port from 1 to 65535"
+
+
 @dataclasses.dataclass(frozen=True)
 class PeerConfig:
     ae_title: str = _field("", check=_ae_title)
@@ -147,6 +173,19 @@ class PeerConfig:
     #: once it is delivered to this [[forward]] destination ("" = once
     #: stored here)
     commit_after_forward: str = _field("")
+    #: the DIMSE services this peer may use when it calls us (others are
+    #: answered 0x0124 "Refused: Not Authorized")
+    services: tuple[str, ...] = _field(DIMSE_SERVICES, check=_services)
+    #: IP addresses or CIDR networks this peer may call from; empty = its
+    #: host's addresses, checked only with dimse.check_peer_address
+    addresses: tuple[str, ...] = _field((), check=_networks)
+    #: DICOM TLS both ways: associations we open to it use TLS, and it may
+    #: call only on the TLS listener
+    tls: bool = _field(False)
+    #: with tls: the names (subject CN, DNS or IP subject alternative names)
+    #: one of which its client certificate must carry; empty = any
+    #: certificate from dimse.tls_ca_file
+    tls_names: tuple[str, ...] = _field(())
 
 
 def _uid_list(value: tuple[str, ...]) -> str | None:
@@ -177,7 +216,7 @@ class DimseConfig:
     peers: tuple[PeerConfig, ...] = _field(())
     #: reject an association whose Called AE Title is not ae_title (reason 7)
     require_called_ae_title: bool = _field(True)
-    #: with require_known_peers: the peer must also come from its host's address
+    #: a peer without addresses must also call from its host's address(es)
     check_peer_address: bool = _field(False)
     #: associations each worker serves at once; more are rejected (transient,
     #: reason 2)
@@ -199,6 +238,23 @@ class DimseConfig:
     #: Storage Commitment: send the N-EVENT-REPORT on the requesting
     #: association if it is still open (true), or always on a new one (false)
     commitment_on_same_association: bool = _field(True)
+    #: callers whose AE title is not in peers (require_known_peers = false):
+    #: the services they may use
+    unknown_peer_services: tuple[str, ...] = _field(DIMSE_SERVICES, check=_services)
+    #: DICOM TLS listener (PS3.15 B.9/B.10, BCP 195) on host: 0 = none
+    #: (2762 is IANA's dicom-tls port)
+    tls_port: int = _field(0, check=_optional_port)
+    #: with tls_port: do not open the plain TCP port
+    tls_only: bool = _field(False)
+    #: PEM files: our certificate (chain) and its private key, for the TLS
+    #: listener and as client certificate on associations we open with TLS
+    tls_cert_file: str = _field("")
+    tls_key_file: str = _field("")
+    #: PEM file of the CAs that sign the peers' certificates (client
+    #: certificates on the listener; servers of tls = true peers)
+    tls_ca_file: str = _field("")
+    #: the TLS listener accepts only clients with a certificate from tls_ca_file
+    tls_require_client_cert: bool = _field(True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -683,6 +739,8 @@ def load_config(
                 f"names no [[forward]] destination ({', '.join(sorted(names)) or 'none'})",
             )
     config = _resolve_storage_path(config, cwd)
+    config = _resolve_tls_files(config, cwd)
+    _check_dimse_tls(config.dimse)
     return resolve_index_url(config, cwd) if index_url else config
 
 
@@ -851,6 +909,53 @@ def _check_forward(destinations: tuple[ForwardConfig, ...]) -> None:
             raise ConfigError(f"forward[{i}].name", f"{destination.name!r} is used twice")
         seen.add(destination.name)
         _check_auth(destination, f"forward[{i}]")
+
+
+#: The [dimse] keys naming files, made absolute at load.
+_TLS_FILES = ("tls_cert_file", "tls_key_file", "tls_ca_file")
+
+
+def _resolve_tls_files(config: Config, cwd: Path) -> Config:
+    dimse = config.dimse
+    for key in _TLS_FILES:
+        value = getattr(dimse, key)
+        if value and not Path(value).is_absolute():
+            dimse = dataclasses.replace(dimse, **{key: str((cwd / value).resolve())})  # type: ignore[arg-type]
+    return dataclasses.replace(config, dimse=dimse)
+
+
+def _check_dimse_tls(dimse: DimseConfig) -> None:
+    """The DICOM TLS keys fit together, and the files load (a certificate
+    and key that do not match, an unreadable CA file): refused now rather
+    than at the first association."""
+    outgoing = any(peer.tls for peer in dimse.peers)
+    for i, peer in enumerate(dimse.peers):
+        if peer.tls_names and not peer.tls:
+            raise ConfigError(f"dimse.peers[{i}].tls_names", "needs tls = true for this peer")
+    if dimse.tls_only and not dimse.tls_port:
+        raise ConfigError("dimse.tls_only", "needs dimse.tls_port (the TLS listener)")
+    if dimse.tls_port and dimse.tls_port == dimse.port and not dimse.tls_only:
+        raise ConfigError("dimse.tls_port", "must differ from dimse.port (or set tls_only)")
+    if not (dimse.tls_port or outgoing):
+        return
+    for key in ("tls_cert_file", "tls_key_file"):
+        if not getattr(dimse, key):
+            need = "dimse.tls_port" if dimse.tls_port else "a peer with tls = true"
+            raise ConfigError(f"dimse.{key}", f"is required with {need}")
+    if outgoing and not dimse.tls_ca_file:
+        raise ConfigError(
+            "dimse.tls_ca_file", "is required with a tls = true peer (to verify its certificate)"
+        )
+    if dimse.tls_port and dimse.tls_require_client_cert and not dimse.tls_ca_file:
+        raise ConfigError(
+            "dimse.tls_ca_file",
+            "is required with dimse.tls_require_client_cert (to verify client certificates)",
+        )
+    from appliance import dicom_tls
+
+    dicom_tls.server_context(dimse)
+    if outgoing:
+        dicom_tls.client_context(dimse)
 
 
 def _resolve_storage_path(config: Config, cwd: Path) -> Config:

@@ -127,11 +127,17 @@ class Child:
 
 
 def child_command(
-    role: str, config: Config, run_dir: Path, *, worker: int = 0, listen_fd: int | None = None
+    role: str,
+    config: Config,
+    run_dir: Path,
+    *,
+    worker: int = 0,
+    listen_fd: int | None = None,
+    tls_listen_fd: int | None = None,
 ) -> list[str]:
     """The command line that starts the child *role* with *config*'s file
     and the run folder shared by the children (see :mod:`appliance.runstate`);
-    for a DIMSE worker, its number and the listening socket's descriptor."""
+    for a DIMSE worker, its number and the listening sockets' descriptors."""
     command = [sys.executable, "-m", "appliance.server", role, "--run-dir", str(run_dir)]
     if config.source is not None:
         command += ["--config", str(config.source)]
@@ -139,18 +145,62 @@ def child_command(
         command += ["--worker", str(worker)]
     if listen_fd is not None:
         command += ["--listen-fd", str(listen_fd)]
+    if tls_listen_fd is not None:
+        command += ["--tls-listen-fd", str(tls_listen_fd)]
     return command
 
 
-def bind_dimse(config: Config) -> socket.socket:
-    """The listening socket the DIMSE workers share.
+@dataclasses.dataclass
+class DimseSockets:
+    """The listening sockets the DIMSE workers share: the plain one (None
+    with ``dimse.tls_only``) and the DICOM TLS one (None without
+    ``dimse.tls_port``)."""
+
+    plain: socket.socket | None
+    tls: socket.socket | None
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        return tuple(s.fileno() for s in (self.plain, self.tls) if s is not None)
+
+    def close(self) -> None:
+        for sock in (self.plain, self.tls):
+            if sock is not None:
+                sock.close()
+
+
+def bind_dimse_sockets(config: Config) -> DimseSockets:
+    """Bind the DIMSE listening sockets *config* asks for.
 
     Raises
     ------
     OSError
-        if ``dimse.host:dimse.port`` cannot be bound (e.g. in use).
+        if one cannot be bound (e.g. in use); its port is in the message.
     """
-    host, port = config.dimse.host, config.dimse.port
+    dimse = config.dimse
+    plain = None if dimse.tls_only else bind_dimse(config)
+    tls = None
+    if dimse.tls_port:
+        try:
+            tls = bind_dimse(config, dimse.tls_port)
+        except OSError as exc:
+            if plain is not None:
+                plain.close()
+            raise OSError(exc.errno, f"port {dimse.tls_port} (dimse.tls_port): {exc}") from None
+    return DimseSockets(plain, tls)
+
+
+def bind_dimse(config: Config, port: int | None = None) -> socket.socket:
+    """A listening socket the DIMSE workers share, on ``dimse.host`` and
+    *port* (``dimse.port`` by default).
+
+    Raises
+    ------
+    OSError
+        if ``dimse.host:port`` cannot be bound (e.g. in use).
+    """
+    host = config.dimse.host
+    port = config.dimse.port if port is None else port
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -189,25 +239,22 @@ def serve(config: Config) -> int:
     run_dir = Path(tempfile.mkdtemp(prefix="dicom-appliance-run-"))
     try:
         try:
-            listener = bind_dimse(config)
+            sockets = bind_dimse_sockets(config)
         except OSError as exc:
-            LOGGER.error(
-                "cannot listen for DICOM associations on %s:%d: %s",
-                config.dimse.host,
-                config.dimse.port,
-                exc,
-            )
+            LOGGER.error("cannot listen for DICOM associations on %s: %s", config.dimse.host, exc)
             return 1
         # the children's metrics files (appliance.metrics), in this start's
         # own run folder, so no value of an earlier start is counted again
         metrics_dir = run_dir / "metrics"
         metrics_dir.mkdir()
         env = {**sdnotify.child_environment(), METRICS_DIR_ENV: str(metrics_dir)}
-        with listener:
-            for name, command in _children(config, run_dir, listener.fileno()):
+        try:
+            for name, command in _children(config, run_dir, sockets):
                 if received:
                     break
-                children.append(_start(name, command, listener.fileno(), env))
+                children.append(_start(name, command, sockets.fds, env))
+        finally:
+            sockets.close()
         # the workers hold the socket now; the port frees when they stop
         readiness = ReadinessWatch(config)
         while not received:
@@ -274,9 +321,12 @@ class ReadinessWatch:
     def describe(self) -> str:
         """Where the appliance listens, for the log and systemd's status."""
         web, dimse = self.config.http, self.config.dimse
+        listeners = [] if dimse.tls_only else [_address(dimse.host, dimse.port)]
+        if dimse.tls_port:
+            listeners.append(f"{_address(dimse.host, dimse.tls_port)} (TLS)")
         return (
             f"DICOMweb on {_address(web.host, web.port)}, DIMSE {dimse.ae_title} "
-            f"on {_address(dimse.host, dimse.port)}"
+            f"on {' and '.join(listeners)}"
         )
 
 
@@ -330,16 +380,25 @@ def _failed_checks(body: bytes) -> str:
     return "; ".join(failed) or "no failed check named"
 
 
+def tls_marker(worker_name: str) -> str:
+    """The readiness marker of a DIMSE worker's TLS listener."""
+    return f"{worker_name}-tls"
+
+
 def dimse_worker_names(config: Config) -> list[str]:
     """The names of the DIMSE workers (and of their readiness markers)."""
     return [f"dimse-{number}" for number in range(1, config.dimse.workers + 1)]
 
 
-def _children(config: Config, run_dir: Path, listen_fd: int) -> list[tuple[str, list[str]]]:
+def _children(config: Config, run_dir: Path, sockets: DimseSockets) -> list[tuple[str, list[str]]]:
     """(name, command line) of each child, in start order."""
     children = [("http", child_command("http", config, run_dir))]
+    plain = sockets.plain.fileno() if sockets.plain is not None else None
+    tls = sockets.tls.fileno() if sockets.tls is not None else None
     for number, name in enumerate(dimse_worker_names(config), start=1):
-        command = child_command("dimse", config, run_dir, worker=number, listen_fd=listen_fd)
+        command = child_command(
+            "dimse", config, run_dir, worker=number, listen_fd=plain, tls_listen_fd=tls
+        )
         children.append((name, command))
     retention = config.retention
     if config.forward or config.fhir.url or retention.max_age_days or retention.free_target_mb:
@@ -347,13 +406,15 @@ def _children(config: Config, run_dir: Path, listen_fd: int) -> list[tuple[str, 
     return children
 
 
-def _start(name: str, command: list[str], listen_fd: int, env: dict[str, str]) -> Child:
+def _start(
+    name: str, command: list[str], listen_fds: tuple[int, ...], env: dict[str, str]
+) -> Child:
     process = subprocess.Popen(
         command,
         env=env,  # only the supervisor talks to systemd (no NOTIFY_SOCKET)
         process_group=0,
         preexec_fn=_die_with_parent(),
-        pass_fds=(listen_fd,) if name.startswith("dimse") else (),
+        pass_fds=listen_fds if name.startswith("dimse") else (),
     )
     LOGGER.info("started child '%s' (pid %d)", name, process.pid)
     return Child(name, process)
@@ -452,17 +513,26 @@ def describe_exit(returncode: int) -> str:
 
 
 def run_dimse(
-    config: Config, run_dir: Path | None, worker: int = 1, listen_fd: int | None = None
+    config: Config,
+    run_dir: Path | None,
+    worker: int = 1,
+    listen_fd: int | None = None,
+    tls_listen_fd: int | None = None,
 ) -> int:
     """Child entry point: DIMSE worker number *worker*, until SIGTERM, on
-    the listening socket *listen_fd* (inherited from the supervisor), or on
-    a socket of its own if None."""
+    the listening sockets *listen_fd* and *tls_listen_fd* (inherited from
+    the supervisor), or on sockets of its own if None."""
     from appliance.services import build_services
     from dimse_bridge.ae import run_listener
 
     services = build_services(config)
     name = f"dimse-{worker}"
     listener = socket.socket(fileno=listen_fd) if listen_fd is not None else None
+    tls_listener = socket.socket(fileno=tls_listen_fd) if tls_listen_fd is not None else None
+
+    def tls_listening() -> None:
+        if run_dir is not None:
+            runstate.mark_ready(run_dir, tls_marker(name))
 
     def listening() -> None:
         if run_dir is not None:
@@ -473,18 +543,21 @@ def run_dimse(
             ).start()
 
     try:
-        run_listener(config, services, on_listening=listening, listen_socket=listener)
-    except OSError as exc:
-        LOGGER.error(
-            "cannot listen for DICOM associations on %s:%d: %s",
-            config.dimse.host,
-            config.dimse.port,
-            exc,
+        run_listener(
+            config,
+            services,
+            on_listening=listening,
+            listen_socket=listener,
+            tls_socket=tls_listener,
+            on_tls_listening=tls_listening,
         )
+    except OSError as exc:
+        LOGGER.error("cannot listen for DICOM associations on %s: %s", config.dimse.host, exc)
         return 1
     finally:
         if run_dir is not None:
             runstate.clear(run_dir, name)
+            runstate.clear(run_dir, tls_marker(name))
         services.close()
     return 0
 
@@ -641,6 +714,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--listen-fd", type=int, help="the DIMSE listening socket, inherited from the supervisor"
     )
+    parser.add_argument(
+        "--tls-listen-fd",
+        type=int,
+        help="the DICOM TLS listening socket, inherited from the supervisor",
+    )
     args = parser.parse_args(argv)
     set_process_name(
         {"supervise": "supervisor", "http": "http", "worker": "worker"}.get(
@@ -664,7 +742,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_http(config, args.run_dir)
         if args.role == "worker":
             return run_worker(config)
-        return run_dimse(config, args.run_dir, args.worker, args.listen_fd)
+        return run_dimse(config, args.run_dir, args.worker, args.listen_fd, args.tls_listen_fd)
     except ApplianceError as exc:
         LOGGER.error("%s", exc.reason)
         return 2

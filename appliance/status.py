@@ -77,6 +77,10 @@ class Status(enum.IntEnum):
     RESOURCE_LIMITATION = 0x0213
     #: PS3.7 C.5.12: the SOP Class is not supported.
     SOP_CLASS_NOT_SUPPORTED = 0x0122
+    #: PS3.7 Annex C.5 (Failure), "Refused: Not Authorized": the
+    #: DIMSE-service-user is not authorized to invoke the operation (a
+    #: peer's ``[[dimse.peers]] services`` leave the service out).
+    NOT_AUTHORIZED = 0x0124
     #: PS3.4 B.2.3 (C-STORE refused): out of resources.
     OUT_OF_RESOURCES = 0xA700
     #: PS3.4 C.4.2.1.5 / C.4.3.1.4: out of resources, unable to calculate the

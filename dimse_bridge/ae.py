@@ -3,6 +3,7 @@ the listener loop run by the ``dimse`` child of ``dicom-appliance serve``."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import logging
@@ -10,6 +11,7 @@ import pkgutil
 import signal
 import socket
 import socketserver
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -20,9 +22,10 @@ from pynetdicom import AE, _config
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
+from appliance import dicom_tls
 from appliance.config import Config
 from appliance.services import Services
-from dimse_bridge import handlers
+from dimse_bridge import access, handlers
 from dimse_bridge import services as dimse_services
 from dimse_bridge.services import ServiceSetup
 
@@ -47,8 +50,10 @@ def build_ae(config: Config, services: Services) -> ServiceSetup:
       "called-AE-title-not-recognized", PS3.8 9.3.4).
     - With ``dimse.require_known_peers`` only the AE titles of
       ``dimse.peers`` may associate (others: reason 3
-      "calling-AE-title-not-recognized"); with ``dimse.check_peer_address``
-      also only from their host's address (see :mod:`dimse_bridge.handlers`).
+      "calling-AE-title-not-recognized"); a peer only from its
+      ``addresses`` (or its host's, with ``dimse.check_peer_address``), a
+      ``tls = true`` peer only over TLS, and each caller may use only its
+      ``services`` (see :mod:`dimse_bridge.access`).
     - Limits: ``max_associations``, ``max_pdu``, and the ACSE, DIMSE and
       network timeouts.
     - Each module of :mod:`dimse_bridge.services` adds its presentation
@@ -69,6 +74,11 @@ def build_ae(config: Config, services: Services) -> ServiceSetup:
     setup = ServiceSetup(ae, config, services)
     for module in service_modules():
         module.register(setup)
+    # who may use which service: one wrapper around every DIMSE request
+    # handler, and the address/TLS check before negotiation
+    policy = access.AccessPolicy(config)
+    setup.handlers[:] = access.guard_handlers(setup.handlers, config, policy)
+    setup.handlers.extend(access.association_handlers(policy))
     setup.handlers.extend(handlers.association_handlers(config))
     return setup
 
@@ -130,9 +140,60 @@ class SharedSocketServer(ThreadedAssociationServer):
     ``shutdown()`` of a listening socket would stop it for every worker.
     """
 
-    def __init__(self, *args: Any, listen_socket: socket.socket, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        listen_socket: socket.socket,
+        handshake_timeout: float | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._listen_socket = listen_socket
+        self.handshake_timeout = handshake_timeout
         super().__init__(*args, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept a connection; with TLS, wrap it without the handshake.
+
+        pynetdicom's own ``get_request`` runs the TLS handshake here, in the
+        one thread that accepts every connection, with no timeout: a client
+        that connects and sends nothing would stop every other from being
+        accepted.  The handshake runs in the connection's own thread instead
+        (:meth:`process_request_thread`), bounded by ``handshake_timeout``.
+        """
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        if self.ssl_context is not None:
+            client = self.ssl_context.wrap_socket(
+                client, server_side=True, do_handshake_on_connect=False
+            )
+        return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket) and not self._handshake(request, client_address):
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(request, client_address)
+
+    def _handshake(self, sock: ssl.SSLSocket, client_address: Any) -> bool:
+        """The TLS handshake of an accepted connection; False (logged) if it
+        fails: a plain-TCP client, an old protocol version, no common cipher
+        suite, no or an untrusted client certificate, or silence."""
+        previous = sock.gettimeout()
+        sock.settimeout(self.handshake_timeout)
+        try:
+            sock.do_handshake()
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or exc.__class__.__name__
+            LOGGER.warning(
+                "TLS connection from %s refused: handshake failed (%s)",
+                _address_text(client_address),
+                reason,
+            )
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                sock.settimeout(previous)
+        return True
 
     def server_bind(self) -> None:
         if self.socket is not None:
@@ -160,8 +221,12 @@ def run_listener(
     stop: threading.Event | None = None,
     on_listening: Callable[[], None] | None = None,
     listen_socket: socket.socket | None = None,
+    tls_socket: socket.socket | None = None,
+    on_tls_listening: Callable[[], None] | None = None,
 ) -> None:
-    """Listen on ``dimse.host:dimse.port`` until asked to stop.
+    """Listen on ``dimse.host:dimse.port`` (unless ``dimse.tls_only``) and,
+    with ``dimse.tls_port``, for DICOM TLS on ``dimse.host:dimse.tls_port``,
+    until asked to stop.
 
     Parameters
     ----------
@@ -173,19 +238,22 @@ def run_listener(
         Stop when this is set.  When None, SIGTERM and SIGINT stop the
         listener (this must then run in the main thread).
     on_listening
-        Called once the socket is bound (to tell readiness).
-    listen_socket
-        A socket already bound to that address and listening, shared with
+        Called once every listener is up (to tell readiness).
+    listen_socket, tls_socket
+        Sockets already bound to those addresses and listening, shared with
         other worker processes (see :mod:`appliance.server`); None to bind
-        one here.
+        them here.
+    on_tls_listening
+        Called once the TLS listener is up.
 
     Raises
     ------
     OSError
-        if the address cannot be bound (e.g. the port is in use).
+        if an address cannot be bound (e.g. the port is in use).
     """
     setup = build_ae(config, services)
     ae = setup.ae
+    dimse = config.dimse
     stop = threading.Event() if stop is None else stop
     received: list[int] = []
     previous: dict[signal.Signals, Any] = {}
@@ -195,32 +263,48 @@ def run_listener(
             received.append(signum)
 
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    address = (config.dimse.host, config.dimse.port)
+    address = (dimse.host, dimse.port)
     contexts = SharedSyntaxContexts(ae.supported_contexts)
     tasks_stop = threading.Event()
     tasks: list[threading.Thread] = []
+    servers: list[Any] = []
     try:
-        if listen_socket is None:
+        if not dimse.tls_only and listen_socket is None:
             server = ae.start_server(
                 address, block=False, evt_handlers=setup.handlers, contexts=contexts
             )
             assert server is not None  # block=False returns the server
-        else:
-            server = ae.make_server(
-                address,
-                evt_handlers=setup.handlers,
-                contexts=contexts,
-                server_class=SharedSocketServer,
-                listen_socket=listen_socket,
+            servers.append(server)
+        elif not dimse.tls_only and listen_socket is not None:
+            servers.append(_serve_shared(ae, setup, contexts, address, listen_socket))
+        if not dimse.tls_only:
+            LOGGER.info(
+                "listening for DICOM associations as '%s' on %s:%d", dimse.ae_title, *address
             )
-            threading.Thread(
-                target=server.serve_forever, name="dimse-acceptor", daemon=True
-            ).start()
-        LOGGER.info(
-            "listening for DICOM associations as '%s' on %s:%d",
-            config.dimse.ae_title,
-            *address,
-        )
+        if dimse.tls_port:
+            tls_address = (dimse.host, dimse.tls_port)
+            if tls_socket is None:
+                family = socket.AF_INET6 if ":" in dimse.host else socket.AF_INET
+                tls_socket = socket.create_server(tls_address, family=family, backlog=128)
+            servers.append(
+                _serve_shared(
+                    ae,
+                    setup,
+                    contexts,
+                    tls_address,
+                    tls_socket,
+                    ssl_context=dicom_tls.server_context(dimse),
+                    handshake_timeout=dimse.acse_timeout,
+                )
+            )
+            LOGGER.info(
+                "listening for DICOM TLS associations as '%s' on %s:%d (client certificate %s)",
+                dimse.ae_title,
+                *tls_address,
+                "required" if dimse.tls_require_client_cert else "optional",
+            )
+            if on_tls_listening is not None:
+                on_tls_listening()
         for name, task in setup.tasks:
             thread = threading.Thread(target=task, args=(tasks_stop,), name=name, daemon=True)
             thread.start()
@@ -230,7 +314,8 @@ def run_listener(
         while not received and not stop.is_set():
             time.sleep(POLL_INTERVAL)
         LOGGER.info("stopping the DIMSE listener")
-        server.shutdown()
+        for server in servers:
+            server.shutdown()
         _drain(ae)
         ae.shutdown()
     finally:
@@ -241,6 +326,36 @@ def run_listener(
                 LOGGER.warning("background task %s did not stop in time", thread.name)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _serve_shared(
+    ae: AE,
+    setup: ServiceSetup,
+    contexts: SharedSyntaxContexts,
+    address: tuple[str, int],
+    listen_socket: socket.socket,
+    **options: Any,
+) -> SharedSocketServer:
+    """A :class:`SharedSocketServer` on *listen_socket*, serving in a thread
+    of its own."""
+    server = ae.make_server(
+        address,
+        evt_handlers=setup.handlers,
+        contexts=contexts,
+        server_class=SharedSocketServer,
+        listen_socket=listen_socket,
+        **options,
+    )
+    assert isinstance(server, SharedSocketServer)
+    threading.Thread(target=server.serve_forever, name="dimse-acceptor", daemon=True).start()
+    return server
+
+
+def _address_text(address: Any) -> str:
+    try:
+        return f"{address[0]}:{address[1]}"
+    except (TypeError, IndexError):
+        return str(address)
 
 
 def _established(ae: AE) -> int:

@@ -1,6 +1,6 @@
 """Association-level event handlers: the socket options of an accepted
-connection, the address check of known peers and the one log line per
-association.  Plain functions; dependencies are bound in through
+connection and the one log line per association (who may associate from
+where: :mod:`dimse_bridge.access`).  Plain functions; dependencies are bound in through
 ``(event, handler, [args])`` entries.
 
 Log lines name AE titles, addresses and counts only, never data set contents.
@@ -8,7 +8,6 @@ Log lines name AE titles, addresses and counts only, never data set contents.
 
 from __future__ import annotations
 
-import functools
 import logging
 import socket
 import uuid
@@ -21,6 +20,7 @@ from appliance import metrics
 from appliance.config import Config
 from appliance.logs import CORRELATION_ID
 from dimse_bridge import audit
+from dimse_bridge.access import REFUSAL, over_tls
 from dimse_bridge.stats import stats_of
 
 #: The attribute of a pynetdicom Association holding its correlation id.
@@ -46,27 +46,6 @@ def _peer(event: Event) -> str:
         return f"{requestor.address}:{requestor.port}"
     except ValueError:  # no address information (not seen on a real socket)
         return "unknown address"
-
-
-@functools.lru_cache(maxsize=256)
-def _addresses(host: str) -> frozenset[str]:
-    """The IP addresses *host* (a configured peer's) stands for."""
-    try:
-        return frozenset(str(info[4][0]) for info in socket.getaddrinfo(host, None))
-    except OSError:
-        return frozenset()
-
-
-def address_allowed(config: Config, calling_ae: str, address: str) -> bool:
-    """With ``dimse.check_peer_address``: True if *address* is the host of a
-    peer configured with the title *calling_ae*."""
-    if not (config.dimse.require_known_peers and config.dimse.check_peer_address):
-        return True
-    title = calling_ae.strip()
-    return any(
-        peer.ae_title.strip() == title and address in _addresses(peer.host)
-        for peer in config.dimse.peers
-    )
 
 
 def correlate(assoc: Any) -> str:
@@ -108,26 +87,19 @@ def on_connection_open(event: Event) -> None:
 
 
 def on_accepted(event: Event, config: Config) -> None:
-    """``EVT_ACCEPTED``: start the association's statistics, log it, and abort
-    it at once if a known AE title calls from an address not its own.
-
-    pynetdicom offers no hook to reject on the address (its A-ASSOCIATE-RJ
-    checks only titles), so such an association is aborted before any DIMSE
-    message is read: the handler runs in the association's thread first.
-    """
+    """``EVT_ACCEPTED``: start the association's statistics and log it (the
+    address and TLS checks ran before negotiation: :mod:`dimse_bridge.access`)."""
     assoc = event.assoc
     correlate(assoc)
     stats = stats_of(assoc)
     calling = assoc.requestor.ae_title
-    address = str(assoc.requestor.address)
     metrics.ASSOCIATIONS.labels(stats.calling_ae, "accepted").inc()
-    if not address_allowed(config, calling, address):
-        LOGGER.warning(
-            "association aborted: calling AE '%s' is not allowed from %s", calling, _peer(event)
-        )
-        assoc.abort()
-        return
-    LOGGER.info("association accepted: calling AE '%s' from %s", calling, _peer(event))
+    LOGGER.info(
+        "association accepted: calling AE '%s' from %s%s",
+        calling,
+        _peer(event),
+        " over TLS" if over_tls(assoc) else "",
+    )
 
 
 def on_released(event: Event) -> None:
@@ -171,7 +143,10 @@ def on_rejected(event: Event) -> None:
     primitive = assoc.requestor.primitive
     called = primitive.called_ae_title if primitive is not None else ""
     allowed = [title.strip() for title in assoc.ae.require_calling_aet]
-    if assoc.ae.require_called_aet and called.strip() != assoc.acceptor.ae_title.strip():
+    refusal = getattr(assoc, REFUSAL, "")
+    if refusal:
+        reason = f"calling AE title not recognised from there (reason 3): {refusal}"
+    elif assoc.ae.require_called_aet and called.strip() != assoc.acceptor.ae_title.strip():
         reason = "called AE title not recognised (reason 7)"
     elif allowed and calling.strip() not in allowed:
         reason = "calling AE title not recognised (reason 3)"

@@ -53,6 +53,13 @@ def readiness_checks() -> dict[str, str]:
         for number in range(1, workers + 1)
     )
     checks["dimse"] = next((state for state in states if state != OK), OK)
+    if extension.config.dimse.tls_port:
+        # the DICOM TLS listener of every worker (a marker of its own)
+        tls_states = (
+            runstate.check_ready(extension.run_dir, f"dimse-{number}-tls")
+            for number in range(1, workers + 1)
+        )
+        checks["dimse_tls"] = next((state for state in tls_states if state != OK), OK)
     return checks
 
 

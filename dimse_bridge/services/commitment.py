@@ -56,6 +56,7 @@ from appliance.commitment import (
 from appliance.config import Config, PeerConfig
 from appliance.errors import ApplianceError
 from appliance.status import Status
+from dimse_bridge import access
 from dimse_bridge.services import ServiceSetup
 from dimse_bridge.stats import stats_of
 
@@ -413,7 +414,11 @@ class ReportWorker:
         ae.add_requested_context(StorageCommitmentPushModel, REPORT_TRANSFER_SYNTAXES)
         role = build_role(StorageCommitmentPushModel, scp_role=True)
         try:
-            assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, ext_neg=[role])
+            # a tls = true peer: DICOM TLS, its certificate verified
+            tls = access.tls_args(self.config, peer) if peer.tls else None
+            assoc = ae.associate(
+                peer.host, peer.port, ae_title=peer.ae_title, ext_neg=[role], tls_args=tls
+            )
         except Exception as exc:  # noqa: BLE001 - e.g. an unresolvable host
             return f"cannot associate ({exc.__class__.__name__})"
         if not assoc.is_established:

@@ -884,10 +884,11 @@ def _one(tmp_path: Path) -> Path:
     return write_part10(ct_dataset(), tmp_path / f"{generate_uid()}.dcm")
 
 
-def test_known_peer_from_another_address_is_aborted(tmp_path: Path) -> None:
+def test_known_peer_from_another_address_is_rejected(tmp_path: Path) -> None:
     """With require_known_peers and check_peer_address: a known title calling
-    from an address not its host's is accepted, then aborted before any
-    DIMSE message; the right host works; unknown titles are rejected."""
+    from an address not its host's is rejected before negotiation
+    (A-ASSOCIATE-RJ reason 3, dimse_bridge.access); the right host works;
+    unknown titles are rejected."""
     config = appliance_config(
         tmp_path,
         APPLIANCE_DIMSE_REQUIRE_KNOWN_PEERS="true",
@@ -900,6 +901,7 @@ def test_known_peer_from_another_address_is_aborted(tmp_path: Path) -> None:
     for app in started_appliance(config):
         far = storescu(app, _one(tmp_path), aet="FAR", check=False)
         assert far.returncode != 0
+        assert "Calling AE Title Not Recognized" in far.stdout + far.stderr
         assert count_instances(app) == 0
         stranger = storescu(app, _one(tmp_path), aet="STRANGER", check=False)
         assert stranger.returncode != 0
