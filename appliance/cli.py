@@ -68,7 +68,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from appliance import __version__
+from appliance import __version__, https
 from appliance.config import Config, ForwardConfig, load_config, render_config
 from appliance.errors import ApplianceError, ConfigError, SchemaNotCurrent
 from appliance.fhir.queue import StudyQueue
@@ -1076,8 +1076,11 @@ def prepare(config: Config) -> None:
         if the index is not at this version's revision and
         ``index.auto_migrate`` is false.
     StorageError, ConfigError
-        if the storage cannot be opened or written.
+        if the storage cannot be opened or written, or an HTTPS file is
+        missing, unreadable or does not fit (:func:`appliance.https.check_files`).
     """
+    for warning in https.check_files(config.http):
+        LOGGER.warning("%s", warning)
     engine = engine_for(config.index)
     try:
         if config.index.auto_migrate:
