@@ -1049,6 +1049,9 @@ def _revision(revision: str | None) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """``serve``: check, then run the supervisor until SIGTERM/SIGINT."""
+    # SIGHUP (reload) during the checks: ignored, not fatal (the default);
+    # the files are read after them anyway.  The supervisor handles it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     config = load_config(args.config)
     set_process_name("supervisor")
     setup_logging(config.log)

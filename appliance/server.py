@@ -29,11 +29,12 @@ storage reachable, every DIMSE worker listening) until it passes, then logs
 ``ready`` and, under systemd (``Type=notify``), sends ``READY=1``
 (:mod:`appliance.sdnotify`).  The children do not get ``NOTIFY_SOCKET``.
 
-SIGHUP: with HTTPS, the supervisor checks the certificate files again
+SIGHUP (once ready; one received before waits until then): with HTTPS,
+the supervisor checks the certificate files again
 (:func:`appliance.https.check_files`) and, if they are fine, passes SIGHUP to
-gunicorn's master, which starts new workers (reading the files anew) and
-lets the old ones finish their requests; bad files are logged and the
-running workers keep serving the old certificate.  The DIMSE workers and
+gunicorn's master, which loads them anew, starts new workers and lets
+the old ones finish their requests; bad files are logged and the running
+workers keep serving the old certificate.  The DIMSE workers and
 the background worker are not signalled.  Without HTTPS, SIGHUP is passed
 to gunicorn's master likewise (its workers restart) and nothing else happens.
 
@@ -228,7 +229,10 @@ def serve(config: Config) -> int:
         # the workers hold the socket now; the port frees when they stop
         readiness = ReadinessWatch(config, run_dir)
         while not received:
-            if hangups:
+            # SIGHUP waits until ready: before, gunicorn's master may not
+            # handle it yet (SIGHUP's default would stop it), and it reads
+            # the files when it starts anyway
+            if hangups and readiness.ready:
                 hangups.clear()
                 reload_http(config, children)
             for child in children:

@@ -488,11 +488,19 @@ def test_sighup_with_a_mismatched_key_keeps_the_old_certificate(tmp_path: Path, 
 
 
 def test_sighup_without_https_keeps_serve_running(tmp_path: Path) -> None:
-    """Before HTTPS existed SIGHUP killed the supervisor (Python's default)."""
+    """Before HTTPS existed SIGHUP killed the supervisor (Python's default).
+    One sent while the children start waits until ready (gunicorn's master
+    may not handle it yet).  (Under systemd a reload waits for READY=1.)"""
     site = migrated_site(tmp_path / "site")
     appliance = site.start()
     try:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while "started child 'http'" not in appliance.log and time.monotonic() < deadline:
+            time.sleep(0.05)
+        appliance.process.send_signal(signal.SIGHUP)  # the children are starting
         appliance.wait_ready()
+        while "SIGHUP: restarting" not in appliance.log and time.monotonic() < deadline:
+            time.sleep(0.1)
         appliance.process.send_signal(signal.SIGHUP)
         time.sleep(2.0)
         ready = appliance.wait_ready()
@@ -507,6 +515,8 @@ def test_sighup_without_https_keeps_serve_running(tmp_path: Path) -> None:
     assert ready.status_code == 200
     assert echo_code == 0, echo_output
     assert exit_code == 0, appliance.log
+    # the early one applied once ready, and the later one
+    assert appliance.log.count("SIGHUP: restarting the DICOMweb workers") == 2, appliance.log
 
 
 # --------------------------------------------------------------------------
