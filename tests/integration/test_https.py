@@ -490,7 +490,7 @@ def test_sighup_with_a_mismatched_key_keeps_the_old_certificate(tmp_path: Path, 
 def test_sighup_without_https_keeps_serve_running(tmp_path: Path) -> None:
     """Before HTTPS existed SIGHUP killed the supervisor (Python's default).
     One sent while the children start waits until ready (gunicorn's master
-    may not handle it yet).  (Under systemd a reload waits for READY=1.)"""
+    may not handle it yet)."""
     site = migrated_site(tmp_path / "site")
     appliance = site.start()
     try:
