@@ -212,3 +212,22 @@ def test_a_failed_reload_keeps_the_served_context(server: CertFiles, tmp_path: P
     files.key.write_bytes(server.key.read_bytes())
     served.load()
     assert served.context is not before
+
+
+def test_the_fhir_endpoint_address_is_https_with_https_on(
+    server: CertFiles, tmp_path: Path
+) -> None:
+    from appliance.fhir.publisher import dicomweb_root
+
+    plain = load_config(environ={"APPLIANCE_HTTP_PORT": "8443"}, cwd=tmp_path)
+    tls = load_config(
+        environ={
+            "APPLIANCE_HTTP_PORT": "8443",
+            "APPLIANCE_HTTP_TLS_CERT_FILE": str(server.cert),
+            "APPLIANCE_HTTP_TLS_KEY_FILE": str(server.key),
+        },
+        cwd=tmp_path,
+    )
+
+    assert dicomweb_root(plain) == "http://127.0.0.1:8443/v1"
+    assert dicomweb_root(tls) == "https://127.0.0.1:8443/v1"
