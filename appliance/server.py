@@ -339,20 +339,22 @@ def reload_http(config: Config, children: Sequence[Child]) -> None:
     """SIGHUP: check the HTTPS files, then have gunicorn's master restart its
     workers gracefully (they read the certificate again); the DIMSE and
     background workers go on untouched."""
+    certificate = ""
     if config.http.tls:
         try:
             warnings = https.check_files(config.http)
+            certificate = f" with the certificate {https.describe(config.http)}"
         except ApplianceError as exc:
             LOGGER.error("SIGHUP: not reloading, the old certificate stays in use: %s", exc.reason)
+            return
+        except (OSError, ValueError) as exc:  # changed again since the check
+            LOGGER.error("SIGHUP: not reloading, the old certificate stays in use: %s", exc)
             return
         for warning in warnings:
             LOGGER.warning("%s", warning)
     for child in children:
         if child.role == "http" and child.process.poll() is None:
-            LOGGER.info(
-                "SIGHUP: restarting the DICOMweb workers%s",
-                f" with the certificate {https.describe(config.http)}" if config.http.tls else "",
-            )
+            LOGGER.info("SIGHUP: restarting the DICOMweb workers%s", certificate)
             _signal_process(child.pid, signal.SIGHUP)
 
 
