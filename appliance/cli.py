@@ -76,7 +76,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from appliance import __version__
+from appliance import __version__, https
 from appliance.access import ApiTokens, parse_roles
 from appliance.config import Config, ForwardConfig, load_config, render_config
 from appliance.errors import ApplianceError, ConfigError, SchemaNotCurrent
@@ -1293,6 +1293,9 @@ def _revision(revision: str | None) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """``serve``: check, then run the supervisor until SIGTERM/SIGINT."""
+    # SIGHUP (reload) during the checks: ignored, not fatal (the default);
+    # the files are read after them anyway.  The supervisor handles it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     config = load_config(args.config)
     set_process_name("supervisor")
     setup_logging(config.log)
@@ -1320,8 +1323,11 @@ def prepare(config: Config) -> None:
         if the index is not at this version's revision and
         ``index.auto_migrate`` is false.
     StorageError, ConfigError
-        if the storage cannot be opened or written.
+        if the storage cannot be opened or written, or an HTTPS file is
+        missing, unreadable or does not fit (:func:`appliance.https.check_files`).
     """
+    for warning in https.check_files(config.http):
+        LOGGER.warning("%s", warning)
     engine = engine_for(config.index)
     try:
         if config.index.auto_migrate:

@@ -137,6 +137,29 @@ class HttpConfig:
     #: the URL clients reach this server by (e.g. behind a reverse proxy), used
     #: in RetrieveURL and BulkDataURI; "" = as each request addressed it
     public_url: str = _field("", check=_public_url)
+    #: HTTPS (README "HTTPS"): the server's certificate (PEM, the chain after
+    #: it) and its private key (PEM, unencrypted); both set = HTTPS only on
+    #: port, neither = plain HTTP.  Read at start and again on SIGHUP.
+    tls_cert_file: str = _field("")
+    tls_key_file: str = _field("")
+    #: the lowest TLS version accepted (BCP 195, RFC 9325 3.1.1: 1.2 or 1.3)
+    tls_min_version: Literal["1.2", "1.3"] = _field("1.2", check=_one_of("1.2", "1.3"))
+    #: client certificates (mutual TLS): none | optional (verified when one is
+    #: offered) | required; verified against the CA certificates in tls_ca_file
+    tls_client_certs: Literal["none", "optional", "required"] = _field(
+        "none", check=_one_of("none", "optional", "required")
+    )
+    tls_ca_file: str = _field("")
+
+    @property
+    def tls(self) -> bool:
+        """Whether the DICOMweb port speaks HTTPS."""
+        return bool(self.tls_cert_file)
+
+    @property
+    def scheme(self) -> str:
+        """``https`` or ``http``."""
+        return "https" if self.tls else "http"
 
 
 #: The DIMSE services a peer may be allowed (``[[dimse.peers]] services``):
@@ -728,6 +751,7 @@ def load_config(
             "dimse.require_known_peers is true but no peer is listed, so no one could associate",
         )
     _check_storage(config.storage)
+    _check_http_tls(config.http)
     _check_forward(config.forward)
     _check_auth(config.fhir, "fhir")
     _check_access(config)
@@ -741,6 +765,7 @@ def load_config(
     config = _resolve_storage_path(config, cwd)
     config = _resolve_tls_files(config, cwd)
     _check_dimse_tls(config.dimse)
+    config = _resolve_tls_paths(config, cwd)
     return resolve_index_url(config, cwd) if index_url else config
 
 
@@ -868,6 +893,39 @@ def _check_storage(storage: StorageConfig) -> None:
                 "storage.secret_access_key",
                 "give both access_key_id and secret_access_key, or neither (boto3's own chain)",
             )
+
+
+def _check_http_tls(http: HttpConfig) -> None:
+    """The HTTPS keys that go together (the files themselves are checked when
+    ``serve`` starts: :func:`appliance.https.check_files`)."""
+    if bool(http.tls_cert_file) != bool(http.tls_key_file):
+        missing = "http.tls_key_file" if http.tls_cert_file else "http.tls_cert_file"
+        raise ConfigError(missing, "give both tls_cert_file and tls_key_file, or neither")
+    if http.tls_client_certs != "none" and not http.tls_ca_file:
+        raise ConfigError(
+            "http.tls_ca_file",
+            f"is required with tls_client_certs = {http.tls_client_certs} "
+            "(the CA certificates client certificates are verified against)",
+        )
+    if http.tls_ca_file and http.tls_client_certs == "none":
+        raise ConfigError(
+            "http.tls_ca_file", "is used only with tls_client_certs = optional or required"
+        )
+    if http.tls_client_certs != "none" and not http.tls_cert_file:
+        raise ConfigError("http.tls_client_certs", "needs HTTPS (tls_cert_file and tls_key_file)")
+
+
+def _resolve_tls_paths(config: Config, cwd: Path) -> Config:
+    """The HTTPS files made absolute against *cwd* (children start elsewhere)."""
+    http = config.http
+    paths: dict[str, Any] = {}
+    for key in ("tls_cert_file", "tls_key_file", "tls_ca_file"):
+        value = getattr(http, key)
+        if value and not Path(value).is_absolute():
+            paths[key] = str((cwd / value).resolve())
+    if not paths:
+        return config
+    return dataclasses.replace(config, http=dataclasses.replace(http, **paths))
 
 
 #: The keys each auth mode of [[forward]] and [fhir] needs.

@@ -29,6 +29,15 @@ storage reachable, every DIMSE worker listening) until it passes, then logs
 ``ready`` and, under systemd (``Type=notify``), sends ``READY=1``
 (:mod:`appliance.sdnotify`).  The children do not get ``NOTIFY_SOCKET``.
 
+SIGHUP (once ready; one received before waits until then): with HTTPS,
+the supervisor checks the certificate files again
+(:func:`appliance.https.check_files`) and, if they are fine, passes SIGHUP to
+gunicorn's master, which loads them anew, starts new workers and lets
+the old ones finish their requests; bad files are logged and the running
+workers keep serving the old certificate.  The DIMSE workers and
+the background worker are not signalled.  Without HTTPS, SIGHUP is passed
+to gunicorn's master likewise (its workers restart) and nothing else happens.
+
 Stopping: SIGTERM or SIGINT to the supervisor sends ``STOPPING=1`` to
 systemd, SIGTERM to each child, waits up to :data:`STOP_TIMEOUT` seconds,
 kills what is left, and returns 0.  A child that exits by itself is logged
@@ -60,7 +69,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from appliance import runstate, sdnotify
+from appliance import https, runstate, sdnotify
 from appliance.config import Config, LogConfig, load_config, resolve_index_url
 from appliance.errors import ApplianceError, ConfigError
 from appliance.logs import ACCESS_LOG_FORMAT, logging_config, set_process_name, setup_logging
@@ -230,11 +239,16 @@ def serve(config: Config) -> int:
         0 after a clean stop on SIGTERM/SIGINT, 1 if a child exited by itself.
     """
     received: list[int] = []
+    hangups: list[int] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         received.append(signum)
 
+    def on_hangup(signum: int, _frame: FrameType | None) -> None:
+        hangups.append(signum)
+
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
     children: list[Child] = []
     run_dir = Path(tempfile.mkdtemp(prefix="dicom-appliance-run-"))
     try:
@@ -247,6 +261,10 @@ def serve(config: Config) -> int:
         # own run folder, so no value of an earlier start is counted again
         metrics_dir = run_dir / "metrics"
         metrics_dir.mkdir()
+        if config.http.tls and config.http.tls_client_certs == "required":
+            # the readiness probe's own client certificate (trusted by the
+            # http workers of this start only)
+            https.make_probe_identity(run_dir)
         env = {**sdnotify.child_environment(), METRICS_DIR_ENV: str(metrics_dir)}
         try:
             for name, command in _children(config, run_dir, sockets):
@@ -256,8 +274,14 @@ def serve(config: Config) -> int:
         finally:
             sockets.close()
         # the workers hold the socket now; the port frees when they stop
-        readiness = ReadinessWatch(config)
+        readiness = ReadinessWatch(config, run_dir)
         while not received:
+            # SIGHUP waits until ready: before, gunicorn's master may not
+            # handle it yet (SIGHUP's default would stop it), and it reads
+            # the files when it starts anyway
+            if hangups and readiness.ready:
+                hangups.clear()
+                reload_http(config, children)
             for child in children:
                 code = child.process.poll()
                 if code is not None:
@@ -291,8 +315,9 @@ class ReadinessWatch:
     :data:`NOT_READY_WARNING` seconds.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, run_dir: Path | None = None) -> None:
         self.config = config
+        self.run_dir = run_dir
         self.ready = False
         self._started = time.monotonic()
         self._next_probe = self._started
@@ -305,7 +330,7 @@ class ReadinessWatch:
         now = time.monotonic()
         if self.ready or now < self._next_probe:
             return False
-        problem = probe_ready(self.config)
+        problem = probe_ready(self.config, self.run_dir)
         if problem is None:
             self.ready = True
             return True
@@ -324,17 +349,29 @@ class ReadinessWatch:
         listeners = [] if dimse.tls_only else [_address(dimse.host, dimse.port)]
         if dimse.tls_port:
             listeners.append(f"{_address(dimse.host, dimse.tls_port)} (TLS)")
+        scheme = "https://" if web.tls else ""  # plain HTTP: the address alone
         return (
-            f"DICOMweb on {_address(web.host, web.port)}, DIMSE {dimse.ae_title} "
+            f"DICOMweb on {scheme}{_address(web.host, web.port)}, DIMSE {dimse.ae_title} "
             f"on {' and '.join(listeners)}"
         )
 
 
-def probe_ready(config: Config) -> str | None:
+def probe_ready(config: Config, run_dir: Path | None = None) -> str | None:
     """None if the HTTP child's ``GET /health/ready`` answers 200, else why
-    not (no answer yet, or the checks that fail)."""
+    not (no answer yet, or the checks that fail).  Over HTTPS when the port
+    speaks it (:func:`appliance.https.probe_context`: the server is not
+    verified; the probe's client certificate in *run_dir* is offered)."""
     host = probe_host(config.http.host)
-    connection = http.client.HTTPConnection(host, config.http.port, timeout=READY_PROBE_TIMEOUT)
+    connection: http.client.HTTPConnection
+    if config.http.tls:
+        connection = http.client.HTTPSConnection(
+            host,
+            config.http.port,
+            timeout=READY_PROBE_TIMEOUT,
+            context=https.probe_context(run_dir),
+        )
+    else:
+        connection = http.client.HTTPConnection(host, config.http.port, timeout=READY_PROBE_TIMEOUT)
     try:
         connection.request("GET", "/health/ready")
         response = connection.getresponse()
@@ -346,6 +383,29 @@ def probe_ready(config: Config) -> str | None:
     if response.status == 200:
         return None
     return f"/health/ready answers {response.status}: {_failed_checks(body)}"
+
+
+def reload_http(config: Config, children: Sequence[Child]) -> None:
+    """SIGHUP: check the HTTPS files, then have gunicorn's master restart its
+    workers gracefully (they read the certificate again); the DIMSE and
+    background workers go on untouched."""
+    certificate = ""
+    if config.http.tls:
+        try:
+            warnings = https.check_files(config.http)
+            certificate = f" with the certificate {https.describe(config.http)}"
+        except ApplianceError as exc:
+            LOGGER.error("SIGHUP: not reloading, the old certificate stays in use: %s", exc.reason)
+            return
+        except (OSError, ValueError) as exc:  # changed again since the check
+            LOGGER.error("SIGHUP: not reloading, the old certificate stays in use: %s", exc)
+            return
+        for warning in warnings:
+            LOGGER.warning("%s", warning)
+    for child in children:
+        if child.role == "http" and child.process.poll() is None:
+            LOGGER.info("SIGHUP: restarting the DICOMweb workers%s", certificate)
+            _signal_process(child.pid, signal.SIGHUP)
 
 
 def probe_host(host: str) -> str:
@@ -634,8 +694,9 @@ def _sweep(services: Services) -> None:
         LOGGER.exception("the orphan sweep failed; it runs again at the next start")
 
 
-def gunicorn_settings(config: Config) -> dict[str, Any]:
-    """gunicorn's settings for *config*: bind, workers, logging to stdout.
+def gunicorn_settings(config: Config, served: https.ServedContext | None = None) -> dict[str, Any]:
+    """gunicorn's settings for *config*: bind, workers, logging to stdout,
+    and with HTTPS, TLS with the context *served*.
 
     No ``preload_app``: each worker imports and builds the app (and its own
     services, database connections included) after the fork.
@@ -643,6 +704,7 @@ def gunicorn_settings(config: Config) -> dict[str, Any]:
     host, port = config.http.host, config.http.port
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return {
+        **_tls_settings(config, served),
         "bind": [bind],
         "workers": config.http.workers,
         "preload_app": False,
@@ -656,6 +718,22 @@ def gunicorn_settings(config: Config) -> dict[str, Any]:
         "post_fork": _post_fork,
         "worker_exit": _worker_exit,
         "child_exit": _child_exit,
+    }
+
+
+def _tls_settings(config: Config, served: https.ServedContext | None) -> dict[str, Any]:
+    """gunicorn's TLS settings: its own keys (so that it wraps every
+    connection and names the scheme https), and our ``ssl_context`` with the
+    profile of :mod:`appliance.https`, built in gunicorn's master."""
+    web = config.http
+    if not web.tls:
+        return {}
+    return {
+        "certfile": web.tls_cert_file,
+        "keyfile": web.tls_key_file,
+        "ca_certs": web.tls_ca_file or None,
+        "cert_reqs": int(https.CLIENT_CERTS[web.tls_client_certs]),
+        "ssl_context": served if served is not None else https.ServedContext(web, None),
     }
 
 
@@ -684,9 +762,15 @@ def run_http(config: Config, run_dir: Path | None) -> int:
     """Child entry point: gunicorn serving DICOMweb, until SIGTERM."""
     from gunicorn.app.base import BaseApplication
 
+    # the TLS context, loaded by gunicorn's master at start and on SIGHUP
+    # (load_config runs again then), inherited by the workers it forks
+    served = https.ServedContext(config.http, run_dir) if config.http.tls else None
+
     class HttpApplication(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
-            for key, value in gunicorn_settings(config).items():
+            if served is not None:
+                served.load()
+            for key, value in gunicorn_settings(config, served).items():
                 if key in self.cfg.settings or key not in _NEWER_GUNICORN_SETTINGS:
                     self.cfg.set(key, value)
 

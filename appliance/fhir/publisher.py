@@ -46,7 +46,7 @@ def dicomweb_root(config: Config) -> str:
     host = config.http.host
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{config.http.port}/v1"
+    return f"{config.http.scheme}://{host}:{config.http.port}/v1"
 
 
 def read_study(engine: Engine, study_instance_uid: str) -> StudyFacts | None:

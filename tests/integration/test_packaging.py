@@ -74,12 +74,19 @@ def verify(root: Path, unit: Path) -> str:
 
 
 def fake_root(tmp_path: Path, unit_text: str) -> tuple[Path, Path]:
-    """A root holding the unit and an executable where ExecStart points."""
+    """A root holding the unit and an executable where ExecStart (and
+    ExecReload: /bin/kill) points."""
     root = tmp_path / "root"
-    binary = root / packaging.exec_start()[0].lstrip("/")
-    binary.parent.mkdir(parents=True)
-    binary.write_text("#!/bin/sh\n")
-    binary.chmod(0o755)
+    commands = [packaging.exec_start()[0]] + [
+        line.split("=", 1)[1].split()[0]
+        for line in unit_text.splitlines()
+        if line.startswith("ExecReload=")
+    ]
+    for command in commands:
+        binary = root / command.lstrip("/")
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        binary.write_text("#!/bin/sh\n")
+        binary.chmod(0o755)
     unit = root / "etc/systemd/system" / packaging.UNIT.name
     unit.parent.mkdir(parents=True)
     unit.write_text(unit_text)

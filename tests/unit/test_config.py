@@ -292,3 +292,77 @@ def test_azure_secrets_are_masked(tmp_path: Path) -> None:
     shown = render_config(load_config(path, environ={}, cwd=tmp_path))
     assert "SECRET" not in shown
     assert 'account_url = "https://a.blob.core.windows.net"' in shown
+
+
+# --------------------------------------------------------------------------
+# HTTPS keys (the files themselves are checked at serve start:
+# tests/unit/test_https.py)
+
+
+def test_https_is_off_by_default_and_on_with_a_certificate_and_key(tmp_path: Path) -> None:
+    plain = load_config(environ={}, cwd=tmp_path)
+    path = write(
+        tmp_path,
+        '[http]\ntls_cert_file = "tls/server.crt"\ntls_key_file = "/etc/tls/server.key"\n',
+    )
+    tls = load_config(path, environ={}, cwd=tmp_path)
+
+    assert (plain.http.tls, plain.http.scheme) == (False, "http")
+    assert (tls.http.tls, tls.http.scheme) == (True, "https")
+    # relative to the working directory, like every path
+    assert tls.http.tls_cert_file == str(tmp_path / "tls" / "server.crt")
+    assert tls.http.tls_key_file == "/etc/tls/server.key"
+    assert (tls.http.tls_min_version, tls.http.tls_client_certs) == ("1.2", "none")
+
+
+@pytest.mark.parametrize(
+    ("environ", "key"),
+    [
+        ({"APPLIANCE_HTTP_TLS_CERT_FILE": "s.crt"}, "http.tls_key_file"),
+        ({"APPLIANCE_HTTP_TLS_KEY_FILE": "s.key"}, "http.tls_cert_file"),
+        (
+            {
+                "APPLIANCE_HTTP_TLS_CERT_FILE": "s.crt",
+                "APPLIANCE_HTTP_TLS_KEY_FILE": "s.key",
+                "APPLIANCE_HTTP_TLS_CLIENT_CERTS": "required",
+            },
+            "http.tls_ca_file",
+        ),
+        (
+            {
+                "APPLIANCE_HTTP_TLS_CERT_FILE": "s.crt",
+                "APPLIANCE_HTTP_TLS_KEY_FILE": "s.key",
+                "APPLIANCE_HTTP_TLS_CA_FILE": "ca.crt",
+            },
+            "http.tls_ca_file",
+        ),
+        (
+            {"APPLIANCE_HTTP_TLS_CLIENT_CERTS": "optional", "APPLIANCE_HTTP_TLS_CA_FILE": "c"},
+            "http.tls_client_certs",
+        ),
+        ({"APPLIANCE_HTTP_TLS_CLIENT_CERTS": "sometimes"}, "http.tls_client_certs"),
+        ({"APPLIANCE_HTTP_TLS_MIN_VERSION": "1.1"}, "http.tls_min_version"),
+    ],
+)
+def test_https_keys_that_do_not_fit_are_refused_naming_the_key(
+    tmp_path: Path, environ: dict[str, str], key: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config(environ=environ, cwd=tmp_path)
+    assert raised.value.key == key
+
+
+def test_mutual_tls_keys_load(tmp_path: Path) -> None:
+    config = load_config(
+        environ={
+            "APPLIANCE_HTTP_TLS_CERT_FILE": "s.crt",
+            "APPLIANCE_HTTP_TLS_KEY_FILE": "s.key",
+            "APPLIANCE_HTTP_TLS_CLIENT_CERTS": "required",
+            "APPLIANCE_HTTP_TLS_CA_FILE": "clients-ca.crt",
+            "APPLIANCE_HTTP_TLS_MIN_VERSION": "1.3",
+        },
+        cwd=tmp_path,
+    )
+    assert config.http.tls_client_certs == "required"
+    assert config.http.tls_ca_file == str(tmp_path / "clients-ca.crt")
+    assert config.http.tls_min_version == "1.3"

@@ -29,6 +29,12 @@ def test_the_unit_is_a_notify_service_the_main_process_speaks_for() -> None:
     assert packaging.service("KillMode") == "mixed"
 
 
+def test_reload_sends_sighup_to_serve() -> None:
+    """``systemctl reload``: SIGHUP to the supervisor, which reloads the HTTPS
+    files (tests/integration/test_https.py sends the same signal)."""
+    assert packaging.service("ExecReload") == "/bin/kill -HUP $MAINPID"
+
+
 def test_the_unit_runs_serve_with_the_installed_config() -> None:
     argv = packaging.exec_start()
 
