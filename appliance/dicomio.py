@@ -20,7 +20,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 
 from appliance import __version__
-from appliance.encoding import LONG_VRS, LayoutError, read_layout
+from appliance.encoding import LONG_VRS, Layout, LayoutError, find_hazard, read_layout
 from appliance.errors import InvalidInstance, UnreadableInstance
 from appliance.model import (
     InstanceAttributes,
@@ -80,18 +80,32 @@ def read_header(source: IO[bytes]) -> Dataset:
     Raises
     ------
     UnreadableInstance
-        if the bytes are not a DICOM Part 10 file.
+        if the bytes are not a DICOM Part 10 file, or hold an element whose
+        length runs past the end or sequences nested too deeply
+        (:func:`~appliance.encoding.find_hazard`).
     """
     start = source.tell()
     try:
-        ds = _read_indexed(source)
+        layout: Layout | None = read_layout(source)
     except (LayoutError, OSError, ValueError, struct.error):
-        ds = None
+        layout = None
+    ds = None
+    if layout is not None:
+        hazard = find_hazard(source, layout)
+        if hazard is not None:
+            raise UnreadableInstance(hazard)
+        try:
+            ds = _read_indexed(source, layout)
+        except (LayoutError, OSError, ValueError, struct.error):
+            ds = None
     if ds is not None:
         return ds
     source.seek(start)
     try:
         ds = dcmread(source, stop_before_pixels=True, defer_size=_DEFER_SIZE)
+    except RecursionError:
+        # a deflated data set is not walked before pydicom reads it
+        raise UnreadableInstance("sequences are nested too deeply to be read") from None
     except InvalidDicomError as exc:
         raise UnreadableInstance(f"not a DICOM Part 10 file: {exc}") from None
     except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -141,11 +155,11 @@ _UNDEFINED_LENGTH = 0xFFFFFFFF
 _SEQUENCE_DELIMITER = 0xFFFEE0DD
 
 
-def _read_indexed(source: IO[bytes]) -> Dataset | None:
+def _read_indexed(source: IO[bytes], layout: Layout) -> Dataset | None:
     """The File Meta and the indexed top-level elements of the Part 10
-    stream *source* as a Dataset of raw (undecoded) elements, or None if
-    the file is not one this reader handles (pydicom reads those)."""
-    layout = read_layout(source)
+    stream *source* (whose layout is *layout*) as a Dataset of raw
+    (undecoded) elements, or None if the file is not one this reader
+    handles (pydicom reads those)."""
     syntax = UID(layout.transfer_syntax)
     if not syntax.is_transfer_syntax or syntax.is_deflated or not layout.sop_instance_uid:
         return None

@@ -63,6 +63,10 @@ class BodyTooLarge(PayloadTooLarge):
     """More bytes were sent than the limit allows (413)."""
 
 
+class TooManyParts(PayloadTooLarge):
+    """The body has more parts than ``http.max_parts`` allows (413)."""
+
+
 class UnreadableBody(InvalidRequest):
     """The body could not be read: the connection failed or the chunked
     transfer coding is broken (400)."""
@@ -246,9 +250,14 @@ class MultipartReader:
         Bytes of a part kept in memory before it goes to a temporary file.
     chunk_size
         Bytes read from *source* at a time.
+    max_parts
+        The most parts accepted, None for no limit: a million tiny parts
+        would otherwise cost a million spools and a million outcomes.
 
     Raises
     ------
+    TooManyParts
+        (while iterating) once the part after *max_parts* begins.
     MultipartError
         (from the constructor) for an invalid boundary; (while iterating) for
         a body that is not a multipart message with that boundary, has no
@@ -264,8 +273,10 @@ class MultipartReader:
         *,
         spool_max: int = SPOOL_MAX,
         chunk_size: int = CHUNK_SIZE,
+        max_parts: int | None = None,
     ) -> None:
         self._source = source
+        self._max_parts = max_parts
         self._delimiter = b"--" + check_boundary(boundary).encode("ascii")
         self._spool_max = spool_max
         self._chunk_size = chunk_size
@@ -376,6 +387,10 @@ class MultipartReader:
     # python-multipart callbacks
 
     def _on_part_begin(self) -> None:
+        if self._max_parts is not None and self.parts_received >= self._max_parts:
+            raise TooManyParts(
+                f"the request has more than http.max_parts ({self._max_parts}) parts"
+            )
         self._building = _PartBuilder(self.parts_received + 1, self._spool_max)
 
     def _on_header_field(self, data: bytes, start: int, end: int) -> None:

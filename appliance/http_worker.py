@@ -1,0 +1,107 @@
+"""gunicorn's threaded worker with a deadline for request headers.
+
+gunicorn's default ``sync`` worker serves one connection at a time, so
+``http.workers`` clients that open a connection and send their headers a
+byte a second (slowloris) hold every worker and nobody else is served.
+This worker is gunicorn's ``gthread`` worker (``http.threads`` threads per
+process; a connection that has sent nothing yet, or is kept alive between
+requests, waits in the worker's poller without holding a thread) plus one
+rule gunicorn has no setting for: a request's line and headers must arrive
+within ``http.header_timeout`` seconds of the first byte, else the
+connection is shut down and its thread freed.  The body is not timed here:
+a big STOW-RS upload or a WADO-RS download from a slow but steady client
+may take as long as it takes (a reverse proxy adds a minimum body rate,
+see docs/security.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import logging
+import socket
+import threading
+import time
+from typing import Any
+
+from gunicorn.workers.gthread import ThreadWorker
+
+LOGGER = logging.getLogger("dicomweb.http_worker")
+
+#: How often the watchdog looks for connections past their deadline.
+_TICK = 0.5
+
+
+class HeaderDeadlines:
+    """Connections whose headers must arrive by a deadline; a daemon thread
+    shuts down each one still waiting when its deadline passes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._heap: list[tuple[float, int, socket.socket]] = []
+        self._live: set[int] = set()
+        self._counter = itertools.count()
+        self.expired = 0
+        self._thread = threading.Thread(target=self._run, name="header-deadlines", daemon=True)
+        self._thread.start()
+
+    def add(self, sock: socket.socket, deadline: float) -> int:
+        """Watch *sock* until :meth:`discard` with the token returned."""
+        token = next(self._counter)
+        with self._lock:
+            heapq.heappush(self._heap, (deadline, token, sock))
+            self._live.add(token)
+        return token
+
+    def discard(self, token: int) -> None:
+        """The headers arrived (or the connection ended): stop watching."""
+        with self._lock:
+            self._live.discard(token)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(_TICK)
+            now = time.monotonic()
+            due: list[socket.socket] = []
+            with self._lock:
+                while self._heap and self._heap[0][0] <= now:
+                    _, token, sock = heapq.heappop(self._heap)
+                    if token in self._live:
+                        self._live.discard(token)
+                        due.append(sock)
+            for sock in due:
+                self.expired += 1
+                # the blocked recv() returns b"": gunicorn drops the
+                # connection as a premature disconnection (OSError: closed)
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                LOGGER.info("a client did not send its request headers in time: closed")
+
+
+class HeaderTimeoutWorker(ThreadWorker):  # type: ignore[misc]
+    """``gthread`` with a deadline on request headers (``http.header_timeout``,
+    passed as gunicorn's ``raw_env``-free ``header_timeout`` attribute of
+    the worker's config, see :func:`appliance.server.gunicorn_settings`)."""
+
+    header_timeout: float = 20.0
+
+    def init_process(self) -> None:
+        self._deadlines = HeaderDeadlines()
+        self._current = threading.local()
+        super().init_process()
+
+    def handle(self, conn: Any) -> Any:
+        token = self._deadlines.add(conn.sock, time.monotonic() + self.header_timeout)
+        self._current.token = token
+        try:
+            return super().handle(conn)
+        finally:
+            self._deadlines.discard(token)
+
+    def headers_received(self) -> None:
+        """gunicorn's ``pre_request`` hook, in the thread handling the request:
+        its headers are in."""
+        token = getattr(self._current, "token", None)
+        if token is not None:
+            self._deadlines.discard(token)
