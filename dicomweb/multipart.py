@@ -67,6 +67,10 @@ class TooManyParts(PayloadTooLarge):
     """The body has more parts than ``http.max_parts`` allows (413)."""
 
 
+class _StopFeeding(Exception):
+    """Raised from a parser callback to stop parsing the chunk fed."""
+
+
 class UnreadableBody(InvalidRequest):
     """The body could not be read: the connection failed or the chunked
     transfer coding is broken (400)."""
@@ -294,6 +298,7 @@ class MultipartReader:
         self._ready: deque[Part] = deque()
         self._handed_out: Part | None = None
         self._ended = False
+        self._overflow = False
         #: how many parts have been completely received
         self.parts_received = 0
 
@@ -332,6 +337,10 @@ class MultipartReader:
                 self._handed_out = self._ready.popleft()
                 yield self._handed_out
             self._release()
+            if self._overflow:
+                raise TooManyParts(
+                    f"the request has more than http.max_parts ({self._max_parts}) parts"
+                )
             if self._ended:
                 break
             chunk = self._source.read(self._chunk_size)
@@ -377,9 +386,13 @@ class MultipartReader:
     def _feed(self, data: bytes) -> None:
         if self._ended:
             return  # the epilogue
+        if self._overflow:
+            return
         try:
             with _spooling():
                 self._parser.write(data)
+        except _StopFeeding:
+            return
         except FormParserError as exc:
             # python-multipart's messages name offsets and expected bytes, no content
             raise MultipartError(f"malformed multipart body: {exc}") from None
@@ -388,9 +401,9 @@ class MultipartReader:
 
     def _on_part_begin(self) -> None:
         if self._max_parts is not None and self.parts_received >= self._max_parts:
-            raise TooManyParts(
-                f"the request has more than http.max_parts ({self._max_parts}) parts"
-            )
+            # the parts complete so far are still handed out, then TooManyParts
+            self._overflow = True
+            raise _StopFeeding
         self._building = _PartBuilder(self.parts_received + 1, self._spool_max)
 
     def _on_header_field(self, data: bytes, start: int, end: int) -> None:
