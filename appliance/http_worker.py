@@ -4,11 +4,13 @@ gunicorn's default ``sync`` worker serves one connection at a time, so
 ``http.workers`` clients that open a connection and send their headers a
 byte a second (slowloris) hold every worker and nobody else is served.
 This worker is gunicorn's ``gthread`` worker (``http.threads`` threads per
-process; a connection that has sent nothing yet, or is kept alive between
-requests, waits in the worker's poller without holding a thread) plus one
-rule gunicorn has no setting for: a request's line and headers must arrive
-within ``http.header_timeout`` seconds of the first byte, else the
-connection is shut down and its thread freed.  The body is not timed here:
+process; a connection kept alive between requests waits in the worker's
+poller without holding a thread) plus two rules gunicorn has no setting
+for: a new connection that has sent nothing yet goes to the poller at once
+(gunicorn holds a thread up to 5 s for it first) and is closed there after
+gunicorn's ``keepalive`` (2 s) if it stays idle; and a request's line and
+headers must arrive within ``http.header_timeout`` seconds of its first
+byte, else the connection is shut down and its thread freed.  The body is not timed here:
 a big STOW-RS upload or a WADO-RS download from a slow but steady client
 may take as long as it takes (a reverse proxy adds a minimum body rate,
 see docs/security.md).
@@ -25,7 +27,7 @@ import threading
 import time
 from typing import Any
 
-from gunicorn.workers.gthread import ThreadWorker
+from gunicorn.workers.gthread import _DEFER, ThreadWorker
 
 LOGGER = logging.getLogger("dicomweb.http_worker")
 
@@ -92,6 +94,12 @@ class HeaderTimeoutWorker(ThreadWorker):  # type: ignore[misc]
         super().init_process()
 
     def handle(self, conn: Any) -> Any:
+        if not conn.initialized and not conn.data_ready and not conn.wait_for_data(0):
+            # a new connection that has sent nothing yet waits in the poller,
+            # not in a thread (gunicorn would hold a thread up to 5 s for
+            # it: a few hundred idle connections would starve every thread);
+            # the poller closes it after gunicorn's keepalive seconds
+            return _DEFER
         token = self._deadlines.add(conn.sock, time.monotonic() + self.header_timeout)
         self._current.token = token
         try:
