@@ -14,7 +14,7 @@ from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
@@ -108,7 +108,17 @@ def read_header(source: IO[bytes]) -> Dataset:
         raise UnreadableInstance("sequences are nested too deeply to be read") from None
     except InvalidDicomError as exc:
         raise UnreadableInstance(f"not a DICOM Part 10 file: {exc}") from None
-    except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (
+        EOFError,
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        BytesLengthException,  # a File Meta element of a wrong length (found by fuzzing)
+        NotImplementedError,
+        struct.error,
+    ) as exc:
         # pydicom raises a variety of these on truncated or corrupt headers
         raise UnreadableInstance(f"the DICOM header could not be parsed: {exc}") from None
     if "TransferSyntaxUID" not in ds.file_meta:
@@ -312,11 +322,11 @@ def extract_record(ds: Dataset) -> InstanceRecord:
         if a required UID is missing or malformed (PS3.5 9.1), or if the
         data set's SOP Instance UID differs from the File Meta's.
     """
-    study_uid = validate_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
-    series_uid = validate_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
-    sop_uid = validate_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
-    sop_class = validate_uid(ds.get("SOPClassUID"), "SOPClassUID")
-    ts = validate_uid(ds.file_meta.get("TransferSyntaxUID"), "TransferSyntaxUID")
+    study_uid = validate_uid(_value(ds, "StudyInstanceUID"), "StudyInstanceUID")
+    series_uid = validate_uid(_value(ds, "SeriesInstanceUID"), "SeriesInstanceUID")
+    sop_uid = validate_uid(_value(ds, "SOPInstanceUID"), "SOPInstanceUID")
+    sop_class = validate_uid(_value(ds, "SOPClassUID"), "SOPClassUID")
+    ts = validate_uid(_value(ds.file_meta, "TransferSyntaxUID"), "TransferSyntaxUID")
     # The data set's SOP Instance UID is authoritative: a File Meta that
     # disagrees (seen in files edited by older tools) is not a reason to refuse.
     return InstanceRecord(
@@ -394,11 +404,25 @@ def _request_attributes(ds: Dataset) -> tuple[RequestAttributes, ...]:
     )
 
 
+#: What pydicom raises converting a raw value it cannot read: a corrupt IS,
+#: a UID sent with the VR US and an odd length (found by fuzzing:
+#: BytesLengthException escaped ingest), an unknown VR.
+_CONVERSION_ERRORS = (
+    ValueError,
+    TypeError,
+    LookupError,
+    BytesLengthException,
+    NotImplementedError,
+    struct.error,
+)
+
+
 def _value(ds: Dataset, keyword: str) -> Any:
     try:
         return ds.get(keyword)
-    except (ValueError, TypeError, LookupError):
-        # a value pydicom cannot convert (e.g. a corrupt IS); index it as absent
+    except _CONVERSION_ERRORS:
+        # a value pydicom cannot convert; index it as absent (a required UID
+        # is then refused as missing)
         return None
 
 

@@ -53,7 +53,7 @@ from pydicom import dcmread
 from pydicom.datadict import dictionary_has_tag, dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
@@ -214,6 +214,8 @@ def read_header(stream: IO[bytes]) -> InstanceHeader:
         TypeError,
         AttributeError,
         struct.error,
+        BytesLengthException,  # a value of a wrong length (found by fuzzing)
+        NotImplementedError,
     ) as exc:
         raise UnreadableInstance(f"the stored DICOM header cannot be parsed: {exc}") from None
     except RecursionError:

@@ -122,6 +122,28 @@ def test_stow_refuses_forged_lengths_and_deep_nesting(appliance: LiveAppliance, 
     _still_serving(appliance)
 
 
+def _fuzz_findings() -> list[bytes]:
+    """The instances fuzzing (tests/fuzz) found escaping ingest with an
+    exception pydicom raised (BytesLengthException): now refused."""
+    from tests.fuzz import inputs
+
+    wrong_vr_uid = inputs.part10(
+        b"\x08\x00\x05\x00CS\x00\x00\x08\x00\x16\x00AE\x00\x00 \x00\r\x00US\t\x00" + b"\x00" * 10
+    )
+    data = part10_of(small_study(1)[0])
+    short_group_length = data[:133] + b"\x00\x00\x00\x00\x00\x00\x01\x00"
+    return [wrong_vr_uid, short_group_length]
+
+
+def test_fuzz_findings_are_refused_by_stow_rs(appliance: LiveAppliance) -> None:
+    for data in _fuzz_findings():
+        response = stow(appliance.base_url, data)
+        assert response.status_code == 409, response.text
+        reason = response.json()[FAILED_SOP_SEQUENCE]["Value"][0][FAILURE_REASON]["Value"][0]
+        assert reason >> 12 in (0xA, 0xC), hex(reason)
+    _still_serving(appliance)
+
+
 def test_nesting_within_the_limit_is_stored_and_rendered(appliance: LiveAppliance) -> None:
     data, study = _with_element(nested(60, defined=False))
     assert stow(appliance.base_url, data).status_code == 200
