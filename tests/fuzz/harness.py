@@ -17,6 +17,7 @@ tests/fuzz/test_atheris.py runs each target for a bounded time.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import sys
@@ -37,8 +38,6 @@ with atheris.instrument_imports(include=["appliance", "dicomweb", "dimse_bridge"
     from dicomweb.multipart import LimitedReader, MultipartReader
     from dicomweb.views.qido import parse_search
     from dimse_bridge.identifiers import InformationModel, parse_find
-
-import contextlib
 
 from pynetdicom.dsutils import decode
 from werkzeug.datastructures import MultiDict
