@@ -382,10 +382,12 @@ def _source_ae(ds: Dataset) -> str:
     meta = getattr(ds, "file_meta", None)
     if meta is None:
         return ""
-    version = str(meta.get("ImplementationVersionName", "") or "")
+    # _value: a File Meta element of an unknown VR made pydicom raise
+    # NotImplementedError out of ingest (found by fuzzing)
+    version = str(_value(meta, "ImplementationVersionName") or "")
     if not version.startswith(IMPLEMENTATION_VERSION_NAME.split("_")[0] + "_"):
         return ""
-    return str(meta.get("SourceApplicationEntityTitle", "") or "").strip()[:16]
+    return str(_value(meta, "SourceApplicationEntityTitle") or "").strip()[:16]
 
 
 def _request_attributes(ds: Dataset) -> tuple[RequestAttributes, ...]:
