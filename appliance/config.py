@@ -140,6 +140,8 @@ class HttpConfig:
     threads: int = _field(8, check=_between(1, 256))
     #: seconds a client gets to send a request's line and headers (slowloris)
     header_timeout: int = _field(20, check=_between(1, 3600))
+    #: seconds a request's body or response may stall (no byte moving)
+    idle_timeout: int = _field(60, check=_between(1, 3600))
     #: browser origins allowed to call the API from another origin (CORS); "*" for any
     cors_allowed_origins: tuple[str, ...] = _field((), check=_origins)
     #: the largest request body accepted (STOW-RS); larger ones get 413

@@ -10,10 +10,12 @@ for: a new connection that has sent nothing yet goes to the poller at once
 (gunicorn holds a thread up to 5 s for it first) and is closed there after
 gunicorn's ``keepalive`` (2 s) if it stays idle; and a request's line and
 headers must arrive within ``http.header_timeout`` seconds of its first
-byte, else the connection is shut down and its thread freed.  The body is not timed here:
-a big STOW-RS upload or a WADO-RS download from a slow but steady client
-may take as long as it takes (a reverse proxy adds a minimum body rate,
-see docs/security.md).
+byte, else the connection is shut down and its thread freed.  Once the
+headers are in, a body or a response that stalls (no byte moving for
+``http.idle_timeout`` seconds) ends the request.  A body is not timed as a
+whole: a big STOW-RS upload or a WADO-RS download from a slow but steady
+client may take as long as it takes (a reverse proxy that buffers request
+bodies adds more, see docs/security.md).
 """
 
 from __future__ import annotations
@@ -82,11 +84,14 @@ class HeaderDeadlines:
 
 
 class HeaderTimeoutWorker(ThreadWorker):  # type: ignore[misc]
-    """``gthread`` with a deadline on request headers (``http.header_timeout``,
-    passed as gunicorn's ``raw_env``-free ``header_timeout`` attribute of
-    the worker's config, see :func:`appliance.server.gunicorn_settings`)."""
+    """``gthread`` with a deadline on request headers and a stall timeout on
+    bodies and responses.  :func:`appliance.server.gunicorn_settings` makes a
+    subclass with ``header_timeout`` and ``idle_timeout`` from the config
+    (gunicorn instantiates the worker class itself)."""
 
     header_timeout: float = 20.0
+    #: seconds a request's body or its response may stall, no byte moving
+    idle_timeout: float = 60.0
 
     def init_process(self) -> None:
         self._deadlines = HeaderDeadlines()
@@ -102,6 +107,7 @@ class HeaderTimeoutWorker(ThreadWorker):  # type: ignore[misc]
             return _DEFER
         token = self._deadlines.add(conn.sock, time.monotonic() + self.header_timeout)
         self._current.token = token
+        self._current.conn = conn
         try:
             return super().handle(conn)
         finally:
@@ -113,3 +119,10 @@ class HeaderTimeoutWorker(ThreadWorker):  # type: ignore[misc]
         token = getattr(self._current, "token", None)
         if token is not None:
             self._deadlines.discard(token)
+        conn = getattr(self._current, "conn", None)
+        if conn is not None:
+            # from here on a stall (no byte received or sent for this long)
+            # ends the request: a read fails (the app answers 400), a write
+            # drops the connection.  gunicorn makes the socket blocking
+            # again (no timeout) before it reads the next request's headers.
+            conn.sock.settimeout(self.idle_timeout)

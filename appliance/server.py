@@ -570,7 +570,10 @@ def gunicorn_settings(config: Config) -> dict[str, Any]:
     worker_class = type(
         "HeaderTimeoutWorker",
         (HeaderTimeoutWorker,),
-        {"header_timeout": float(config.http.header_timeout)},
+        {
+            "header_timeout": float(config.http.header_timeout),
+            "idle_timeout": float(config.http.idle_timeout),
+        },
     )
     return {
         "bind": [bind],

@@ -3,9 +3,9 @@ as in production): slowloris clients, a slow but steady upload, oversized
 request lines and headers, many connections at once.  Each gets a bounded
 answer and an ordinary request is served afterwards.
 
-The appliance runs with one worker process of two threads and a header
-deadline of 2 s, so that a handful of slow clients would hold every thread
-if nothing bounded them.
+The appliance runs with one worker process of two threads, a header
+deadline of 2 s and an idle timeout of 2 s, so that a handful of slow
+clients would hold every thread if nothing bounded them.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from tests.integration.test_serve import Appliance, migrated_site, running
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 HEADER_TIMEOUT = 2
+IDLE_TIMEOUT = 2
 THREADS = 2
 
 
@@ -37,6 +38,7 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
             "APPLIANCE_HTTP_WORKERS": "1",
             "APPLIANCE_HTTP_THREADS": str(THREADS),
             "APPLIANCE_HTTP_HEADER_TIMEOUT": str(HEADER_TIMEOUT),
+            "APPLIANCE_HTTP_IDLE_TIMEOUT": str(IDLE_TIMEOUT),
         },
     )
     with running(site) as running_appliance:
@@ -201,5 +203,32 @@ def test_many_connections_at_once(appliance: Appliance) -> None:
         assert statuses == [200] * 100
     finally:
         for sock in idle:
+            sock.close()
+    _served(appliance)
+
+
+def test_a_stalled_upload_ends_at_the_idle_timeout(appliance: Appliance) -> None:
+    """More clients than threads send headers and half a body, then stop:
+    after http.idle_timeout each gets a 400 and its thread is free, so an
+    ordinary request is served."""
+    port = appliance.site.http_port
+    stalled = []
+    for _ in range(THREADS + 1):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(
+            b"POST /v1/studies HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+            b"Content-Type: application/dicom\r\n\r\n" + b"\0" * 100
+        )
+        stalled.append(sock)
+    try:
+        started = time.monotonic()
+        _served(appliance)
+        assert time.monotonic() - started < 3 * IDLE_TIMEOUT + 10
+        for sock in stalled:
+            sock.settimeout(3 * IDLE_TIMEOUT + 10)
+            answer = sock.recv(200)
+            assert answer.startswith(b"HTTP/1.1 400"), answer
+    finally:
+        for sock in stalled:
             sock.close()
     _served(appliance)
