@@ -25,6 +25,7 @@ import heapq
 import itertools
 import logging
 import socket
+import struct
 import threading
 import time
 from typing import Any
@@ -35,6 +36,12 @@ LOGGER = logging.getLogger("dicomweb.http_worker")
 
 #: How often the watchdog looks for connections past their deadline.
 _TICK = 0.5
+
+
+def _timeval(seconds: float) -> bytes:
+    """*seconds* as a ``struct timeval`` for SO_RCVTIMEO / SO_SNDTIMEO."""
+    whole = int(seconds)
+    return struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))
 
 
 class HeaderDeadlines:
@@ -121,8 +128,11 @@ class HeaderTimeoutWorker(ThreadWorker):  # type: ignore[misc]
             self._deadlines.discard(token)
         conn = getattr(self._current, "conn", None)
         if conn is not None:
-            # from here on a stall (no byte received or sent for this long)
-            # ends the request: a read fails (the app answers 400), a write
-            # drops the connection.  gunicorn makes the socket blocking
-            # again (no timeout) before it reads the next request's headers.
-            conn.sock.settimeout(self.idle_timeout)
+            # from here on a stall (no byte received, or none sent, for this
+            # long) ends the request: a read fails (the app answers 400), a
+            # write drops the connection.  SO_RCVTIMEO/SO_SNDTIMEO bound each
+            # recv()/send() call, so any progress restarts the clock (a
+            # socket timeout would bound a whole sendall() of a 1 MiB chunk).
+            stall = _timeval(self.idle_timeout)
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, stall)
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, stall)

@@ -232,3 +232,34 @@ def test_a_stalled_upload_ends_at_the_idle_timeout(appliance: Appliance) -> None
         for sock in stalled:
             sock.close()
     _served(appliance)
+
+
+def test_a_slow_but_steady_download_is_not_cut(appliance: Appliance) -> None:
+    """The idle timeout counts stalls, not duration: a WADO-RS retrieve of a
+    8 MB instance read over several idle timeouts completes."""
+    ds = small_study(1, size=2048)[0]  # 2048 x 2048 x 2 bytes of pixel data
+    part = part10_of(ds)
+    boundary = "big"
+    stored = httpx.post(
+        f"{appliance.base_url}/v1/studies",
+        content=f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + part
+        + f"\r\n--{boundary}--\r\n".encode(),
+        headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'
+        },
+        timeout=60,
+    )
+    assert stored.status_code == 200
+    url = (
+        f"{appliance.base_url}/v1/studies/{ds.StudyInstanceUID}/series/"
+        f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+    )
+    started, received = time.monotonic(), 0
+    with httpx.stream("GET", url, headers={"Accept": "*/*"}, timeout=60) as response:
+        assert response.status_code == 200
+        for chunk in response.iter_bytes(256 * 1024):
+            received += len(chunk)
+            time.sleep(0.2)  # ~1.3 MB/s: the whole takes several idle timeouts
+    assert time.monotonic() - started > 2 * IDLE_TIMEOUT
+    assert received >= len(part) - 1024
