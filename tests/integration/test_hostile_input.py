@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
@@ -383,3 +384,65 @@ def test_the_blobs_are_opaque_keys(appliance: LiveAppliance, stored: tuple[str, 
         assert si not in str(blob)
         assert st not in str(blob)
         dcmread(blob, stop_before_pixels=True)
+
+
+DIMSE_VALUES = [
+    "'",
+    "1.2'; DROP TABLE instance;--",
+    "%",
+    "_",
+    "../../etc/passwd",
+    "1.2\\..\\3",
+    "1." + "2" * 80,
+    "x" * 1000,
+]
+
+
+@pytest.mark.parametrize("service", ["C-FIND", "C-GET", "C-MOVE"])
+def test_hostile_keys_in_dimse_queries_get_a_dicom_status(
+    appliance: LiveAppliance, stored: tuple[str, str, str], service: str
+) -> None:
+    """C-FIND, C-GET and C-MOVE with hostile Study Instance UIDs and Patient
+    IDs: each ends with a DICOM status (a refusal, or no match), never
+    pynetdicom's "unhandled exception" 0xC211/0xC311 nor a match of
+    everything; the association stays usable."""
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StudyRootQueryRetrieveInformationModelFind,
+        StudyRootQueryRetrieveInformationModelGet,
+        StudyRootQueryRetrieveInformationModelMove,
+    )
+
+    model = {
+        "C-FIND": StudyRootQueryRetrieveInformationModelFind,
+        "C-GET": StudyRootQueryRetrieveInformationModelGet,
+        "C-MOVE": StudyRootQueryRetrieveInformationModelMove,
+    }[service]
+    ae = AE(ae_title="HOSTILE")
+    ae.add_requested_context(model)
+    assoc = ae.associate("127.0.0.1", appliance.dimse_port, ae_title=appliance.ae_title)
+    assert assoc.is_established
+    try:
+        for key in ("StudyInstanceUID", "PatientID"):
+            for value in DIMSE_VALUES:
+                identifier = Dataset()
+                identifier.QueryRetrieveLevel = "STUDY"
+                identifier.StudyInstanceUID = value if key == "StudyInstanceUID" else ""
+                if key == "PatientID":
+                    identifier.PatientID = value
+                if service == "C-FIND":
+                    responses = list(assoc.send_c_find(identifier, model))
+                elif service == "C-GET":
+                    responses = list(assoc.send_c_get(identifier, model))
+                else:
+                    responses = list(assoc.send_c_move(identifier, "NOWHERE", model))
+                statuses = [int(status.Status) for status, _ in responses if status]
+                assert statuses, (service, key, value[:30])
+                final = statuses[-1]
+                assert final not in (0xC211, 0xC311), (service, key, value[:30], hex(final))
+                assert final >> 12 in (0x0, 0xA, 0xC), hex(final)
+                # never a match: no stored study has these values
+                assert not {0xFF00, 0xFF01} & set(statuses)
+        assert assoc.is_established
+    finally:
+        assoc.release()
+        ae.shutdown()
