@@ -125,15 +125,30 @@ def _public_url(value: str) -> str | None:
     return None
 
 
+def _between(low: int, high: int) -> Validator:
+    def check(value: int) -> str | None:
+        return None if low <= value <= high else f"must be from {low} to {high}"
+
+    return check
+
+
 @dataclasses.dataclass(frozen=True)
 class HttpConfig:
     host: str = _field("127.0.0.1", check=_host)
     port: int = _field(8080, check=_port)
     workers: int = _field(2, check=_positive)
+    #: threads per worker process: requests each process serves at once
+    threads: int = _field(8, check=_between(1, 256))
+    #: seconds a client gets to send a request's line and headers (slowloris)
+    header_timeout: int = _field(20, check=_between(1, 3600))
+    #: seconds a request's body or response may stall (no byte moving)
+    idle_timeout: int = _field(60, check=_between(1, 3600))
     #: browser origins allowed to call the API from another origin (CORS); "*" for any
     cors_allowed_origins: tuple[str, ...] = _field((), check=_origins)
     #: the largest request body accepted (STOW-RS); larger ones get 413
     max_request_mb: int = _field(4096, check=_positive)
+    #: the most parts of one multipart request (STOW-RS); more get 413
+    max_parts: int = _field(10000, check=_positive)
     #: the URL clients reach this server by (e.g. behind a reverse proxy), used
     #: in RetrieveURL and BulkDataURI; "" = as each request addressed it
     public_url: str = _field("", check=_public_url)
@@ -391,13 +406,6 @@ class LogConfig:
     format: Literal["auto", "text", "json"] = _field("auto", check=_one_of("auto", "text", "json"))
     #: levels per area, "AREA=LEVEL" (areas: README "Logs"; or a logger name)
     levels: tuple[str, ...] = _field((), check=_log_levels)
-
-
-def _between(low: int, high: int) -> Validator:
-    def check(value: int) -> str | None:
-        return None if low <= value <= high else f"must be from {low} to {high}"
-
-    return check
 
 
 def _forward_name(value: str) -> str | None:

@@ -14,13 +14,13 @@ from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 
 from appliance import __version__
-from appliance.encoding import LONG_VRS, LayoutError, read_layout
+from appliance.encoding import LONG_VRS, Layout, LayoutError, find_hazard, read_layout
 from appliance.errors import InvalidInstance, UnreadableInstance
 from appliance.model import (
     InstanceAttributes,
@@ -80,21 +80,45 @@ def read_header(source: IO[bytes]) -> Dataset:
     Raises
     ------
     UnreadableInstance
-        if the bytes are not a DICOM Part 10 file.
+        if the bytes are not a DICOM Part 10 file, or hold an element whose
+        length runs past the end or sequences nested too deeply
+        (:func:`~appliance.encoding.find_hazard`).
     """
     start = source.tell()
     try:
-        ds = _read_indexed(source)
+        layout: Layout | None = read_layout(source)
     except (LayoutError, OSError, ValueError, struct.error):
-        ds = None
+        layout = None
+    ds = None
+    if layout is not None:
+        hazard = find_hazard(source, layout)
+        if hazard is not None:
+            raise UnreadableInstance(hazard)
+        try:
+            ds = _read_indexed(source, layout)
+        except (LayoutError, OSError, ValueError, struct.error):
+            ds = None
     if ds is not None:
         return ds
     source.seek(start)
     try:
         ds = dcmread(source, stop_before_pixels=True, defer_size=_DEFER_SIZE)
+    except RecursionError:
+        # a deflated data set is not walked before pydicom reads it
+        raise UnreadableInstance("sequences are nested too deeply to be read") from None
     except InvalidDicomError as exc:
         raise UnreadableInstance(f"not a DICOM Part 10 file: {exc}") from None
-    except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (
+        EOFError,
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        BytesLengthException,  # a File Meta element of a wrong length (found by fuzzing)
+        NotImplementedError,
+        struct.error,
+    ) as exc:
         # pydicom raises a variety of these on truncated or corrupt headers
         raise UnreadableInstance(f"the DICOM header could not be parsed: {exc}") from None
     if "TransferSyntaxUID" not in ds.file_meta:
@@ -141,11 +165,11 @@ _UNDEFINED_LENGTH = 0xFFFFFFFF
 _SEQUENCE_DELIMITER = 0xFFFEE0DD
 
 
-def _read_indexed(source: IO[bytes]) -> Dataset | None:
+def _read_indexed(source: IO[bytes], layout: Layout) -> Dataset | None:
     """The File Meta and the indexed top-level elements of the Part 10
-    stream *source* as a Dataset of raw (undecoded) elements, or None if
-    the file is not one this reader handles (pydicom reads those)."""
-    layout = read_layout(source)
+    stream *source* (whose layout is *layout*) as a Dataset of raw
+    (undecoded) elements, or None if the file is not one this reader
+    handles (pydicom reads those)."""
     syntax = UID(layout.transfer_syntax)
     if not syntax.is_transfer_syntax or syntax.is_deflated or not layout.sop_instance_uid:
         return None
@@ -298,11 +322,11 @@ def extract_record(ds: Dataset) -> InstanceRecord:
         if a required UID is missing or malformed (PS3.5 9.1), or if the
         data set's SOP Instance UID differs from the File Meta's.
     """
-    study_uid = validate_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
-    series_uid = validate_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
-    sop_uid = validate_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
-    sop_class = validate_uid(ds.get("SOPClassUID"), "SOPClassUID")
-    ts = validate_uid(ds.file_meta.get("TransferSyntaxUID"), "TransferSyntaxUID")
+    study_uid = validate_uid(_value(ds, "StudyInstanceUID"), "StudyInstanceUID")
+    series_uid = validate_uid(_value(ds, "SeriesInstanceUID"), "SeriesInstanceUID")
+    sop_uid = validate_uid(_value(ds, "SOPInstanceUID"), "SOPInstanceUID")
+    sop_class = validate_uid(_value(ds, "SOPClassUID"), "SOPClassUID")
+    ts = validate_uid(_value(ds.file_meta, "TransferSyntaxUID"), "TransferSyntaxUID")
     # The data set's SOP Instance UID is authoritative: a File Meta that
     # disagrees (seen in files edited by older tools) is not a reason to refuse.
     return InstanceRecord(
@@ -358,10 +382,12 @@ def _source_ae(ds: Dataset) -> str:
     meta = getattr(ds, "file_meta", None)
     if meta is None:
         return ""
-    version = str(meta.get("ImplementationVersionName", "") or "")
+    # _value: a File Meta element of an unknown VR made pydicom raise
+    # NotImplementedError out of ingest (found by fuzzing)
+    version = str(_value(meta, "ImplementationVersionName") or "")
     if not version.startswith(IMPLEMENTATION_VERSION_NAME.split("_")[0] + "_"):
         return ""
-    return str(meta.get("SourceApplicationEntityTitle", "") or "").strip()[:16]
+    return str(_value(meta, "SourceApplicationEntityTitle") or "").strip()[:16]
 
 
 def _request_attributes(ds: Dataset) -> tuple[RequestAttributes, ...]:
@@ -380,11 +406,25 @@ def _request_attributes(ds: Dataset) -> tuple[RequestAttributes, ...]:
     )
 
 
+#: What pydicom raises converting a raw value it cannot read: a corrupt IS,
+#: a UID sent with the VR US and an odd length (found by fuzzing:
+#: BytesLengthException escaped ingest), an unknown VR.
+_CONVERSION_ERRORS = (
+    ValueError,
+    TypeError,
+    LookupError,
+    BytesLengthException,
+    NotImplementedError,
+    struct.error,
+)
+
+
 def _value(ds: Dataset, keyword: str) -> Any:
     try:
         return ds.get(keyword)
-    except (ValueError, TypeError, LookupError):
-        # a value pydicom cannot convert (e.g. a corrupt IS); index it as absent
+    except _CONVERSION_ERRORS:
+        # a value pydicom cannot convert; index it as absent (a required UID
+        # is then refused as missing)
         return None
 
 

@@ -27,8 +27,12 @@ _UNDEFINED = 0xFFFFFFFF
 _ITEM = 0xFFFEE000
 _ITEM_DELIMITER = 0xFFFEE00D
 _SEQUENCE_DELIMITER = 0xFFFEE0DD
-#: Deepest nesting of undefined-length items walked (real data: a handful).
-_MAX_DEPTH = 64
+_PIXEL_DATA = 0x7FE00010
+#: Deepest nesting of sequences walked and accepted at ingest (real data: a
+#: handful; SR content trees a few dozen at most).  pydicom recurses a few
+#: frames per level, so this also keeps every parse far from Python's limit.
+MAX_SEQUENCE_DEPTH = 64
+_MAX_DEPTH = MAX_SEQUENCE_DEPTH
 
 
 class LayoutError(Exception):
@@ -174,21 +178,64 @@ class _Malformed(Exception):
     pass
 
 
+class _CutShort(_Malformed):
+    """A value's length runs past the end of what holds it."""
+
+
+class _TooDeep(_Malformed):
+    """Sequences are nested deeper than :data:`MAX_SEQUENCE_DEPTH`."""
+
+
+def find_hazard(fp: IO[bytes], layout: Layout) -> str | None:
+    """Why the data set of *fp* must not be parsed, or None.
+
+    Two things make a reader allocate or recurse without bound, and both are
+    refused at ingest (C-STORE and STOW-RS) before pydicom parses anything:
+
+    - an element whose length runs past the end of its data set or item
+      (e.g. a header claiming 0xFFFFFFF0 bytes in a 4 KB file): the file is
+      cut short or forged;
+    - sequences nested deeper than :data:`MAX_SEQUENCE_DEPTH` levels
+      (defined or undefined length): pydicom, and every renderer of the
+      data set, recurses once per level.
+
+    Any other irregularity ends the walk without a verdict (the instance is
+    read as before).  A deflated data set is not walked (pydicom reads it).
+    """
+    syntax = UID(layout.transfer_syntax)
+    if not syntax.is_transfer_syntax or syntax.is_deflated:
+        return None
+    walker = _Walker(fp, syntax.is_implicit_VR, syntax.is_little_endian, nested_sq=True)
+    fp.seek(layout.offset)
+    try:
+        walker.elements(layout.offset, layout.offset + layout.size, 0)
+    except _CutShort:
+        return "an element's length runs past the end of the data set (a cut-short or forged file)"
+    except _TooDeep:
+        return f"sequences are nested deeper than {MAX_SEQUENCE_DEPTH} levels"
+    except (_Malformed, struct.error):
+        return None
+    return None
+
+
 class _Walker:
     """Skips elements of one encoding; raises _Malformed at the first one
     that does not fit."""
 
-    def __init__(self, fp: IO[bytes], implicit: bool, little: bool) -> None:
+    def __init__(
+        self, fp: IO[bytes], implicit: bool, little: bool, *, nested_sq: bool = False
+    ) -> None:
         self.fp = fp
         self.implicit = implicit
+        #: also walk into defined-length sequences (to count their depth)
+        self.nested_sq = nested_sq
         order = "<" if little else ">"
         self.tag = struct.Struct(f"{order}HH")
         self.u16 = struct.Struct(f"{order}H")
         self.u32 = struct.Struct(f"{order}I")
 
-    @classmethod
-    def implicit_little_endian(cls, fp: IO[bytes]) -> _Walker:
-        return cls(fp, implicit=True, little=True)
+    def implicit_little_endian(self) -> _Walker:
+        return _Walker(self.fp, implicit=True, little=True, nested_sq=self.nested_sq)
 
     def _read(self, size: int) -> bytes:
         data = self.fp.read(size)
@@ -200,10 +247,11 @@ class _Walker:
         group, element = self.tag.unpack_from(data)
         return int(group) << 16 | int(element)
 
-    def elements(self, position: int, end: int, depth: int) -> int:
+    def elements(self, position: int, end: int, depth: int, *, inside_item: bool = False) -> int:
         """Skip elements from *position* until *end*, or until an Item
         Delimitation Item (inside an undefined-length item: returns the
-        position after it).  Returns where it stopped."""
+        position after it).  Returns where it stopped.  *inside_item*: the
+        elements of a defined-length item, which ends at *end*."""
         while position < end:
             if end - position < 8:
                 raise _Malformed
@@ -233,26 +281,64 @@ class _Walker:
                 # an undefined-length UN holds an Implicit VR Little Endian
                 # sequence (PS3.5 6.2.2)
                 walker = (
-                    _Walker.implicit_little_endian(self.fp)
-                    if not self.implicit and vr == b"UN"
-                    else self
+                    self.implicit_little_endian() if not self.implicit and vr == b"UN" else self
                 )
-                position = walker.items(position, end, depth + 1)
+                # encapsulated pixel data holds fragments, not data sets
+                fragments = tag == _PIXEL_DATA or vr in (b"OB", b"OW")
+                position = walker.items(position, end, depth + 1, datasets=not fragments)
             else:
-                position += length
-                if position > end:
-                    raise _Malformed  # the value runs past the end: cut short
+                value_end = position + length
+                if value_end > end:
+                    raise _CutShort  # the value runs past the end: cut short
+                if self.nested_sq and self._is_sequence(vr, length):
+                    self.defined_items(position, value_end, depth + 1)
+                position = value_end
                 self.fp.seek(position)
-        if depth:
+        if depth and not inside_item:
             raise _Malformed  # an undefined-length item without its delimiter
         return position
 
-    def items(self, position: int, end: int, depth: int) -> int:
+    def _is_sequence(self, vr: bytes, length: int) -> bool:
+        """A defined-length value to walk as a sequence: SQ, or (Implicit VR,
+        where the VR is not written) a value that starts with an Item tag."""
+        if vr == b"SQ":
+            return True
+        if vr or length < 8:
+            return False
+        start = self.fp.tell()
+        head = self.fp.read(4)
+        self.fp.seek(start)
+        return len(head) == 4 and self._tag(head + b"\0\0\0\0") == _ITEM
+
+    def defined_items(self, position: int, end: int, depth: int) -> None:
+        """Walk the items of a defined-length sequence value ending at *end*."""
+        if depth > _MAX_DEPTH:
+            raise _TooDeep
+        while position < end:
+            if end - position < 8:
+                raise _CutShort
+            header = self._read(8)
+            tag = self._tag(header)
+            (length,) = self.u32.unpack_from(header, 4)
+            position += 8
+            if tag != _ITEM:
+                raise _Malformed
+            if length == _UNDEFINED:
+                position = self.elements(position, end, depth)
+                continue
+            item_end = position + length
+            if item_end > end:
+                raise _CutShort
+            self.elements(position, item_end, depth, inside_item=True)
+            position = item_end
+            self.fp.seek(position)
+
+    def items(self, position: int, end: int, depth: int, *, datasets: bool = True) -> int:
         """Skip the items of an undefined-length value (a sequence, or
         encapsulated pixel data) up to and past its Sequence Delimitation
         Item."""
         if depth > _MAX_DEPTH:
-            raise _Malformed
+            raise _TooDeep
         while True:
             if end - position < 8:
                 raise _Malformed
@@ -267,7 +353,10 @@ class _Walker:
             if length == _UNDEFINED:
                 position = self.elements(position, end, depth)
                 continue
-            position += length
-            if position > end:
-                raise _Malformed
+            item_end = position + length
+            if item_end > end:
+                raise _CutShort
+            if self.nested_sq and datasets and length:
+                self.elements(position, item_end, depth, inside_item=True)
+            position = item_end
             self.fp.seek(position)

@@ -701,12 +701,27 @@ def gunicorn_settings(config: Config, served: https.ServedContext | None = None)
     No ``preload_app``: each worker imports and builds the app (and its own
     services, database connections included) after the fork.
     """
+    from appliance.http_worker import HeaderTimeoutWorker
+
     host, port = config.http.host, config.http.port
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    # threads, and a deadline for request headers: slow clients cannot hold
+    # every worker (docs/security.md, "Hostile input")
+    worker_class = type(
+        "HeaderTimeoutWorker",
+        (HeaderTimeoutWorker,),
+        {
+            "header_timeout": float(config.http.header_timeout),
+            "idle_timeout": float(config.http.idle_timeout),
+        },
+    )
     return {
         **_tls_settings(config, served),
         "bind": [bind],
         "workers": config.http.workers,
+        "worker_class": worker_class,
+        "threads": config.http.threads,
+        "pre_request": _pre_request,
         "preload_app": False,
         "proc_name": "dicom-appliance-http",
         "graceful_timeout": HTTP_GRACEFUL_TIMEOUT,
@@ -735,6 +750,13 @@ def _tls_settings(config: Config, served: https.ServedContext | None) -> dict[st
         "cert_reqs": int(https.CLIENT_CERTS[web.tls_client_certs]),
         "ssl_context": served if served is not None else https.ServedContext(web, None),
     }
+
+
+def _pre_request(worker: Any, _request: Any) -> None:
+    # the request line and headers are in: the header deadline is met
+    headers_received = getattr(worker, "headers_received", None)
+    if headers_received is not None:
+        headers_received()
 
 
 def _post_fork(_server: Any, _worker: Any) -> None:

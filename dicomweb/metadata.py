@@ -53,7 +53,7 @@ from pydicom import dcmread
 from pydicom.datadict import dictionary_has_tag, dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
@@ -214,9 +214,26 @@ def read_header(stream: IO[bytes]) -> InstanceHeader:
         TypeError,
         AttributeError,
         struct.error,
+        BytesLengthException,  # a value of a wrong length (found by fuzzing)
+        NotImplementedError,
     ) as exc:
         raise UnreadableInstance(f"the stored DICOM header cannot be parsed: {exc}") from None
+    except RecursionError:
+        raise UnreadableInstance(_TOO_DEEP) from None
     return InstanceHeader(ds, syntax, pixel)
+
+
+#: The reason for an instance stored before ingest refused deep nesting
+#: (appliance.encoding.find_hazard), or brought in by other means.
+_TOO_DEEP = "the stored data set's sequences are nested too deeply to be read"
+
+
+def _rendered(header: InstanceHeader, bulk_uri: Callable[[str], str]) -> dict[str, Any]:
+    """:func:`instance_json`, with a refusal instead of a RecursionError."""
+    try:
+        return instance_json(header, bulk_uri)
+    except RecursionError:
+        raise UnreadableInstance(_TOO_DEEP) from None
 
 
 def _pixel_location(stream: IO[bytes], ds: Dataset, syntax: UID) -> PixelLocation | None:
@@ -462,7 +479,7 @@ def instance_metadata(
     base = bulk_base(root, stored)
     with retrieve.open(stored) as stream:
         header = read_header(stream)
-        return instance_json(header, lambda path: base + path)
+        return _rendered(header, lambda path: base + path)
 
 
 def bulk_base(root: str, stored: StoredInstance) -> str:
@@ -495,8 +512,12 @@ def metadata_template(retrieve: RetrieveService, stored: StoredInstance) -> byte
     token = secrets.token_hex(16)
     with retrieve.open(stored) as stream:
         header = read_header(stream)
-        obj = instance_json(header, lambda path: token + path)
-    return serialise(obj).replace(token.encode("ascii"), BULK_BASE)
+        obj = _rendered(header, lambda path: token + path)
+    try:
+        text = serialise(obj)
+    except RecursionError:
+        raise UnreadableInstance(_TOO_DEEP) from None
+    return text.replace(token.encode("ascii"), BULK_BASE)
 
 
 def fill_template(template: bytes, base: bytes) -> bytes:

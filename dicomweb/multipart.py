@@ -63,6 +63,14 @@ class BodyTooLarge(PayloadTooLarge):
     """More bytes were sent than the limit allows (413)."""
 
 
+class TooManyParts(PayloadTooLarge):
+    """The body has more parts than ``http.max_parts`` allows (413)."""
+
+
+class _StopFeeding(Exception):
+    """Raised from a parser callback to stop parsing the chunk fed."""
+
+
 class UnreadableBody(InvalidRequest):
     """The body could not be read: the connection failed or the chunked
     transfer coding is broken (400)."""
@@ -246,9 +254,14 @@ class MultipartReader:
         Bytes of a part kept in memory before it goes to a temporary file.
     chunk_size
         Bytes read from *source* at a time.
+    max_parts
+        The most parts accepted, None for no limit: a million tiny parts
+        would otherwise cost a million spools and a million outcomes.
 
     Raises
     ------
+    TooManyParts
+        (while iterating) once the part after *max_parts* begins.
     MultipartError
         (from the constructor) for an invalid boundary; (while iterating) for
         a body that is not a multipart message with that boundary, has no
@@ -264,8 +277,10 @@ class MultipartReader:
         *,
         spool_max: int = SPOOL_MAX,
         chunk_size: int = CHUNK_SIZE,
+        max_parts: int | None = None,
     ) -> None:
         self._source = source
+        self._max_parts = max_parts
         self._delimiter = b"--" + check_boundary(boundary).encode("ascii")
         self._spool_max = spool_max
         self._chunk_size = chunk_size
@@ -283,6 +298,7 @@ class MultipartReader:
         self._ready: deque[Part] = deque()
         self._handed_out: Part | None = None
         self._ended = False
+        self._overflow = False
         #: how many parts have been completely received
         self.parts_received = 0
 
@@ -321,6 +337,10 @@ class MultipartReader:
                 self._handed_out = self._ready.popleft()
                 yield self._handed_out
             self._release()
+            if self._overflow:
+                raise TooManyParts(
+                    f"the request has more than http.max_parts ({self._max_parts}) parts"
+                )
             if self._ended:
                 break
             chunk = self._source.read(self._chunk_size)
@@ -366,9 +386,13 @@ class MultipartReader:
     def _feed(self, data: bytes) -> None:
         if self._ended:
             return  # the epilogue
+        if self._overflow:
+            return
         try:
             with _spooling():
                 self._parser.write(data)
+        except _StopFeeding:
+            return
         except FormParserError as exc:
             # python-multipart's messages name offsets and expected bytes, no content
             raise MultipartError(f"malformed multipart body: {exc}") from None
@@ -376,6 +400,10 @@ class MultipartReader:
     # python-multipart callbacks
 
     def _on_part_begin(self) -> None:
+        if self._max_parts is not None and self.parts_received >= self._max_parts:
+            # the parts complete so far are still handed out, then TooManyParts
+            self._overflow = True
+            raise _StopFeeding
         self._building = _PartBuilder(self.parts_received + 1, self._spool_max)
 
     def _on_header_field(self, data: bytes, start: int, end: int) -> None:

@@ -60,7 +60,7 @@ from dicomweb.media import (
     dicom_json_response,
     parse_media_type,
 )
-from dicomweb.multipart import LimitedReader, MultipartReader, Part, spool_body
+from dicomweb.multipart import LimitedReader, MultipartReader, Part, TooManyParts, spool_body
 from dicomweb.urls import instance_url, service_root, study_url
 
 bp = Blueprint("stow", __name__, url_prefix="/v1")
@@ -153,9 +153,18 @@ def _store(study: str | None) -> Response:
                     raise InvalidRequest("the request has no body")
                 store(part)
         else:
-            with MultipartReader(source, content_type.param("boundary") or "") as reader:
+            with MultipartReader(
+                source,
+                content_type.param("boundary") or "",
+                max_parts=get_extension().config.http.max_parts,
+            ) as reader:
                 for part in reader:
                     store(part)
+    except TooManyParts as exc:
+        stored = _stored_count(outcomes)
+        if stored:
+            exc.reason += f"; {stored} instance(s) of the parts before the limit were stored"
+        raise
     except PayloadTooLarge as exc:
         raise PayloadTooLarge(_too_large(limit, _stored_count(outcomes))) from exc
     except InvalidRequest as exc:

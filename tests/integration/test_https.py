@@ -32,9 +32,9 @@ import requests
 from cryptography import x509
 from dicomweb_client import DICOMwebClient
 
-from tests.https_certs import CertFiles, issue_cert, make_ca
 from tests.conftest import missing_peer
 from tests.helpers import part10_of, small_study
+from tests.https_certs import CertFiles, issue_cert, make_ca
 from tests.integration.test_serve import (
     READY_TIMEOUT,
     STOP_TIMEOUT,

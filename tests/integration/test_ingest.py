@@ -19,6 +19,7 @@ from sqlalchemy import Engine, func, select
 
 from appliance.config import IngestConfig
 from appliance.dicomio import is_valid_uid, normalize_da
+from appliance.encoding import find_hazard, read_layout
 from appliance.index.schema import changefeed, instance, series, study
 from appliance.index.sql import AddOutcome, SqlIndex
 from appliance.ingest import IngestResult, IngestService, sweep_orphans
@@ -90,6 +91,10 @@ def expected_refusal(path: Path) -> Status | None:
         return Status.CANNOT_UNDERSTAND
     if "TransferSyntaxUID" not in ds.file_meta:
         return Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    with path.open("rb") as fh:
+        # an element running past the end (MR_truncated.dcm, rtplan_truncated.dcm)
+        if find_hazard(fh, read_layout(fh)) is not None:
+            return Status.CANNOT_UNDERSTAND
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
         value = ds.get(keyword)
         if not isinstance(value, str) or not is_valid_uid(value):

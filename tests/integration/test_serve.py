@@ -425,12 +425,12 @@ def test_serve_refuses_an_unmigrated_database(tmp_path: Path) -> None:
 def test_serve_refuses_an_unknown_key_naming_it(tmp_path: Path) -> None:
     site = migrated_site(tmp_path)
     config = tmp_path / "appliance.toml"
-    config.write_text("[http]\nworkers = 1\nthreads = 4\n")
+    config.write_text("[http]\nworkers = 1\nthread_count = 4\n")
 
     result = site.run("serve", "--config", str(config))
 
     assert result.returncode == 2
-    assert "http.threads" in result.stderr
+    assert "http.thread_count" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
 
 
