@@ -135,8 +135,14 @@ def write_study(folder: Path, count: int, patient_id: str = "NODES-1") -> list[P
 # what each file should count as, found without the appliance
 
 
+#: pydicom's cut-short files: an element runs past the end of the data set,
+#: which ingest refuses (0xC000) before pydicom reads it
+CUT_SHORT = frozenset({"MR_truncated.dcm", "rtplan_truncated.dcm"})
+
+
 class Expected:
-    """The counts an import of a folder must report, from pydicom alone."""
+    """The counts an import of a folder must report, from pydicom alone (and
+    :data:`CUT_SHORT`)."""
 
     def __init__(self) -> None:
         self.not_dicom = 0
@@ -169,8 +175,10 @@ class Expected:
             ds.get(k)
             for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
         ]
-        if "TransferSyntaxUID" not in ds.file_meta or not all(
-            isinstance(u, str) and is_valid_uid(u) for u in uids
+        if (
+            path.name in CUT_SHORT
+            or "TransferSyntaxUID" not in ds.file_meta
+            or not all(isinstance(u, str) and is_valid_uid(u) for u in uids)
         ):
             self.refused.append(path)
             return
@@ -226,8 +234,11 @@ def test_import_counts_each_kind_then_a_second_run_skips_everything(
         str(p.resolve()) for p in expected.refused
     )
     assert all(
-        f["reason"].startswith("DATASET_DOES_NOT_MATCH_SOP_CLASS") for f in report["failures"]
-    )
+        f["reason"].startswith(
+            "CANNOT_UNDERSTAND" if Path(f["path"]).name in CUT_SHORT else "DATASET_DOES_NOT_MATCH"
+        )
+        for f in report["failures"]
+    ), report["failures"]
     sizes = {p: p.stat().st_size for paths in expected.by_sop.values() for p in paths}
     assert report["bytes"] == sum(sizes.values())
     assert report["seconds"] > 0

@@ -28,8 +28,12 @@ def test_the_secure_example_loads_with_its_files(tmp_path: Path) -> None:
     config = load_config(written, environ={}, cwd=tmp_path)
 
     assert config.auth.mode == "oidc"
-    assert config.http.tls and config.http.tls_min_version == "1.2"
-    assert config.dimse.tls_port == 2762 and config.dimse.tls_require_client_cert
-    assert config.dimse.require_known_peers and len(config.dimse.peers) == 2
+    assert config.http.tls
+    assert config.http.tls_min_version == "1.2"
+    assert config.dimse.tls_port == 2762
+    assert config.dimse.tls_require_client_cert
+    assert config.dimse.require_known_peers
+    assert len(config.dimse.peers) == 2
     assert config.dimse.peers[0].services == ("echo", "store")
-    assert config.audit.enabled and not config.audit.record_query_values
+    assert config.audit.enabled
+    assert not config.audit.record_query_values
