@@ -9,6 +9,7 @@ over-long and non-UTF-8 values) at every URL and query entry point.
 
 from __future__ import annotations
 
+import re
 import struct
 import time
 import urllib.parse
@@ -363,13 +364,19 @@ def test_a_sop_instance_uid_that_is_a_path_is_refused(appliance: LiveAppliance) 
 
 
 def assert_nothing_outside_storage(app: LiveServer) -> None:
-    """Every file under the test's folder is the index or a blob in the
-    storage folder (no ``passwd``, nothing written by a hostile name)."""
+    """Every file under the test's folder is the index, a blob in the
+    storage folder or a day of the audit trail (no ``passwd``, nothing
+    written by a hostile name)."""
     root = Path(app.config.storage.path).parent
     for path in root.rglob("*"):
         if path.is_file():
-            assert path.name.startswith("index.db") or path.is_relative_to(
-                app.config.storage.path
+            assert (
+                path.name.startswith("index.db")
+                or path.is_relative_to(app.config.storage.path)
+                or (
+                    path.parent == app.config.audit.path
+                    and re.fullmatch(r"audit-\d{4}-\d{2}-\d{2}\.jsonl", path.name)
+                )
             ), path
             assert "passwd" not in str(path)
 
