@@ -31,7 +31,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, insert, select, update
@@ -39,7 +39,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from appliance.config import AUTH_ROLES, AuthConfig
 from appliance.errors import ApplianceError, IndexUnavailable
-from appliance.index.engine import WRITE
+from appliance.index.engine import write_transaction
 from appliance.index.schema import api_token
 
 if TYPE_CHECKING:
@@ -292,15 +292,8 @@ class ApiTokens:
         except ApplianceError as exc:
             LOGGER.warning("could not record the use of API token %s: %s", token_id, exc.reason)
 
-    @contextlib.contextmanager
-    def _writing(self) -> Iterator[Connection]:
-        try:
-            with self.engine.connect() as conn:
-                conn.execution_options(**WRITE)
-                with conn.begin():
-                    yield conn
-        except SQLAlchemyError as exc:
-            raise IndexUnavailable(f"the index database failed ({exc.__class__.__name__})") from exc
+    def _writing(self) -> contextlib.AbstractContextManager[Connection]:
+        return write_transaction(self.engine)
 
 
 def _info(row: Any) -> TokenInfo:

@@ -59,6 +59,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from appliance.dicomio import is_valid_uid
 from appliance.errors import ApplianceError, IndexUnavailable
 from appliance.index.engine import WRITE
+from appliance.index.engine import describe_failure as _describe
 from appliance.index.schema import commitment_report, forward_entry, instance
 from appliance.status import Status
 
@@ -210,12 +211,6 @@ def _now() -> dt.datetime:
 def _utc(value: dt.datetime) -> dt.datetime:
     """SQLite gives back naive datetimes; every stored time is UTC."""
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
-
-
-def _describe(exc: SQLAlchemyError) -> str:
-    """Name a database failure without its message (it carries parameters)."""
-    orig = getattr(exc, "orig", None)
-    return type(orig).__name__ if orig is not None else type(exc).__name__
 
 
 def _digest(requester_ae: str, items: Sequence[Reference]) -> str:

@@ -21,7 +21,6 @@ import dataclasses
 import datetime as dt
 import enum
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, case, func, insert, select, update
@@ -29,7 +28,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
 from appliance.errors import IndexUnavailable
-from appliance.index.engine import WRITE
+from appliance.index.engine import write_transaction
 from appliance.index.schema import changefeed, feed_cursor, fhir_study
 
 CURSOR = "fhir"
@@ -375,12 +374,5 @@ class StudyQueue:
 
     # --------------------------------------------------------------- helpers
 
-    @contextlib.contextmanager
-    def _writing(self) -> Iterator[Connection]:
-        try:
-            with self.engine.connect() as conn:
-                conn.execution_options(**WRITE)
-                with conn.begin():
-                    yield conn
-        except SQLAlchemyError as exc:
-            raise IndexUnavailable(f"the index database failed ({exc.__class__.__name__})") from exc
+    def _writing(self) -> contextlib.AbstractContextManager[Connection]:
+        return write_transaction(self.engine)

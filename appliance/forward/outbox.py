@@ -24,7 +24,7 @@ import dataclasses
 import datetime as dt
 import enum
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, case, func, insert, select, update
@@ -33,7 +33,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from appliance.config import ForwardConfig
 from appliance.errors import IndexUnavailable
 from appliance.forward.routes import matches
-from appliance.index.engine import WRITE
+from appliance.index.engine import describe_failure as _describe
+from appliance.index.engine import write_transaction
 from appliance.index.schema import forward_entry, instance, series, study
 
 #: ``last_error`` is at most this long (its column's size).
@@ -100,12 +101,6 @@ def _now() -> dt.datetime:
 def _aware(value: dt.datetime) -> dt.datetime:
     # SQLite gives naive datetimes back: they were written in UTC
     return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
-
-
-def _describe(exc: SQLAlchemyError) -> str:
-    # the class only: SQLAlchemy's text carries the parameters (UIDs are
-    # fine, but keep one rule for every statement)
-    return exc.__class__.__name__
 
 
 class Outbox:
@@ -380,15 +375,5 @@ class Outbox:
 
     # ---------------------------------------------------------------- helpers
 
-    @contextlib.contextmanager
-    def _writing(self) -> Iterator[Connection]:
-        """A connection in a write transaction (SQLite: BEGIN IMMEDIATE),
-        committed on success, rolled back on error; database failures are
-        IndexUnavailable."""
-        try:
-            with self.engine.connect() as conn:
-                conn.execution_options(**WRITE)
-                with conn.begin():
-                    yield conn
-        except SQLAlchemyError as exc:
-            raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
+    def _writing(self) -> contextlib.AbstractContextManager[Connection]:
+        return write_transaction(self.engine)

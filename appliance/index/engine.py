@@ -2,16 +2,41 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from appliance.config import IndexConfig
+from appliance.errors import IndexUnavailable
 
 #: Execution option: begin the transaction as a writer (SQLite BEGIN IMMEDIATE).
 WRITE = {"appliance_write": True}
+
+
+def describe_failure(exc: SQLAlchemyError) -> str:
+    """Name a database failure without its message: SQLAlchemy's text carries
+    the statement's parameters, which may be patient data."""
+    orig = getattr(exc, "orig", None)
+    return type(orig).__name__ if orig is not None else type(exc).__name__
+
+
+@contextlib.contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """A connection in a write transaction (SQLite: BEGIN IMMEDIATE),
+    committed on success, rolled back on error; a database failure is raised
+    as :class:`~appliance.errors.IndexUnavailable` naming only its kind."""
+    try:
+        with engine.connect() as conn:
+            conn.execution_options(**WRITE)
+            with conn.begin():
+                yield conn
+    except SQLAlchemyError as exc:
+        raise IndexUnavailable(f"the index database failed ({describe_failure(exc)})") from exc
 
 
 def create_index_engine(

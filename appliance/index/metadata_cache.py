@@ -51,6 +51,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
 from appliance.index.engine import WRITE
+from appliance.index.engine import describe_failure as _describe
 from appliance.index.schema import instance, metadata_cache
 
 log = logging.getLogger(__name__)
@@ -189,9 +190,3 @@ def _short_lock_wait(conn: Connection) -> Iterator[None]:
 
 def _bytes(data: Any) -> bytes:
     return data if isinstance(data, bytes) else bytes(data)
-
-
-def _describe(exc: SQLAlchemyError) -> str:
-    """A database failure's kind, without its message (see :meth:`store`)."""
-    orig = getattr(exc, "orig", None)
-    return type(orig).__name__ if orig is not None else type(exc).__name__

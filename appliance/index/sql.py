@@ -24,6 +24,7 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, SQL
 from appliance.dicomio import tm_key
 from appliance.errors import ApplianceError, IndexUnavailable, InvalidInstance, NotFound
 from appliance.index.engine import WRITE
+from appliance.index.engine import describe_failure as _describe
 from appliance.index.schema import (
     changefeed,
     forward_entry,
@@ -148,13 +149,6 @@ def _what(study_uid: str, series_uid: str | None, sop_uid: str | None) -> str:
     if series_uid is not None:
         return f"series {series_uid} of study {study_uid}"
     return f"study {study_uid}"
-
-
-def _describe(exc: SQLAlchemyError) -> str:
-    """Name a database failure without its message: SQLAlchemy's text carries
-    the statement's parameters, which may be patient data."""
-    orig = getattr(exc, "orig", None)
-    return type(orig).__name__ if orig is not None else type(exc).__name__
 
 
 class Busy(ApplianceError):
