@@ -107,7 +107,7 @@ def issue_cert(
     *,
     client: bool = True,
     server: bool = True,
-    days: int = 30,
+    days: int = 365,
 ) -> Issued:
     """A certificate for *name* signed by *ca*, in *folder* (``<name>.pem``,
     ``<name>.key``).

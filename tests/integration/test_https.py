@@ -32,9 +32,9 @@ import requests
 from cryptography import x509
 from dicomweb_client import DICOMwebClient
 
+from tests.certs import Authority, Issued, issue_cert, make_ca
 from tests.conftest import missing_peer
 from tests.helpers import part10_of, small_study
-from tests.https_certs import CertFiles, issue_cert, make_ca
 from tests.integration.test_serve import (
     READY_TIMEOUT,
     STOP_TIMEOUT,
@@ -56,12 +56,12 @@ class Pki:
     a client CA and a client certificate from it, and a CA nobody trusts
     with a client certificate of its own."""
 
-    ca: CertFiles
-    server: CertFiles
-    client_ca: CertFiles
-    client: CertFiles
-    stranger_ca: CertFiles
-    stranger: CertFiles
+    ca: Authority
+    server: Issued
+    client_ca: Authority
+    client: Issued
+    stranger_ca: Authority
+    stranger: Issued
 
 
 def make_pki(folder: Path) -> Pki:
@@ -81,8 +81,8 @@ def make_pki(folder: Path) -> Pki:
 def tls_site(workdir: Path, pki: Pki, **keys: str) -> Site:
     """A migrated site with HTTPS on (and more ``http.*`` *keys*)."""
     extra = {
-        "APPLIANCE_HTTP_TLS_CERT_FILE": str(pki.server.cert),
-        "APPLIANCE_HTTP_TLS_KEY_FILE": str(pki.server.key),
+        "APPLIANCE_HTTP_TLS_CERT_FILE": str(pki.server.cert_file),
+        "APPLIANCE_HTTP_TLS_KEY_FILE": str(pki.server.key_file),
     }
     extra.update({f"APPLIANCE_HTTP_{key.upper()}": value for key, value in keys.items()})
     return migrated_site(workdir, extra)
@@ -93,7 +93,7 @@ def url(site: Site, path: str = "") -> str:
 
 
 def wait_ready_https(
-    appliance: Appliance, ca: CertFiles, cert: CertFiles | None = None
+    appliance: Appliance, ca: Authority, cert: Issued | None = None
 ) -> httpx.Response:
     """Poll ``/health/ready`` over HTTPS until it answers 200."""
     deadline = time.monotonic() + READY_TIMEOUT
@@ -117,16 +117,16 @@ def wait_ready_https(
     pytest.fail(f"not ready within {READY_TIMEOUT} s (last: {last}):\n{appliance.log}")
 
 
-def ssl_client(ca: CertFiles, cert: CertFiles | None = None) -> ssl.SSLContext:
+def ssl_client(ca: Authority, cert: Issued | None = None) -> ssl.SSLContext:
     """A client context trusting *ca* (only), offering *cert* if given."""
-    context = ssl.create_default_context(cafile=str(ca.cert))
+    context = ssl.create_default_context(cafile=str(ca.cert_file))
     if cert is not None:
-        context.load_cert_chain(cert.cert, cert.key)
+        context.load_cert_chain(cert.cert_file, cert.key_file)
     return context
 
 
 @contextlib.contextmanager
-def running_tls(site: Site, pki: Pki, cert: CertFiles | None = None) -> Iterator[Appliance]:
+def running_tls(site: Site, pki: Pki, cert: Issued | None = None) -> Iterator[Appliance]:
     appliance = site.start()
     try:
         wait_ready_https(appliance, pki.ca, cert)
@@ -154,8 +154,8 @@ def served_serial(site: Site) -> int:
     return x509.load_pem_x509_certificate(pem.encode()).serial_number
 
 
-def serial_of(files: CertFiles) -> int:
-    return x509.load_pem_x509_certificate(files.cert.read_bytes()).serial_number
+def serial_of(files: Issued) -> int:
+    return x509.load_pem_x509_certificate(files.cert_file.read_bytes()).serial_number
 
 
 @pytest.fixture(scope="module")
@@ -177,10 +177,10 @@ def https_appliance(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Itera
 
 def test_curl_reads_readiness_and_a_qido_over_https(https_appliance: Appliance, pki: Pki) -> None:
     site = https_appliance.site
-    ready = curl("--cacert", str(pki.ca.cert), url(site, "/health/ready"))
+    ready = curl("--cacert", str(pki.ca.cert_file), url(site, "/health/ready"))
     qido = curl(
         "--cacert",
-        str(pki.ca.cert),
+        str(pki.ca.cert_file),
         "-w",
         "\n%{http_code} %{ssl_verify_result}",
         url(site, "/v1/studies?limit=5"),
@@ -199,7 +199,7 @@ def test_httpx_and_dicomweb_client_store_and_retrieve_over_https(
 ) -> None:
     site = https_appliance.site
     session = requests.Session()
-    session.verify = str(pki.ca.cert)
+    session.verify = str(pki.ca.cert_file)
     # else REQUESTS_CA_BUNDLE, if set, overrides session.verify (requests#3829)
     session.trust_env = False
     client = DICOMwebClient(url=url(site, "/v1"), session=session)
@@ -256,10 +256,10 @@ def test_tls_1_1_and_a_cbc_suite_are_refused(https_appliance: Appliance, pki: Pk
     """TLS 1.1; and on TLS 1.2 a CBC (non-AEAD) suite with an ECDSA key, one
     that Python's and gunicorn's default server context would accept."""
     site = https_appliance.site
-    old = curl("--cacert", str(pki.ca.cert), "--tls-max", "1.1", url(site, "/health/live"))
+    old = curl("--cacert", str(pki.ca.cert_file), "--tls-max", "1.1", url(site, "/health/live"))
     cbc = curl(
         "--cacert",
-        str(pki.ca.cert),
+        str(pki.ca.cert_file),
         "--tls-max",
         "1.2",
         "--ciphers",
@@ -267,7 +267,12 @@ def test_tls_1_1_and_a_cbc_suite_are_refused(https_appliance: Appliance, pki: Pk
         url(site, "/health/live"),
     )
     tls12 = curl(
-        "--cacert", str(pki.ca.cert), "--tlsv1.2", "--tls-max", "1.2", url(site, "/health/live")
+        "--cacert",
+        str(pki.ca.cert_file),
+        "--tlsv1.2",
+        "--tls-max",
+        "1.2",
+        url(site, "/health/live"),
     )
 
     assert old.returncode != 0
@@ -309,7 +314,9 @@ def test_a_client_that_trusts_another_ca_refuses_the_server(
             verify=ssl_client(pki.stranger_ca),
             timeout=5,
         )
-    refused = curl("--cacert", str(pki.stranger_ca.cert), url(https_appliance.site, "/health/live"))
+    refused = curl(
+        "--cacert", str(pki.stranger_ca.cert_file), url(https_appliance.site, "/health/live")
+    )
     assert refused.returncode == 60, refused.stderr  # curl: peer certificate cannot be verified
 
 
@@ -324,18 +331,22 @@ def test_required_client_certificates(tmp_path: Path, pki: Pki) -> None:
         tmp_path / "site",
         pki,
         tls_client_certs="required",
-        tls_ca_file=str(pki.client_ca.cert),
+        tls_ca_file=str(pki.client_ca.cert_file),
     )
     notify = NotifySocket(str(tmp_path / "notify.sock"))
     site.env["NOTIFY_SOCKET"] = notify.address
     appliance = site.start()
     try:
         ready = notify.wait_for("READY=1", appliance.process, READY_TIMEOUT, appliance.log_path)
-        ca = ["--cacert", str(pki.ca.cert)]
+        ca = ["--cacert", str(pki.ca.cert_file)]
         live = url(site, "/health/live")
         without = curl(*ca, live)
-        stranger = curl(*ca, "--cert", str(pki.stranger.cert), "--key", str(pki.stranger.key), live)
-        with_cert = curl(*ca, "--cert", str(pki.client.cert), "--key", str(pki.client.key), live)
+        stranger = curl(
+            *ca, "--cert", str(pki.stranger.cert_file), "--key", str(pki.stranger.key_file), live
+        )
+        with_cert = curl(
+            *ca, "--cert", str(pki.client.cert_file), "--key", str(pki.client.key_file), live
+        )
         qido = httpx.get(
             url(site, "/v1/studies"), verify=ssl_client(pki.ca, pki.client), timeout=10
         )
@@ -361,14 +372,18 @@ def test_optional_client_certificates(tmp_path: Path, pki: Pki) -> None:
         tmp_path / "site",
         pki,
         tls_client_certs="optional",
-        tls_ca_file=str(pki.client_ca.cert),
+        tls_ca_file=str(pki.client_ca.cert_file),
     )
     with running_tls(site, pki):
         live = url(site, "/health/live")
-        ca = ["--cacert", str(pki.ca.cert)]
+        ca = ["--cacert", str(pki.ca.cert_file)]
         without = curl(*ca, live)
-        with_cert = curl(*ca, "--cert", str(pki.client.cert), "--key", str(pki.client.key), live)
-        stranger = curl(*ca, "--cert", str(pki.stranger.cert), "--key", str(pki.stranger.key), live)
+        with_cert = curl(
+            *ca, "--cert", str(pki.client.cert_file), "--key", str(pki.client.key_file), live
+        )
+        stranger = curl(
+            *ca, "--cert", str(pki.stranger.cert_file), "--key", str(pki.stranger.key_file), live
+        )
 
     assert without.returncode == 0, without.stderr
     assert with_cert.returncode == 0, with_cert.stderr
@@ -378,8 +393,10 @@ def test_optional_client_certificates(tmp_path: Path, pki: Pki) -> None:
 def test_tls_1_3_only(tmp_path: Path, pki: Pki) -> None:
     site = tls_site(tmp_path / "site", pki, tls_min_version="1.3")
     with running_tls(site, pki):
-        tls12 = curl("--cacert", str(pki.ca.cert), "--tls-max", "1.2", url(site, "/health/live"))
-        tls13 = curl("--cacert", str(pki.ca.cert), "--tlsv1.3", url(site, "/health/live"))
+        tls12 = curl(
+            "--cacert", str(pki.ca.cert_file), "--tls-max", "1.2", url(site, "/health/live")
+        )
+        tls13 = curl("--cacert", str(pki.ca.cert_file), "--tlsv1.3", url(site, "/health/live"))
 
     assert tls12.returncode != 0
     assert tls13.returncode == 0, tls13.stderr
@@ -397,8 +414,8 @@ def test_sighup_serves_a_renewed_certificate_without_failing_a_request(
     site = migrated_site(
         tmp_path / "site",
         {
-            "APPLIANCE_HTTP_TLS_CERT_FILE": str(live_files.cert),
-            "APPLIANCE_HTTP_TLS_KEY_FILE": str(live_files.key),
+            "APPLIANCE_HTTP_TLS_CERT_FILE": str(live_files.cert_file),
+            "APPLIANCE_HTTP_TLS_KEY_FILE": str(live_files.key_file),
         },
     )
     failures: list[str] = []
@@ -429,8 +446,8 @@ def test_sighup_serves_a_renewed_certificate_without_failing_a_request(
         loader.start()
         try:
             time.sleep(0.5)
-            shutil.copyfile(renewed.key, live_files.key)
-            shutil.copyfile(renewed.cert, live_files.cert)
+            shutil.copyfile(renewed.key_file, live_files.key_file)
+            shutil.copyfile(renewed.cert_file, live_files.cert_file)
             # before the signal the old certificate is still served
             before_hup = served_serial(site)
             appliance.process.send_signal(signal.SIGHUP)
@@ -464,14 +481,14 @@ def test_sighup_with_a_mismatched_key_keeps_the_old_certificate(tmp_path: Path, 
     site = migrated_site(
         tmp_path / "site",
         {
-            "APPLIANCE_HTTP_TLS_CERT_FILE": str(live_files.cert),
-            "APPLIANCE_HTTP_TLS_KEY_FILE": str(live_files.key),
+            "APPLIANCE_HTTP_TLS_CERT_FILE": str(live_files.cert_file),
+            "APPLIANCE_HTTP_TLS_KEY_FILE": str(live_files.key_file),
         },
     )
     with running_tls(site, pki) as appliance:
         old_serial = served_serial(site)
         renewed = issue_cert(pki.ca, tmp_path / "renewed", "live", [HOST])
-        shutil.copyfile(renewed.cert, live_files.cert)  # the key not (yet) copied
+        shutil.copyfile(renewed.cert_file, live_files.cert_file)  # the key not (yet) copied
         appliance.process.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
         while "not reloading" not in appliance.log and time.monotonic() < deadline:
@@ -528,7 +545,7 @@ def test_serve_refuses_a_missing_certificate_file_naming_the_key(tmp_path: Path,
         tmp_path / "site",
         {
             "APPLIANCE_HTTP_TLS_CERT_FILE": str(tmp_path / "nowhere.crt"),
-            "APPLIANCE_HTTP_TLS_KEY_FILE": str(pki.server.key),
+            "APPLIANCE_HTTP_TLS_KEY_FILE": str(pki.server.key_file),
         },
     )
     result = site.run("serve", timeout=60)
@@ -542,8 +559,8 @@ def test_serve_refuses_a_key_of_another_certificate(tmp_path: Path, pki: Pki) ->
     site = migrated_site(
         tmp_path / "site",
         {
-            "APPLIANCE_HTTP_TLS_CERT_FILE": str(pki.server.cert),
-            "APPLIANCE_HTTP_TLS_KEY_FILE": str(pki.client.key),
+            "APPLIANCE_HTTP_TLS_CERT_FILE": str(pki.server.cert_file),
+            "APPLIANCE_HTTP_TLS_KEY_FILE": str(pki.client.key_file),
         },
     )
     result = site.run("serve", timeout=60)

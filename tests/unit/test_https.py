@@ -17,30 +17,30 @@ from appliance import https
 from appliance.config import HttpConfig, load_config
 from appliance.errors import ConfigError
 from appliance.server import gunicorn_settings
-from tests.https_certs import CertFiles, issue_cert, make_ca
+from tests.certs import Issued, issue_cert, make_ca
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> CertFiles:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Issued:
     folder = tmp_path_factory.mktemp("pki")
     return issue_cert(make_ca(folder), folder, "server", ["127.0.0.1", "localhost"])
 
 
-def http_config(files: CertFiles, **keys: str) -> HttpConfig:
-    return HttpConfig(tls_cert_file=str(files.cert), tls_key_file=str(files.key), **keys)
+def http_config(files: Issued, **keys: str) -> HttpConfig:
+    return HttpConfig(tls_cert_file=str(files.cert_file), tls_key_file=str(files.key_file), **keys)
 
 
-def not_after(files: CertFiles) -> datetime.datetime:
-    return x509.load_pem_x509_certificate(files.cert.read_bytes()).not_valid_after_utc
+def not_after(files: Issued) -> datetime.datetime:
+    return x509.load_pem_x509_certificate(files.cert_file.read_bytes()).not_valid_after_utc
 
 
-def test_good_files_pass_without_a_warning(server: CertFiles) -> None:
+def test_good_files_pass_without_a_warning(server: Issued) -> None:
     assert https.check_files(http_config(server)) == []
     assert https.check_files(HttpConfig()) == []  # no HTTPS: nothing to check
 
 
 def test_a_missing_or_unreadable_file_is_refused_naming_its_key(
-    server: CertFiles, tmp_path: Path
+    server: Issued, tmp_path: Path
 ) -> None:
     missing = dataclasses.replace(http_config(server), tls_cert_file=str(tmp_path / "none.crt"))
     with pytest.raises(ConfigError) as raised:
@@ -48,7 +48,7 @@ def test_a_missing_or_unreadable_file_is_refused_naming_its_key(
     assert raised.value.key == "http.tls_cert_file"
     assert "none.crt" in raised.value.reason
 
-    folder = tmp_path / "folder.key"
+    folder = tmp_path / "folder.key_file"
     folder.mkdir()  # a folder cannot be read as a file (also when run as root)
     unreadable = dataclasses.replace(http_config(server), tls_key_file=str(folder))
     with pytest.raises(ConfigError) as raised:
@@ -56,7 +56,7 @@ def test_a_missing_or_unreadable_file_is_refused_naming_its_key(
     assert raised.value.key == "http.tls_key_file"
 
 
-def test_files_that_are_not_pem_are_refused(server: CertFiles, tmp_path: Path) -> None:
+def test_files_that_are_not_pem_are_refused(server: Issued, tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate\n")
     with pytest.raises(ConfigError, match="holds no PEM certificate") as raised:
@@ -67,18 +67,18 @@ def test_files_that_are_not_pem_are_refused(server: CertFiles, tmp_path: Path) -
     assert raised.value.key == "http.tls_key_file"
 
 
-def test_a_key_of_another_certificate_is_refused(server: CertFiles, tmp_path: Path) -> None:
+def test_a_key_of_another_certificate_is_refused(server: Issued, tmp_path: Path) -> None:
     other = issue_cert(make_ca(tmp_path / "ca"), tmp_path, "other", ["127.0.0.1"])
-    config = dataclasses.replace(http_config(server), tls_key_file=str(other.key))
+    config = dataclasses.replace(http_config(server), tls_key_file=str(other.key_file))
 
     with pytest.raises(ConfigError, match="is not the key of the certificate") as raised:
         https.check_files(config)
     assert raised.value.key == "http.tls_key_file"
 
 
-def test_an_encrypted_key_is_refused(server: CertFiles, tmp_path: Path) -> None:
-    key = serialization.load_pem_private_key(server.key.read_bytes(), password=None)
-    encrypted = tmp_path / "encrypted.key"
+def test_an_encrypted_key_is_refused(server: Issued, tmp_path: Path) -> None:
+    key = serialization.load_pem_private_key(server.key_file.read_bytes(), password=None)
+    encrypted = tmp_path / "encrypted.key_file"
     encrypted.write_bytes(
         key.private_bytes(
             serialization.Encoding.PEM,
@@ -93,7 +93,7 @@ def test_an_encrypted_key_is_refused(server: CertFiles, tmp_path: Path) -> None:
     assert raised.value.key == "http.tls_key_file"
 
 
-def test_a_ca_file_openssl_refuses_is_refused(server: CertFiles, tmp_path: Path) -> None:
+def test_a_ca_file_openssl_refuses_is_refused(server: Issued, tmp_path: Path) -> None:
     bad_ca = tmp_path / "ca.pem"
     bad_ca.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
     config = http_config(server, tls_client_certs="required", tls_ca_file=str(bad_ca))
@@ -103,7 +103,7 @@ def test_a_ca_file_openssl_refuses_is_refused(server: CertFiles, tmp_path: Path)
     assert raised.value.key == "http.tls_ca_file"
 
 
-def test_expiry_is_warned_about_not_refused(server: CertFiles) -> None:
+def test_expiry_is_warned_about_not_refused(server: Issued) -> None:
     """An expired web certificate must not stop serve: the DIMSE side goes
     on receiving from modalities (docs/security.md)."""
     end = not_after(server)
@@ -122,7 +122,7 @@ def test_expiry_is_warned_about_not_refused(server: CertFiles) -> None:
 
 
 def test_the_profile_is_tls_1_2_or_later_with_forward_secret_aead_suites(
-    server: CertFiles,
+    server: Issued,
 ) -> None:
     context = https.server_context(http_config(server))
     tls13 = https.server_context(http_config(server, tls_min_version="1.3"))
@@ -141,13 +141,13 @@ def test_the_profile_is_tls_1_2_or_later_with_forward_secret_aead_suites(
         assert suite["aead"], suite["name"]
 
 
-def test_client_certificate_modes(server: CertFiles, tmp_path: Path) -> None:
+def test_client_certificate_modes(server: Issued, tmp_path: Path) -> None:
     ca = make_ca(tmp_path / "clients")
     required = https.server_context(
-        http_config(server, tls_client_certs="required", tls_ca_file=str(ca.cert))
+        http_config(server, tls_client_certs="required", tls_ca_file=str(ca.cert_file))
     )
     optional = https.server_context(
-        http_config(server, tls_client_certs="optional", tls_ca_file=str(ca.cert))
+        http_config(server, tls_client_certs="optional", tls_ca_file=str(ca.cert_file))
     )
 
     assert required.verify_mode == ssl.CERT_REQUIRED
@@ -156,14 +156,14 @@ def test_client_certificate_modes(server: CertFiles, tmp_path: Path) -> None:
 
 
 def test_the_probe_identity_is_private_and_trusted_under_required_only(
-    server: CertFiles, tmp_path: Path
+    server: Issued, tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     cert, key = https.make_probe_identity(run_dir)
     ca = make_ca(tmp_path / "clients")
-    required = http_config(server, tls_client_certs="required", tls_ca_file=str(ca.cert))
-    optional = http_config(server, tls_client_certs="optional", tls_ca_file=str(ca.cert))
+    required = http_config(server, tls_client_certs="required", tls_ca_file=str(ca.cert_file))
+    optional = http_config(server, tls_client_certs="optional", tls_ca_file=str(ca.cert_file))
 
     assert key.stat().st_mode & 0o777 == 0o600
     # the store counts every trusted certificate (get_ca_certs only CA ones)
@@ -174,12 +174,12 @@ def test_the_probe_identity_is_private_and_trusted_under_required_only(
     assert cert.is_file()
 
 
-def test_gunicorn_gets_its_tls_keys_and_one_context(server: CertFiles, tmp_path: Path) -> None:
+def test_gunicorn_gets_its_tls_keys_and_one_context(server: Issued, tmp_path: Path) -> None:
     plain = gunicorn_settings(load_config(environ={}, cwd=tmp_path))
     config = load_config(
         environ={
-            "APPLIANCE_HTTP_TLS_CERT_FILE": str(server.cert),
-            "APPLIANCE_HTTP_TLS_KEY_FILE": str(server.key),
+            "APPLIANCE_HTTP_TLS_CERT_FILE": str(server.cert_file),
+            "APPLIANCE_HTTP_TLS_KEY_FILE": str(server.key_file),
         },
         cwd=tmp_path,
     )
@@ -189,42 +189,40 @@ def test_gunicorn_gets_its_tls_keys_and_one_context(server: CertFiles, tmp_path:
 
     assert "certfile" not in plain
     assert "ssl_context" not in plain
-    assert settings["certfile"] == str(server.cert)
-    assert settings["keyfile"] == str(server.key)
+    assert settings["certfile"] == str(server.cert_file)
+    assert settings["keyfile"] == str(server.key_file)
     assert settings["cert_reqs"] == ssl.CERT_NONE
     # every connection gets the same context: no file read per connection
     first = settings["ssl_context"](None, None)
     assert first is settings["ssl_context"](None, None) is served.context
 
 
-def test_a_failed_reload_keeps_the_served_context(server: CertFiles, tmp_path: Path) -> None:
-    files = CertFiles(tmp_path / "live.crt", tmp_path / "live.key")
-    files.cert.write_bytes(server.cert.read_bytes())
-    files.key.write_bytes(server.key.read_bytes())
+def test_a_failed_reload_keeps_the_served_context(server: Issued, tmp_path: Path) -> None:
+    files = Issued(tmp_path / "live.crt", tmp_path / "live.key_file")
+    files.cert_file.write_bytes(server.cert_file.read_bytes())
+    files.key_file.write_bytes(server.key_file.read_bytes())
     served = https.ServedContext(http_config(files), None)
     served.load()
     before = served.context
-    files.key.write_text("half-written\n")
+    files.key_file.write_text("half-written\n")
 
     served.load()
 
     assert served.context is before
-    files.key.write_bytes(server.key.read_bytes())
+    files.key_file.write_bytes(server.key_file.read_bytes())
     served.load()
     assert served.context is not before
 
 
-def test_the_fhir_endpoint_address_is_https_with_https_on(
-    server: CertFiles, tmp_path: Path
-) -> None:
+def test_the_fhir_endpoint_address_is_https_with_https_on(server: Issued, tmp_path: Path) -> None:
     from appliance.fhir.publisher import dicomweb_root
 
     plain = load_config(environ={"APPLIANCE_HTTP_PORT": "8443"}, cwd=tmp_path)
     tls = load_config(
         environ={
             "APPLIANCE_HTTP_PORT": "8443",
-            "APPLIANCE_HTTP_TLS_CERT_FILE": str(server.cert),
-            "APPLIANCE_HTTP_TLS_KEY_FILE": str(server.key),
+            "APPLIANCE_HTTP_TLS_CERT_FILE": str(server.cert_file),
+            "APPLIANCE_HTTP_TLS_KEY_FILE": str(server.key_file),
         },
         cwd=tmp_path,
     )
