@@ -76,7 +76,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from appliance import __version__, https
+from appliance import __version__, dicom_tls, https
 from appliance.access import ApiTokens, parse_roles
 from appliance.config import Config, ForwardConfig, load_config, render_config
 from appliance.errors import ApplianceError, ConfigError, SchemaNotCurrent
@@ -1324,10 +1324,12 @@ def prepare(config: Config) -> None:
         ``index.auto_migrate`` is false.
     StorageError, ConfigError
         if the storage cannot be opened or written, or an HTTPS file is
-        missing, unreadable or does not fit (:func:`appliance.https.check_files`).
+        missing, unreadable or does not fit (:func:`appliance.https.check_files`),
+        or a DICOM TLS file does not load (:func:`appliance.dicom_tls.check_files`).
     """
     for warning in https.check_files(config.http):
         LOGGER.warning("%s", warning)
+    dicom_tls.check_files(config.dimse)
     engine = engine_for(config.index)
     try:
         if config.index.auto_migrate:

@@ -991,9 +991,10 @@ def _resolve_tls_files(config: Config, cwd: Path) -> Config:
 
 
 def _check_dimse_tls(dimse: DimseConfig) -> None:
-    """The DICOM TLS keys fit together, and the files load (a certificate
-    and key that do not match, an unreadable CA file): refused now rather
-    than at the first association."""
+    """The DICOM TLS keys fit together.  The files themselves are loaded
+    when ``serve`` starts (:func:`appliance.dicom_tls.check_files`), as the
+    HTTPS ones are: a command that never opens a TLS socket does not need to
+    read the private key."""
     outgoing = any(peer.tls for peer in dimse.peers)
     for i, peer in enumerate(dimse.peers):
         if peer.tls_names and not peer.tls:
@@ -1017,11 +1018,6 @@ def _check_dimse_tls(dimse: DimseConfig) -> None:
             "dimse.tls_ca_file",
             "is required with dimse.tls_require_client_cert (to verify client certificates)",
         )
-    from appliance import dicom_tls
-
-    dicom_tls.server_context(dimse)
-    if outgoing:
-        dicom_tls.client_context(dimse)
 
 
 def _resolve_storage_path(config: Config, cwd: Path) -> Config:

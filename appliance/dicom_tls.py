@@ -132,3 +132,19 @@ def client_context(dimse: DimseConfig) -> ssl.SSLContext:
     _load_identity(context, dimse)
     _load_cas(context, dimse)
     return context
+
+
+def check_files(dimse: DimseConfig) -> None:
+    """Load what the DICOM TLS listener and the ``tls = true`` peers will use
+    (a certificate and key that do not match, an unreadable CA file), so
+    ``serve`` refuses to start rather than fail at the first association.
+
+    Raises
+    ------
+    ConfigError
+        naming the key of the file that does not load.
+    """
+    if dimse.tls_port:
+        server_context(dimse)
+    if any(peer.tls for peer in dimse.peers):
+        client_context(dimse)

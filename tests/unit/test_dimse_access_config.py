@@ -68,20 +68,23 @@ def test_bad_peer_rules_name_the_key(tmp_path: Path, peer: str, key: str) -> Non
     assert info.value.key == key
 
 
-def test_tls_files_are_checked_at_load(tmp_path: Path, pki: dict[str, Path]) -> None:
+def test_tls_files_are_checked_before_serve_starts(tmp_path: Path, pki: dict[str, Path]) -> None:
     config = load_config(environ=tls_env(pki), cwd=tmp_path)
     assert config.dimse.tls_require_client_cert is True
+    dicom_tls.check_files(config.dimse)
     cases = {
         "dimse.tls_key_file": {"APPLIANCE_DIMSE_TLS_KEY_FILE": str(pki["other_key"])},
         "dimse.tls_cert_file": {"APPLIANCE_DIMSE_TLS_CERT_FILE": str(tmp_path / "missing.pem")},
         "dimse.tls_ca_file": {"APPLIANCE_DIMSE_TLS_CA_FILE": str(pki["key"])},
     }
     for key, change in cases.items():
+        loaded = load_config(environ=tls_env(pki, **change), cwd=tmp_path)
         with pytest.raises(ConfigError) as info:
-            load_config(environ=tls_env(pki, **change), cwd=tmp_path)
+            dicom_tls.check_files(loaded.dimse)
         assert info.value.key == key, info.value.reason
+    mismatched = load_config(environ=tls_env(pki, **cases["dimse.tls_key_file"]), cwd=tmp_path)
     with pytest.raises(ConfigError, match="does not match the certificate"):
-        load_config(environ=tls_env(pki, **cases["dimse.tls_key_file"]), cwd=tmp_path)
+        dicom_tls.check_files(mismatched.dimse)
 
 
 @pytest.mark.parametrize(

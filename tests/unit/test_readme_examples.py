@@ -9,30 +9,6 @@ from pathlib import Path
 import pytest
 
 from appliance.config import load_config
-from tests.certs import issue_cert, make_ca
-
-#: ``tls_cert_file = "tls/x.pem"`` and the like: relative certificate files
-#: an example names, made real (they are loaded when the configuration is).
-TLS_FILE = re.compile(r'^(tls_cert_file|tls_key_file|tls_ca_file)\s*=\s*"([^"/][^"]*)"', re.M)
-
-
-def make_certificates(text: str, folder: Path) -> None:
-    """The certificate, key and CA files *text* names, issued by a test CA."""
-    named = TLS_FILE.findall(text)
-    if not named:
-        return
-    ca = make_ca(folder / ".pki")
-    issued = issue_cert(ca, folder / ".pki", "appliance")
-    sources = {
-        "tls_cert_file": issued.cert_file,
-        "tls_key_file": issued.key_file,
-        "tls_ca_file": ca.cert_file,
-    }
-    for key, relative in named:
-        target = folder / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(sources[key].read_bytes())
-
 
 README = Path(__file__).parents[2] / "README.md"
 BLOCKS = re.findall(r"```toml\n(.*?)```", README.read_text(encoding="utf-8"), re.DOTALL)
@@ -48,7 +24,6 @@ def test_readme_example_loads(number: int, tmp_path: Path) -> None:
     if "commit_after_forward" in text and not re.search(r"^\[\[forward\]\]", text, re.M):
         # that example adds a peer to the forwarding example before it
         text = 'forward = [{name = "cloud", url = "https://dicom.example/v2"}]\n' + text
-    make_certificates(text, tmp_path)
     path = tmp_path / "appliance.toml"
     path.write_text(text, encoding="utf-8")
     config = load_config(path, environ={}, cwd=tmp_path)

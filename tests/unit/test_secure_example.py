@@ -1,10 +1,11 @@
 """config/secure.example.toml, the production configuration docs/security.md
-describes, loads once its certificate files and folders exist."""
+describes, loads, and its certificate files pass the checks serve makes at start."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from appliance import dicom_tls, https
 from appliance.config import load_config
 from tests.certs import issue_cert, make_ca
 
@@ -26,6 +27,8 @@ def test_the_secure_example_loads_with_its_files(tmp_path: Path) -> None:
     written.write_text(text, encoding="utf-8")
 
     config = load_config(written, environ={}, cwd=tmp_path)
+    dicom_tls.check_files(config.dimse)  # what serve loads before it starts
+    assert https.check_files(config.http) == []
 
     assert config.auth.mode == "oidc"
     assert config.http.tls
