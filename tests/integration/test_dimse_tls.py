@@ -192,7 +192,13 @@ def test_ready_counts_the_tls_listener_and_serve_logs_both(tls: Tls) -> None:
         f"listening for DICOM TLS associations as '{AE_TITLE}' on 127.0.0.1:{tls.tls_port} "
         "(client certificate required)"
     ) in log
-    assert f"127.0.0.1:{tls.tls_port} (TLS)" in log  # the supervisor's "ready" line
+    # the supervisor's "ready" line: written once its own probe passed, which
+    # may be just after the test's did
+    deadline = time.monotonic() + 10
+    while f"127.0.0.1:{tls.tls_port} (TLS)" not in log and time.monotonic() < deadline:
+        time.sleep(0.1)
+        log = tls.appliance.log
+    assert f"127.0.0.1:{tls.tls_port} (TLS)" in log
 
 
 @pytest.mark.parametrize("profile", ["+py", "+px"])
