@@ -42,6 +42,21 @@ IMPLEMENTATION_VERSION_NAME = f"DCMAPPL_{__version__}"[:16]
 _DEFER_SIZE = 64 * 1024
 
 
+#: What pydicom raises reading a truncated or corrupt header (besides
+#: InvalidDicomError, "not DICOM at all", and RecursionError).
+HEADER_ERRORS: tuple[type[Exception], ...] = (
+    EOFError,
+    OSError,
+    ValueError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    BytesLengthException,  # an element of a wrong length (found by fuzzing)
+    NotImplementedError,  # e.g. an unknown VR in the File Meta (found by fuzzing)
+    struct.error,
+)
+
+
 def validate_uid(value: object, keyword: str) -> str:
     """Return *value* as a UID string or raise :class:`InvalidInstance`.
 
@@ -108,18 +123,7 @@ def read_header(source: IO[bytes]) -> Dataset:
         raise UnreadableInstance("sequences are nested too deeply to be read") from None
     except InvalidDicomError as exc:
         raise UnreadableInstance(f"not a DICOM Part 10 file: {exc}") from None
-    except (
-        EOFError,
-        OSError,
-        ValueError,
-        KeyError,
-        TypeError,
-        AttributeError,
-        BytesLengthException,  # a File Meta element of a wrong length (found by fuzzing)
-        NotImplementedError,
-        struct.error,
-    ) as exc:
-        # pydicom raises a variety of these on truncated or corrupt headers
+    except HEADER_ERRORS as exc:
         raise UnreadableInstance(f"the DICOM header could not be parsed: {exc}") from None
     if "TransferSyntaxUID" not in ds.file_meta:
         raise InvalidInstance("the File Meta Information lacks TransferSyntaxUID (0002,0010)")

@@ -53,10 +53,11 @@ from pydicom import dcmread
 from pydicom.datadict import dictionary_has_tag, dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.errors import InvalidDicomError
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
+from appliance.dicomio import HEADER_ERRORS
 from appliance.errors import InvalidInstance, NotFound, UnreadableInstance
 from appliance.index.sql import StoredInstance
 from appliance.retrieve import RetrieveService
@@ -206,17 +207,7 @@ def read_header(stream: IO[bytes]) -> InstanceHeader:
         pixel = _pixel_location(stream, ds, syntax)
     except InvalidDicomError as exc:
         raise UnreadableInstance(f"the stored blob is not a DICOM file: {exc}") from None
-    except (
-        EOFError,
-        OSError,
-        ValueError,
-        KeyError,
-        TypeError,
-        AttributeError,
-        struct.error,
-        BytesLengthException,  # a value of a wrong length (found by fuzzing)
-        NotImplementedError,
-    ) as exc:
+    except HEADER_ERRORS as exc:
         raise UnreadableInstance(f"the stored DICOM header cannot be parsed: {exc}") from None
     except RecursionError:
         raise UnreadableInstance(_TOO_DEEP) from None
