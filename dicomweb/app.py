@@ -56,6 +56,9 @@ class ApplianceExtension:
         #: the audit trail of the requests this app answers (it opens its
         #: file in the process that writes, after any fork)
         self.audit = AuditLog(config.audit)
+        #: who makes each request (set by :func:`create_app`; the console's
+        #: login checks a pasted token with it)
+        self.authenticator: Authenticator | None = None
 
     @property
     def services(self) -> Services:
@@ -110,7 +113,8 @@ def create_app(
     register_error_handlers(app)
     install_cors(app, config.http.cors_allowed_origins)
     app.before_request(note_transaction)
-    install_auth(app, Authenticator(config.auth, lambda: extension.services.engine))
+    extension.authenticator = Authenticator(config.auth, lambda: extension.services.engine)
+    install_auth(app, extension.authenticator, config.http.public_url)
     app.before_request(refuse_hostile_paths)
     app.teardown_request(lambda _exc: audit.capture(extension.audit))
     app.wsgi_app = Counting(app.wsgi_app)  # type: ignore[method-assign]

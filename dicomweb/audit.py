@@ -40,6 +40,18 @@ ACTIONS: dict[str, Action] = {
     "delete": Action.DELETE,
 }
 
+#: The action of each audited endpoint of a blueprint that mixes actions
+#: (the operator console); its other endpoints (the dashboard, login) touch
+#: no patient data.
+ENDPOINT_ACTIONS: dict[str, Action] = {
+    "console.studies": Action.QUERY,
+    "console.study": Action.QUERY,
+    "console.confirm_delete": Action.QUERY,
+    # the study's Part 10 files leave as WADO-RS's do
+    "console.download_study": Action.RETRIEVE,
+    "console.delete_study": Action.DELETE,
+}
+
 #: Where the view's notes and then the pending event wait in the WSGI environ.
 _NOTES = "appliance.audit.notes"
 _PENDING = "appliance.audit.pending"
@@ -87,7 +99,11 @@ def capture(log: AuditLog) -> None:
         return  # OPTIONS (a CORS preflight) runs no view: it touches nothing
     rule = request.url_rule
     blueprint = request.blueprint
-    action = ACTIONS.get(blueprint or "") if rule is not None else None
+    action = (
+        ENDPOINT_ACTIONS.get(rule.endpoint) or ACTIONS.get(blueprint or "")
+        if rule is not None
+        else None
+    )
     if action is None:
         return
     notes: dict[str, Any] = request.environ.get(_NOTES, {})

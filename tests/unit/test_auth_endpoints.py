@@ -21,7 +21,7 @@ from appliance.access import (
 )
 from appliance.config import load_config
 from dicomweb.app import create_app
-from dicomweb.auth import ENDPOINT_PERMISSIONS, HEALTH, METRICS
+from dicomweb.auth import ENDPOINT_PERMISSIONS, HEALTH, METRICS, PUBLIC
 
 
 def app_for(tmp_path: Path, **environ: str) -> Flask:
@@ -40,7 +40,7 @@ def test_every_endpoint_has_a_permission(tmp_path: Path) -> None:
     assert not missing, f"endpoints without a permission in dicomweb/auth.py: {missing}"
     stale = sorted(e for e in ENDPOINT_PERMISSIONS if e not in endpoints)
     assert not stale, f"permissions for endpoints that no longer exist: {stale}"
-    allowed = {*PERMISSIONS, HEALTH, METRICS}
+    allowed = {*PERMISSIONS, HEALTH, METRICS, PUBLIC}
     assert {p for p in ENDPOINT_PERMISSIONS.values()} <= allowed
 
 
@@ -49,7 +49,14 @@ def test_the_families(tmp_path: Path) -> None:
     for rule in app.url_map.iter_rules():
         permission = ENDPOINT_PERMISSIONS[rule.endpoint]
         methods = rule.methods or set()
-        if rule.rule.startswith("/v1/admin"):
+        if rule.endpoint in ("console.login", "console.logout", "console.static"):
+            assert permission == PUBLIC, rule  # signing in, out, the CSS and JS
+        elif rule.endpoint.startswith("console."):
+            # the console: its pages read, its actions (and their
+            # confirmation page) admin
+            action = "POST" in methods or rule.endpoint == "console.confirm_delete"
+            assert permission == ("admin" if action else "read"), rule
+        elif rule.rule.startswith("/v1/admin"):
             assert permission == "admin", rule
         elif "POST" in methods:
             assert permission == "write", rule  # STOW-RS
