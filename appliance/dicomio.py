@@ -331,6 +331,7 @@ def extract_record(ds: Dataset) -> InstanceRecord:
     sop_uid = validate_uid(_value(ds, "SOPInstanceUID"), "SOPInstanceUID")
     sop_class = validate_uid(_value(ds, "SOPClassUID"), "SOPClassUID")
     ts = validate_uid(_value(ds.file_meta, "TransferSyntaxUID"), "TransferSyntaxUID")
+    source_ae = _source_ae(ds)
     # The data set's SOP Instance UID is authoritative: a File Meta that
     # disagrees (seen in files edited by older tools) is not a reason to refuse.
     return InstanceRecord(
@@ -373,7 +374,9 @@ def extract_record(ds: Dataset) -> InstanceRecord:
             bits_allocated=_int(ds, "BitsAllocated"),
             number_of_frames=_int(ds, "NumberOfFrames"),
             specific_character_set=_text(ds, "SpecificCharacterSet"),
-            source_ae=_source_ae(ds),
+            source_ae=source_ae,
+            # only a C-STORE's File Meta is written here with the sender's title
+            source_protocol="dimse" if source_ae else "",
         ),
     )
 

@@ -71,6 +71,9 @@ class InstanceAttributes:
     #: and import): the File Meta's Source Application Entity Title when this
     #: appliance wrote that File Meta (:func:`~appliance.dicomio.part10_prefix`)
     source_ae: str = ""
+    #: the protocol it came by (:attr:`Origin.protocol`): "dimse" when read
+    #: back from a File Meta this appliance wrote for a C-STORE, else ""
+    source_protocol: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -106,6 +106,7 @@ ENDPOINT_PERMISSIONS: dict[str, str] = {
     "admin.forward_retry": ADMIN,
     "admin.fhir_status": ADMIN,
     "admin.fhir_retry": ADMIN,
+    "admin.dashboard_snapshot": ADMIN,
     "ops.live": HEALTH,
     "ops.ready": HEALTH,
     "ops.prometheus_metrics": METRICS,

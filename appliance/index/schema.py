@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     ForeignKey,
@@ -154,11 +155,16 @@ instance = Table(
     Column("specific_character_set", SHORT, nullable=False),
     Column("blob_key", String(128), nullable=False, unique=True),
     Column("size", BigInteger, nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    # the time the instance was first stored: "received per hour" is a
+    # range of it (migration 0011)
+    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     # the Calling AE Title of the C-STORE that brought it, "" otherwise
     # (migration 0009)
     Column("source_ae", String(16), nullable=False, server_default=""),
+    # the protocol it came by (Origin.protocol: dimse | dicomweb | import),
+    # "" for instances stored before migration 0011
+    Column("source_protocol", String(16), nullable=False, server_default=""),
 )
 
 #: Each instance's WADO-RS metadata (DICOM JSON, PS3.18 Annex F) as UTF-8
@@ -324,4 +330,31 @@ api_token = Table(
     Column("expires_at", DateTime(timezone=True), nullable=True),
     Column("revoked_at", DateTime(timezone=True), nullable=True),
     Column("last_used_at", DateTime(timezone=True), nullable=True),
+)
+
+#: The DIMSE associations this appliance accepted or rejected, one row
+#: written when each ended (:mod:`appliance.activity`): who called from
+#: where, how it ended (``outcome`` released | aborted | rejected, with a
+#: ``detail`` naming no patient data) and what it did.  Only the newest
+#: 1,000 rows are kept (older ones are pruned as rows are added).
+association_log = Table(
+    "association_log",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("started_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("ended_at", DateTime(timezone=True), nullable=False),
+    Column("calling_ae", String(16), nullable=False),
+    Column("called_ae", String(16), nullable=False),
+    # the peer's IP address (IPv6 at most 45 characters)
+    Column("address", String(64), nullable=False),
+    Column("tls", Boolean, nullable=False),
+    Column("outcome", String(16), nullable=False),
+    Column("detail", String(200), nullable=False),
+    # C-STOREs answered with success or a warning, and with a failure
+    Column("stored", Integer, nullable=False),
+    Column("store_failed", Integer, nullable=False),
+    Column("finds", Integer, nullable=False),
+    # C-MOVE and C-GET requests
+    Column("retrieves", Integer, nullable=False),
+    Column("echoes", Integer, nullable=False),
 )

@@ -180,6 +180,7 @@ def _instance_values(record: InstanceRecord, blob: BlobInfo, now: dt.datetime) -
         "blob_key": blob.key,
         "size": blob.size,
         "source_ae": i.source_ae,
+        "source_protocol": i.source_protocol,
         "updated_at": now,
     }
 

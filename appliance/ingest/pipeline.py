@@ -136,9 +136,12 @@ class IngestService:
             return IngestResult(exc.status, exc.reason)
 
         source_ae = origin.calling_ae.strip()[:16]
-        if record.instance.source_ae != source_ae:
-            # who sent it is the protocol's word, not the File Meta's
-            instance_ = dataclasses.replace(record.instance, source_ae=source_ae)
+        protocol = origin.protocol[:16]
+        if record.instance.source_ae != source_ae or record.instance.source_protocol != protocol:
+            # who sent it, and how, is the protocol's word, not the File Meta's
+            instance_ = dataclasses.replace(
+                record.instance, source_ae=source_ae, source_protocol=protocol
+            )
             record = dataclasses.replace(record, instance=instance_)
         ids = _identified(record)
         sop_uid = record.instance.sop_instance_uid

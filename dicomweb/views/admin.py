@@ -16,20 +16,28 @@ status | retry``:
 - ``POST /v1/admin/fhir/retry``: queue the parked studies again; answers
   ``{"requeued": N}``.
 
-Not part of DICOMweb: JSON of our own.  Open like the rest of the service
-until the security issue brings roles (these will need ``admin``).
+and the operator dashboard's data (:mod:`appliance.dashboard`):
+
+- ``GET /v1/admin/dashboard``: instances received per hour (by protocol
+  and sending AE), storage and index size, the forwarding and DICOMcast
+  queues, recent DIMSE associations and every health check, in one JSON
+  object (``?hours=N``, 1 to 168, default 24).
+
+Not part of DICOMweb: JSON of our own, for the ``admin`` role.
 """
 
 from __future__ import annotations
 
 import json
 
-from flask import Blueprint, Response
+from flask import Blueprint, Response, request
 
+from appliance import dashboard
 from appliance.errors import NotFound
 from appliance.fhir.queue import StudyQueue
 from appliance.forward.outbox import Outbox
 from dicomweb.app import get_extension
+from dicomweb.errors import InvalidRequest
 
 bp = Blueprint("admin", __name__, url_prefix="/v1/admin")
 
@@ -75,3 +83,20 @@ def fhir_retry() -> Response:
     extension = get_extension()
     count = StudyQueue(extension.services.engine).requeue_parked()
     return _json({"requeued": count})
+
+
+#: The most hours ``/v1/admin/dashboard?hours=`` may ask for (a week).
+MAX_HOURS = 168
+
+
+@bp.get("/dashboard")
+def dashboard_snapshot() -> Response:
+    """One snapshot of the dashboard's data (:func:`appliance.dashboard.snapshot`)."""
+    extension = get_extension()
+    raw = request.args.get("hours", "24")
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_HOURS:
+        raise InvalidRequest(f"hours must be a whole number from 1 to {MAX_HOURS}")
+    found = dashboard.snapshot(
+        extension.services, extension.config, hours=int(raw), run_dir=extension.run_dir
+    )
+    return _json(found.as_json())

@@ -15,14 +15,14 @@ from typing import Any
 
 from flask import Blueprint, Response
 
-from appliance import runstate
+from appliance import health
 from appliance.errors import ApplianceError
+from appliance.health import Check
 from dicomweb.app import get_extension
 
 bp = Blueprint("ops", __name__)
 
 HEALTH_JSON = "application/health+json"
-OK = runstate.OK
 
 
 def _health(body: dict[str, object], status: int) -> Response:
@@ -35,71 +35,10 @@ def live() -> Response:
     return _health({"status": "pass"}, 200)
 
 
-def readiness_checks() -> dict[str, str]:
-    """Each dependency's state: ``"ok"`` or ``"failed: <reason>"``."""
-    extension = get_extension()
-    checks: dict[str, str] = {}
-    try:
-        checks.update(extension.services.check_ready())
-    except ApplianceError as exc:
-        checks["services"] = f"failed: {exc.reason}"
-    except Exception as exc:  # noqa: BLE001 - a probe reports, never raises
-        checks["services"] = f"failed: {exc.__class__.__name__}: {exc}"
-    # not a TCP probe of the DIMSE port: see appliance.runstate for why; the
-    # first worker that is not ready is reported
-    workers = extension.config.dimse.workers
-    states = (
-        runstate.check_ready(extension.run_dir, f"dimse-{number}")
-        for number in range(1, workers + 1)
-    )
-    checks["dimse"] = next((state for state in states if state != OK), OK)
-    if extension.config.dimse.tls_port:
-        # the DICOM TLS listener of every worker (a marker of its own)
-        tls_states = (
-            runstate.check_ready(extension.run_dir, f"dimse-{number}-tls")
-            for number in range(1, workers + 1)
-        )
-        checks["dimse_tls"] = next((state for state in tls_states if state != OK), OK)
-    return checks
-
-
-def upstream_checks() -> dict[str, str]:
-    """Each upstream's state from its queue (no probe: a readiness poll must
-    not send requests upstream): ``"ok"``, or ``"warn: <the last error>"``
-    while something waits to be tried again after a failure.  Upstreams are
-    not required: a WAN that is down delays forwarding, and the appliance
-    goes on storing.  And the storage disk's free space (filesystem): a
-    warning below ``storage.min_free_mb``."""
-    from appliance.fhir.queue import StudyQueue
-    from appliance.forward.outbox import Outbox
-
-    extension = get_extension()
-    config = extension.config
-    checks: dict[str, str] = {}
-    try:
-        engine = extension.services.engine
-        names = [d.name for d in config.forward]
-        errors = Outbox(engine).waiting_errors(names) if names else {}
-        for name, error in errors.items():
-            checks[f"forward:{name}"] = f"warn: {error}" if error else OK
-        if config.fhir.url:
-            error = StudyQueue(engine).waiting_error()
-            checks["fhir"] = f"warn: {error}" if error else OK
-        below_floor = getattr(extension.services.storage, "below_floor", None)
-        if below_floor is not None:
-            # reads go on: a warning, not a failure, while new instances are refused
-            low = below_floor()
-            checks["disk"] = f"warn: {low}" if low else OK
-    except (ApplianceError, OSError):
-        pass  # the index or storage check above fails already
-    return checks
-
-
-def _entry(state: str) -> dict[str, str]:
-    if state == OK:
+def _entry(check: Check) -> dict[str, str]:
+    if check.status == "ok":
         return {"status": "pass"}
-    kind, _, output = state.partition(": ")
-    return {"status": "warn" if kind == "warn" else "fail", "output": output}
+    return {"status": check.status, "output": check.detail}
 
 
 @bp.get("/health/ready")
@@ -108,14 +47,13 @@ def ready() -> Response:
     listener has bound its socket (and still runs), else 503; the body lists
     every check, the upstreams (forwarding destinations, the FHIR server)
     as ``warn`` while their last try failed, which does not make it 503."""
-    checks = readiness_checks()
-    passed = all(state == OK for state in checks.values())
-    upstreams = upstream_checks()
-    checks.update(upstreams)
-    warned = any(state != OK for state in upstreams.values())
+    extension = get_extension()
+    checks = health.all_checks(extension.config, extension.run_dir, lambda: extension.services)
+    passed = all(check.status == "ok" for check in checks if check.required)
+    warned = any(check.status != "ok" for check in checks if not check.required)
     body: dict[str, object] = {
         "status": "fail" if not passed else ("warn" if warned else "pass"),
-        "checks": {name: [_entry(state)] for name, state in checks.items()},
+        "checks": {check.name: [_entry(check)] for check in checks},
     }
     return _health(body, 200 if passed else 503)
 
