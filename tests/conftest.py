@@ -122,14 +122,16 @@ class LiveServer:
         return f"{self.base_url}/v1"
 
 
-def serve_app(config: Config, services: Services) -> Iterator[LiveServer]:
-    """Serve ``create_app(config, services)`` with werkzeug's threaded server
-    on a free loopback port until the generator is closed."""
+def serve_app(
+    config: Config, services: Services, run_dir: Path | None = None
+) -> Iterator[LiveServer]:
+    """Serve ``create_app(config, services, run_dir)`` with werkzeug's
+    threaded server on a free loopback port until the generator is closed."""
     from werkzeug.serving import make_server
 
     from dicomweb.app import create_app
 
-    app = create_app(config, services)
+    app = create_app(config, services, run_dir)
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, name="live-server", daemon=True)
     thread.start()
@@ -203,10 +205,12 @@ class LiveAppliance(LiveServer):
         return self.config.dimse.ae_title
 
 
-def started_appliance(config: Config) -> Iterator[LiveAppliance]:
+def started_appliance(config: Config, run_dir: Path | None = None) -> Iterator[LiveAppliance]:
     """Migrate, build the services, and run the DIMSE listener (in a thread)
     and the DICOMweb app (on a free port) over them until the generator is
-    closed.  *config*'s ``dimse.port`` must be free (see :func:`appliance_config`)."""
+    closed.  *config*'s ``dimse.port`` must be free (see :func:`appliance_config`).
+    With a *run_dir*, the listener says it is ready there, as ``serve``'s
+    DIMSE worker 1 does, so the app's health checks see it."""
     from dimse_bridge.ae import run_listener
 
     engine = create_index_engine(config.index.url)
@@ -227,7 +231,11 @@ def started_appliance(config: Config) -> Iterator[LiveAppliance]:
     try:
         assert listening.wait(30), "the DIMSE listener did not start"
         assert not failed, failed
-        for server in serve_app(config, services):
+        if run_dir is not None:
+            from appliance import runstate
+
+            runstate.mark_ready(run_dir, "dimse-1")
+        for server in serve_app(config, services, run_dir):
             yield LiveAppliance(
                 server.base_url, services, config, config.dimse.host, config.dimse.port
             )

@@ -52,6 +52,7 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from appliance.access import AccessDenied, Unauthenticated
 from appliance.audit import study_uids
+from appliance.dashboard import snapshot
 from appliance.dicomio import is_valid_uid
 from appliance.errors import ApplianceError, NotFound, QueryError
 from appliance.forward.outbox import Outbox
@@ -179,18 +180,54 @@ def _http_error(exc: HTTPException) -> tuple[str, int]:
 
 @bp.get("/")
 def dashboard() -> str:
-    """The dashboard: where things stand, rendered from one snapshot."""
-    from appliance.dashboard import snapshot
-
+    """The dashboard: where things stand, rendered from one snapshot
+    (:func:`appliance.dashboard.snapshot`) for every reader, not only the
+    admins who may read ``/v1/admin/dashboard``."""
     extension = get_extension()
-    view = snapshot(extension.services, extension.config)
+    view = snapshot(extension.services, extension.config, run_dir=extension.run_dir)
     return render_template(
         "console/dashboard.html",
         dashboard=view,
-        chart=received_chart(view.received, view.generated_at),
+        chart=received_chart(view.received, view.generated_at, view.hours),
         requeued=_message_count("requeued"),
         destination=request.args.get("destination", "")[:MAX_VALUE],
     )
+
+
+@bp.app_template_filter("size")
+def size(value: int | None) -> str:
+    """Bytes as ``12.3 MB`` (SI prefixes, as ``df -H``); "-" for unknown."""
+    if value is None:
+        return "-"
+    amount = float(value)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if amount < 1000 or unit == "TB":
+            return f"{amount:.0f} {unit}" if unit == "B" else f"{amount:.1f} {unit}"
+        amount /= 1000
+    raise AssertionError("unreachable")
+
+
+@bp.app_template_filter("age")
+def age(seconds: float | None) -> str:
+    """Seconds as ``42 s``, ``7 min``, ``3.5 h``, ``2.0 d``; "-" for none."""
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
+@bp.app_template_filter("utc")
+def utc(moment: dt.datetime | None) -> str:
+    """A time as ``2026-12-03 05:12:09 UTC``."""
+    if moment is None:
+        return "-"
+    aware = moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+    return aware.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +262,7 @@ CHART_SERIES: Final = 8
 
 
 def received_chart(
-    received: Sequence[Any], now: dt.datetime, hours: int = 24, width: int = 720, height: int = 180
+    received: Sequence[Any], now: dt.datetime, hours: int = 24, width: int = 1200, height: int = 160
 ) -> Chart:
     """The stacked bar chart of *received* (``HourCount``: hour, protocol,
     ae, instances) over the *hours* up to *now*: one bar per hour, one
@@ -241,7 +278,8 @@ def received_chart(
         slot = index.get(hour.astimezone(dt.UTC).replace(minute=0, second=0, microsecond=0))
         if slot is None:
             continue
-        label = f"{row.ae or '-'} ({row.protocol})" if row.ae else row.protocol
+        protocol = row.protocol or "earlier"  # stored before the protocol was recorded
+        label = f"{row.ae} ({protocol})" if row.ae else protocol
         totals[label] = totals.get(label, 0) + row.instances
         cells[(slot, label)] = cells.get((slot, label), 0) + row.instances
     ranked = sorted(totals, key=lambda k: (-totals[k], k))
