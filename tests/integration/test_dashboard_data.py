@@ -355,3 +355,61 @@ def test_migration_0011_goes_down_and_up_keeping_rows(tmp_path: Path) -> None:
         assert activity.recent_associations(engine) == []
     finally:
         engine.dispose()
+
+
+def test_the_forwarding_and_dicomcast_queues(tmp_path: Path) -> None:
+    """A destination with entries pending and one parked with its reason,
+    DICOMcast with a study queued and a change not read yet: the snapshot
+    says so, as /v1/admin/forward and /v1/admin/fhir count them."""
+    from appliance.config import ForwardConfig
+    from appliance.fhir.queue import StudyQueue
+    from appliance.forward.outbox import Outbox
+    from appliance.services import build_services
+
+    config = make_config(tmp_path)
+    config = dataclasses.replace(
+        config,
+        forward=(
+            dataclasses.replace(ForwardConfig(), name="cloud", url="http://127.0.0.1:9/dicomweb"),
+        ),
+        fhir=dataclasses.replace(config.fhir, url="http://127.0.0.1:9/fhir"),
+    )
+    engine = create_index_engine(config.index.url)
+    migrate.upgrade(engine)
+    engine.dispose()
+    services = build_services(config)
+    try:
+        first, second, third = small_study(3, "QUEUES")
+        for ds in (first, second):
+            result = services.ingest.store_part10(io.BytesIO(part10_of(ds)), Origin("dicomweb"))
+            assert result.stored
+        outbox = Outbox(services.engine)
+        claim = outbox.claim("cloud", 1, dt.timedelta(minutes=5))
+        assert claim is not None
+        assert outbox.park(claim.token, [e.id for e in claim.entries], "HTTP 400 from upstream")
+        assert StudyQueue(services.engine).pull(dt.timedelta(0)) == 2  # two changes read
+        stored = services.ingest.store_part10(io.BytesIO(part10_of(third)), Origin("dicomweb"))
+        assert stored.stored
+
+        found = dashboard.snapshot(
+            services, config, now=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=60)
+        )
+
+        (cloud,) = found.forwarding
+        assert (cloud.name, cloud.pending, cloud.in_flight, cloud.parked) == ("cloud", 2, 0, 1)
+        assert cloud.oldest_age_seconds is not None
+        assert cloud.oldest_age_seconds >= 59
+        assert cloud.last_error == "HTTP 400 from upstream"
+        assert cloud.last_error_at is not None
+        assert found.fhir is not None
+        assert (found.fhir.pending, found.fhir.parked, found.fhir.behind) == (1, 0, 1)
+        assert found.fhir.lag_seconds is not None
+        assert found.fhir.last_error is None
+        checks = {c.name: c.status for c in found.health}
+        assert checks["forward:cloud"] == "ok"  # parked, not waiting: /health/ready's rule
+        assert checks["fhir"] == "ok"
+        body = found.as_json()
+        assert body["forwarding"][0]["last_error_at"].endswith("+00:00")
+        assert body["fhir"]["behind"] == 1
+    finally:
+        services.close()
