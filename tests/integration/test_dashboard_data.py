@@ -17,6 +17,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import Engine, func, inspect, select
 
 from appliance import activity, dashboard
@@ -209,10 +211,10 @@ def _wait_for(engine: Engine, count: int) -> list[AssociationRecord]:
 
 def test_the_snapshot_of_a_known_workload(tmp_path: Path) -> None:
     """N instances by storescu from MODALITY1, M by STOW-RS, one
-    association of an unknown AE rejected (require_known_peers): the
-    snapshot counts each protocol and AE, the log shows the released
-    association with its N stores and the rejected one, and the endpoint
-    says the same in JSON."""
+    association of an unknown AE rejected (require_known_peers), one C-ECHO
+    whose association pynetdicom aborts: the snapshot counts each protocol
+    and AE, the log shows the released association with its N stores, the
+    rejected and the aborted one, and the endpoint says the same in JSON."""
     n, m = 4, 3
     config = appliance_config(
         tmp_path,
@@ -253,7 +255,13 @@ def test_the_snapshot_of_a_known_workload(tmp_path: Path) -> None:
         )
         assert refused.returncode != 0
         assert "Calling AE Title Not Recognized" in refused.stdout + refused.stderr
-        assert len(_wait_for(live.services.engine, 2)) == 2
+        peer = AE(ae_title="MODALITY1")
+        peer.add_requested_context(Verification)
+        assoc = peer.associate("127.0.0.1", live.dimse_port, ae_title=live.ae_title)
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0
+        assoc.abort()
+        assert len(_wait_for(live.services.engine, 3)) == 3
 
         found = dashboard.snapshot(live.services, live.config)
 
@@ -270,7 +278,10 @@ def test_the_snapshot_of_a_known_workload(tmp_path: Path) -> None:
         assert found.forwarding == []
         assert found.fhir is None
 
-        rejected, released = found.associations
+        aborted, rejected, released = found.associations
+        assert (aborted.outcome, aborted.calling_ae, aborted.echoes) == ("aborted", "MODALITY1", 1)
+        assert aborted.stored == 0
+        assert aborted.detail == "aborted by the peer (A-ABORT)"
         assert (rejected.outcome, rejected.calling_ae, rejected.called_ae) == (
             "rejected",
             "STRANGER",
@@ -308,9 +319,9 @@ def test_the_snapshot_of_a_known_workload(tmp_path: Path) -> None:
         ]
         assert dt.datetime.fromisoformat(body["generated_at"]).tzinfo == dt.UTC
         assert sum(c["instances"] for c in body["received"]) == n + m
-        assert body["associations"][1]["stored"] == n
-        assert body["associations"][0]["outcome"] == "rejected"
-        assert dt.datetime.fromisoformat(body["associations"][0]["ended_at"]).tzinfo == dt.UTC
+        assert body["associations"][2]["stored"] == n
+        assert body["associations"][1]["outcome"] == "rejected"
+        assert dt.datetime.fromisoformat(body["associations"][1]["ended_at"]).tzinfo == dt.UTC
         ready = httpx.get(f"{live.base_url}/health/ready", timeout=30).json()
         assert {c["name"] for c in body["health"]} == set(ready["checks"])
         assert httpx.get(f"{live.base_url}/v1/admin/dashboard?hours=0").status_code == 400
