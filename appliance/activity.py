@@ -32,7 +32,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Engine, String, cast, delete, func, select
+from sqlalchemy import Connection, Engine, String, delete, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -147,7 +147,7 @@ def _hour(dialect: str) -> ColumnElement[Any]:
     UTC time as ISO text: see :func:`appliance.stats._day`)."""
     if dialect == "postgresql":
         return func.date_trunc("hour", func.timezone("UTC", instance.c.created_at))
-    return cast(func.strftime("%Y-%m-%d %H:00:00", instance.c.created_at), String)
+    return func.strftime("%Y-%m-%d %H:00:00", instance.c.created_at, type_=String)
 
 
 def _parse_hour(value: Any) -> dt.datetime:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from appliance import activity, health, stats
 from appliance.activity import AssociationRecord, HourCount
@@ -151,11 +152,17 @@ def _aware(value: dt.datetime) -> dt.datetime:
 
 
 def _part(name: str, work: Callable[[], T], default: T) -> T:
-    """*work()*, or *default* when the index or the storage fails (logged)."""
+    """*work()*, or *default* when the index or the storage fails (logged,
+    naming the failure's kind only: a database message may quote values)."""
     try:
         return work()
-    except (ApplianceError, OSError) as exc:
-        reason = exc.reason if isinstance(exc, ApplianceError) else exc.__class__.__name__
+    except (ApplianceError, SQLAlchemyError, OSError) as exc:
+        if isinstance(exc, ApplianceError):
+            reason = exc.reason
+        elif isinstance(exc, SQLAlchemyError):
+            reason = describe_failure(exc)
+        else:
+            reason = exc.__class__.__name__
         LOGGER.warning("dashboard: %s not read (%s)", name, reason)
         return default
 
@@ -252,8 +259,6 @@ def _forwarding(services: Services, config: Config, now: dt.datetime) -> list[Fo
 
 
 def _fhir(services: Services, config: Config, now: dt.datetime) -> FhirSync | None:
-    from sqlalchemy.exc import SQLAlchemyError
-
     from appliance.fhir.queue import StudyQueue
 
     if not config.fhir.url:

@@ -23,6 +23,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
 from appliance import dicom_tls
+from appliance.activity import AssociationLog
 from appliance.config import Config
 from appliance.services import Services
 from dimse_bridge import access, handlers
@@ -58,6 +59,9 @@ def build_ae(config: Config, services: Services) -> ServiceSetup:
       network timeouts.
     - Each module of :mod:`dimse_bridge.services` adds its presentation
       contexts and handlers.
+    - Each association (released, aborted or rejected) is added to the
+      association log (:class:`appliance.activity.AssociationLog`), whose
+      writer is a background task.
     """
     quiet_pynetdicom()
     dimse = config.dimse
@@ -79,7 +83,10 @@ def build_ae(config: Config, services: Services) -> ServiceSetup:
     policy = access.AccessPolicy(config)
     setup.handlers[:] = access.guard_handlers(setup.handlers, config, policy)
     setup.handlers.extend(access.association_handlers(policy))
-    setup.handlers.extend(handlers.association_handlers(config))
+    # each association's row in the association log, written off its thread
+    log = AssociationLog(services.engine)
+    setup.handlers.extend(handlers.association_handlers(config, log))
+    setup.tasks.append(("association-log", log.run))
     return setup
 
 

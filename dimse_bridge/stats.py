@@ -36,6 +36,29 @@ class AssociationStats:
         if bytes_out:
             metrics.SENT_BYTES.labels("dimse").inc(bytes_out)
 
+    def count(self, service: str, outcomes: tuple[str, ...] | None = None) -> int:
+        """Operations of *service* (``C-STORE``...) counted so far, only
+        those ending in one of *outcomes* if given."""
+        total = 0
+        for key, value in self.operations.items():
+            name, _, outcome = key.partition(" ")
+            if name == service and (outcomes is None or outcome in outcomes):
+                total += value
+        return total
+
+    def activity_counts(self) -> dict[str, int]:
+        """The counts the association log keeps (:mod:`appliance.activity`):
+        C-STOREs stored (success or warning) and failed (failure, refused),
+        C-FIND, C-MOVE + C-GET and C-ECHO requests."""
+        stored = self.count("C-STORE", ("success", "warning"))
+        return {
+            "stored": stored,
+            "store_failed": self.count("C-STORE") - stored,
+            "finds": self.count("C-FIND"),
+            "retrieves": self.count("C-MOVE") + self.count("C-GET"),
+            "echoes": self.count("C-ECHO"),
+        }
+
     def summary(self) -> str:
         """``C-STORE success 12, C-STORE warning 1; in 6.1 MB, out 0 B; 2.3 s``."""
         operations = ", ".join(f"{k} {v}" for k, v in sorted(self.operations.items()))
