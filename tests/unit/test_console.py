@@ -184,3 +184,25 @@ def test_the_filters() -> None:
     assert age(600) == "10 min"
     assert age(3 * 3600) == "3.0 h"
     assert age(3 * 86400) == "3.0 d"
+
+
+def test_the_console_files_are_package_data() -> None:
+    """Every template, style sheet and script is named by pyproject's
+    package data, so an installed (non-editable) appliance has them."""
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).resolve().parents[2]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["dicomweb"]
+    package = root / "dicomweb"
+    files = [
+        path.relative_to(package).as_posix()
+        for folder in ("templates", "static")
+        for path in (package / folder).rglob("*")
+        if path.is_file()
+    ]
+    assert len(files) >= 9
+    unpackaged = [f for f in files if not any(fnmatch.fnmatchcase(f, p) for p in patterns)]
+    assert not unpackaged
