@@ -201,10 +201,17 @@ def install_auth(app: Flask, authenticator: Authenticator, public_url: str = "")
                 principal: Principal = authenticator.authenticate(f"Bearer {session}")
             else:
                 principal = authenticator.authenticate(header)
-        except Unauthenticated:
+        except Unauthenticated as exc:
             if console and not changes:
                 # a browser without a (valid) session: to the login page
                 return _to_login(clear=bool(session))
+            if session:
+                # a cookie is no malformed Authorization header (400): the
+                # session is over, 401
+                raise Unauthenticated(
+                    f"the console session is not valid ({exc.reason}): sign in again",
+                    "invalid_token",
+                ) from exc
             raise
         g.principal = principal
         if session:

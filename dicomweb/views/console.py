@@ -81,6 +81,9 @@ log = logging.getLogger(__name__)
 #: is checked on every request, so its own expiry or revocation ends the
 #: session sooner.
 SESSION_SECONDS: Final = 8 * 3600
+#: The longest token kept in the cookie (RFC 6265 6.1: browsers keep at
+#: least 4096 bytes per cookie, name and attributes included).
+MAX_COOKIE_TOKEN: Final = 3800
 #: Studies per page of the list.
 PAGE_SIZE: Final = 50
 #: Instances listed on a study page (the query layer's maximum caps it too).
@@ -686,6 +689,12 @@ def login() -> BaseResponse | tuple[str, int]:
         return render_template("console/login.html", next=target, mode=mode, error=None), 200
     token = (request.form.get("token") or "").strip()
     try:
+        if len(token) > MAX_COOKIE_TOKEN:
+            # a browser drops a cookie this large without a word
+            raise Unauthenticated(
+                f"the token is longer than a browser keeps in a cookie ({MAX_COOKIE_TOKEN} "
+                "characters); send it as a bearer header instead"
+            )
         principal = authenticator.authenticate(f"Bearer {token}")
     except Unauthenticated as exc:
         # the reason names a token's id at most, never the token

@@ -298,3 +298,16 @@ def test_download_errors_and_audit(tmp_path: Path, anonymous: LiveServer) -> Non
     assert any(e["status"] == 404 and e["outcome"] == 4 for e in failures)
     # no patient name in the trail
     assert "Nodes^Test" not in json.dumps(events)
+
+
+def test_a_bad_cookie_on_the_api_is_401_and_a_huge_token_is_refused(
+    token_server: LiveServer,
+) -> None:
+    cookies = {SESSION_COOKIE: "dap_bad,token"}
+    response = httpx.get(f"{token_server.root}/studies", cookies=cookies)
+    assert response.status_code == 401
+    assert "sign in again" in response.json()["error"]
+    huge = httpx.post(f"{token_server.base_url}/console/login", data={"token": "a" * 5000})
+    assert huge.status_code == 401
+    assert "set-cookie" not in huge.headers
+    assert "longer than a browser keeps" in huge.text
