@@ -435,6 +435,8 @@ def test_token_mode_login_cookie_roles_and_csrf(tmp_path: Path) -> None:
             page.click("section.login button[type=submit]")
             page.wait_for_url(f"{base}/console/studies")
             assert page.locator("#studies a.patient").all_inner_texts() == ["Console, Alice"]
+            page.goto(base + "/")  # the dashboard is for readers too
+            assert text_of(page, "#index-instances") == str(work.instances - 2)
             page.goto(study_url)
             wait_for_thumbnails(page)
             assert page.locator("#delete").count() == 0
