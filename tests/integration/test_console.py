@@ -204,6 +204,16 @@ def test_dashboard_shows_the_workload(appliance: LiveAppliance, workload: Worklo
         page.reload()
         assert not errors
         screenshot(page, "dashboard", full_page=True)
+        # the page takes in what arrives next by itself (no reload)
+        extra = build_workload(workload.files[0].parent.parent / "more")
+        send(appliance, dataclasses.replace(extra, files=extra.files[:1]))
+        page.wait_for_function(
+            "() => document.getElementById('received-total').textContent.trim() === '6'",
+            timeout=40_000,
+            polling=500,
+        )
+        assert text_of(page, "#index-instances") == "6"
+        assert not errors
 
 
 def test_dashboard_lists_the_association(appliance: LiveAppliance, workload: Workload) -> None:
