@@ -8,7 +8,7 @@ in the log, and a test walks ``app.url_map`` so a new view cannot be left
 out (open) by accident.  The table's families follow Microsoft's DICOM
 server's data actions: read (QIDO-RS, WADO-RS, frames, rendered,
 thumbnails, the change feed), write (STOW-RS), delete, and admin
-(``/v1/admin``).
+(``/v1/admin``); the viewer's static files (``/viewer``) are public.
 
 CORS preflights and Flask's automatic ``OPTIONS`` answers pass without a
 token: browsers send preflights without credentials (Fetch standard,
@@ -39,6 +39,9 @@ LOGGER = logging.getLogger(__name__)
 HEALTH = "health"
 #: Endpoints open to all when ``auth.metrics_anonymous`` (else: read).
 METRICS = "metrics"
+#: Endpoints open to all, always: the viewer's static files (no patient
+#: data; a browser cannot attach a token to a page it opens).
+PUBLIC = "public"
 #: A request that matched no route (404/405): any authenticated caller.
 AUTHENTICATED = "authenticated"
 
@@ -74,13 +77,15 @@ ENDPOINT_PERMISSIONS: dict[str, str] = {
     "ops.live": HEALTH,
     "ops.ready": HEALTH,
     "ops.prometheus_metrics": METRICS,
+    # the OHIF viewer's static files (its data requests are the READ ones above)
+    "viewer.serve_viewer": PUBLIC,
 }
 
 
 def install_auth(app: Flask, authenticator: Authenticator) -> None:
     """Check every request of *app* with *authenticator*."""
     auth = authenticator.auth
-    open_to_all = set()
+    open_to_all = {PUBLIC}
     if auth.health_anonymous:
         open_to_all.add(HEALTH)
     if auth.metrics_anonymous:

@@ -21,7 +21,7 @@ from appliance.access import (
 )
 from appliance.config import load_config
 from dicomweb.app import create_app
-from dicomweb.auth import ENDPOINT_PERMISSIONS, HEALTH, METRICS
+from dicomweb.auth import ENDPOINT_PERMISSIONS, HEALTH, METRICS, PUBLIC
 
 
 def app_for(tmp_path: Path, **environ: str) -> Flask:
@@ -40,7 +40,7 @@ def test_every_endpoint_has_a_permission(tmp_path: Path) -> None:
     assert not missing, f"endpoints without a permission in dicomweb/auth.py: {missing}"
     stale = sorted(e for e in ENDPOINT_PERMISSIONS if e not in endpoints)
     assert not stale, f"permissions for endpoints that no longer exist: {stale}"
-    allowed = {*PERMISSIONS, HEALTH, METRICS}
+    allowed = {*PERMISSIONS, HEALTH, METRICS, PUBLIC}
     assert {p for p in ENDPOINT_PERMISSIONS.values()} <= allowed
 
 
@@ -57,6 +57,8 @@ def test_the_families(tmp_path: Path) -> None:
             assert permission == "delete", rule
         elif rule.rule.startswith("/v1"):
             assert permission == "read", rule  # QIDO, WADO, frames, rendered, feed
+        elif rule.rule.startswith("/viewer"):
+            assert permission == PUBLIC, rule  # the viewer's static files
         else:
             assert permission in (HEALTH, METRICS), rule
 
