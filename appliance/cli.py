@@ -295,9 +295,7 @@ def _add_viewer_command(commands: Any) -> None:
     from appliance.viewer import DEFAULT_VERSION, PACKAGE
 
     viewer = commands.add_parser("viewer", help="the OHIF web viewer served at /viewer")
-    viewer_commands = viewer.add_subparsers(
-        dest="viewer_command", metavar="ACTION", required=True
-    )
+    viewer_commands = viewer.add_subparsers(dest="viewer_command", metavar="ACTION", required=True)
     install = viewer_commands.add_parser(
         "install",
         help=f"fetch the published OHIF build ({PACKAGE}, with npm pack) into viewer.folder, "
@@ -310,7 +308,9 @@ def _add_viewer_command(commands: Any) -> None:
         help=f"the {PACKAGE} version (default: {DEFAULT_VERSION}, the one tested)",
     )
     install.add_argument(
-        "--folder", metavar="F", help="install here instead of viewer.folder (default ./data/viewer)"
+        "--folder",
+        metavar="F",
+        help="install here instead of viewer.folder (default ./data/viewer)",
     )
     install.add_argument(
         "--from-tarball",
@@ -885,15 +885,17 @@ def cmd_viewer_install(args: argparse.Namespace) -> int:
     if not folder:
         return _fail("viewer.folder is empty (the viewer is off): set it, or give --folder", 2)
     version = viewer.check_version(args.version) if args.version else None
-    with _bar(args.quiet, desc="viewer", total=2, unit=" step", leave=False) as bar:
-        with tempfile.TemporaryDirectory(prefix="dicom-appliance-viewer-") as scratch:
-            if args.from_tarball:
-                tarball = Path(args.from_tarball)
-            else:
-                tarball = viewer.fetch_tarball(version or viewer.DEFAULT_VERSION, Path(scratch))
-            bar.update(1)
-            report = viewer.install(tarball, Path(folder).resolve(), version=version)
-            bar.update(1)
+    with (
+        _bar(args.quiet, desc="viewer", total=2, unit=" step", leave=False) as bar,
+        tempfile.TemporaryDirectory(prefix="dicom-appliance-viewer-") as scratch,
+    ):
+        if args.from_tarball:
+            tarball = Path(args.from_tarball)
+        else:
+            tarball = viewer.fetch_tarball(version or viewer.DEFAULT_VERSION, Path(scratch))
+        bar.update(1)
+        report = viewer.install(tarball, Path(folder).resolve(), version=version)
+        bar.update(1)
     _print_report(args, report)
     return 0
 

@@ -158,7 +158,7 @@ def fetch_tarball(version: str, into: Path, *, npm: str | None = None) -> Path:
     tarballs = sorted(into.glob("*.tgz"))
     try:
         # npm pack --json: [{"filename": "ohif-app-3.13.2.tgz", ...}]
-        named = into / json.loads(done.stdout)[0]["filename"]
+        named = into / str(json.loads(done.stdout)[0]["filename"])
     except (ValueError, LookupError, TypeError):
         named = tarballs[-1] if tarballs else into / "missing.tgz"
     if not named.is_file():
@@ -208,7 +208,7 @@ def install(tarball: Path, folder: Path, *, version: str | None = None) -> Insta
             "base_path": BASE_PATH,
         }
         (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-        os.chmod(staging, 0o755)
+        os.chmod(staging, 0o755)  # noqa: S103 - static web files, readable by the server's user
         _swap_in(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -377,16 +377,16 @@ def rewrite_public_path(dist: Path, base: str) -> list[str]:
     manifest = dist / "manifest.json"
     if manifest.is_file():
         try:
-            data = json.loads(manifest.read_text(encoding="utf-8"))
+            manifest_data: Any = json.loads(manifest.read_text(encoding="utf-8"))
         except ValueError:
-            data = None
-        if isinstance(data, dict):
-            for icon in data.get("icons") or ():
+            manifest_data = None
+        if isinstance(manifest_data, dict):
+            for icon in manifest_data.get("icons") or ():
                 if isinstance(icon, dict) and str(icon.get("src", "")).startswith("/"):
                     icon["src"] = base + icon["src"].lstrip("/")
-            data["start_url"] = base
-            data["scope"] = base
-            manifest.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+            manifest_data["start_url"] = base
+            manifest_data["scope"] = base
+            manifest.write_text(json.dumps(manifest_data, indent=2) + "\n", encoding="utf-8")
             changed.append("manifest.json")
     return changed
 
