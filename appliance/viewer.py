@@ -21,6 +21,9 @@ and :func:`install` turns it into a viewer of this appliance:
   data source, this appliance's ``/v1`` on the page's own origin (so no
   CORS set-up), the router under ``/viewer``, no first-run tour and no
   investigational-use banner;
+- the text files, bundles and WebAssembly get a gzip copy beside them
+  (``name.gz``, :func:`precompress`), which the server sends to browsers
+  that accept gzip: the main bundle is 17 MB, 3.4 MB compressed;
 - the new build is assembled in a temporary sibling folder, then renamed
   into place, replacing the old build only when the new one is complete;
   :data:`MARKER` records the version, the tarball's SHA-256 and the time.
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import gzip
 import hashlib
 import json
 import logging
@@ -67,6 +71,11 @@ DIST: Final = "package/dist/"
 #: hostile tarball could fill the disk with.
 MAX_BYTES: Final = 2_000_000_000
 
+#: The files given a gzip copy (:func:`precompress`): those that compress.
+COMPRESSIBLE: Final = frozenset({".js", ".mjs", ".css", ".wasm", ".json", ".map", ".svg", ".html"})
+#: Smaller files are sent as they are.
+COMPRESS_MIN_BYTES: Final = 1024
+
 #: An npm version or tag: what may follow ``@ohif/app@`` (no spaces, no
 #: option-like leading dash).
 _VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+\-]{0,63}")
@@ -93,6 +102,7 @@ class InstallReport:
     files: int
     bytes: int
     rewritten: tuple[str, ...]
+    compressed: int  # files with a gzip copy
     replaced: str | None  # the version replaced, "unknown" if unrecorded
     seconds: float
 
@@ -110,7 +120,8 @@ class InstallReport:
             f"OHIF viewer {self.version} installed in {self.folder}: {self.files} files, "
             f"{self.bytes / 1e6:.0f} MB, in {self.seconds:.1f} s",
             f"public path rewritten to {BASE_PATH} in {len(self.rewritten)} files; "
-            "app-config.js points at this appliance's /v1",
+            "app-config.js points at this appliance's /v1; "
+            f"{self.compressed} files have a gzip copy",
         ]
         if self.replaced:
             lines.append(f"replaced the viewer {self.replaced} installed before")
@@ -200,6 +211,7 @@ def install(tarball: Path, folder: Path, *, version: str | None = None) -> Insta
             )
         rewritten = rewrite_public_path(staging, BASE_PATH)
         (staging / "app-config.js").write_text(app_config(), encoding="utf-8")
+        compressed = precompress(staging)
         marker = {
             "package": PACKAGE,
             "version": package_version,
@@ -221,6 +233,7 @@ def install(tarball: Path, folder: Path, *, version: str | None = None) -> Insta
         files=files,
         bytes=size,
         rewritten=tuple(rewritten),
+        compressed=compressed,
         replaced=replaced,
         seconds=time.monotonic() - started,
     )
@@ -389,6 +402,28 @@ def rewrite_public_path(dist: Path, base: str) -> list[str]:
             manifest.write_text(json.dumps(manifest_data, indent=2) + "\n", encoding="utf-8")
             changed.append("manifest.json")
     return changed
+
+
+def precompress(dist: Path) -> int:
+    """Write ``name.gz`` beside each file of *dist* that compresses (by
+    extension, :data:`COMPRESSIBLE`, and size, at least a tenth smaller);
+    return how many were written.  ``app-config.js`` is included: it is
+    written before.  The copies carry no name or time (reproducible)."""
+    count = 0
+    for path in sorted(dist.rglob("*")):
+        if path.suffix.lower() not in COMPRESSIBLE or not path.is_file():
+            continue
+        data = path.read_bytes()
+        if len(data) < COMPRESS_MIN_BYTES:
+            continue
+        packed = gzip.compress(data, compresslevel=6, mtime=0)
+        if len(packed) > len(data) * 0.9:
+            continue
+        target = path.with_name(path.name + ".gz")
+        target.write_bytes(packed)
+        target.chmod(0o644)
+        count += 1
+    return count
 
 
 def app_config() -> str:

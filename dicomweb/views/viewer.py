@@ -13,6 +13,8 @@ build ``dicom-appliance viewer install`` put in ``viewer.folder``
   (``no-cache``: an install takes effect at once); the bundles, WebAssembly
   and fonts whose names carry a content hash are cached for a year
   (``immutable``); the rest is revalidated (ETag, Last-Modified).
+- A file with a gzip copy (``name.gz``, written by the install) is sent
+  compressed to a client that accepts gzip (``Content-Encoding: gzip``).
 - With ``viewer.folder`` empty, or no build installed there, ``/viewer``
   answers 404 saying so.
 
@@ -35,10 +37,10 @@ from pathlib import Path
 from typing import Final
 from urllib.parse import quote
 
-from flask import Blueprint, Response, send_file
+from flask import Blueprint, Response, request, send_file
 from werkzeug.security import safe_join
 
-from appliance.viewer import BASE_PATH
+from appliance.viewer import BASE_PATH, COMPRESSIBLE
 from dicomweb.app import get_extension
 from dicomweb.errors import error_response
 
@@ -117,7 +119,15 @@ def serve_viewer(path: str) -> Response:
 
 def _send(target: Path, name: str) -> Response:
     media_type = MEDIA_TYPES.get(target.suffix.lower(), "application/octet-stream")
-    response = send_file(target, mimetype=media_type, conditional=True, etag=True)
+    packed = target.with_name(target.name + ".gz")
+    gzipped = request.accept_encodings["gzip"] > 0 and packed.is_file()
+    response = send_file(
+        packed if gzipped else target, mimetype=media_type, conditional=True, etag=True
+    )
+    if gzipped:
+        response.headers["Content-Encoding"] = "gzip"
+    if target.suffix.lower() in COMPRESSIBLE:
+        response.vary.add("Accept-Encoding")
     if name not in _ENTRY_FILES and _HASHED.search(name):
         response.headers["Cache-Control"] = CACHE_IMMUTABLE
     else:

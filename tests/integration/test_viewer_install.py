@@ -8,6 +8,7 @@ checked in test_viewer_ohif.py."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -35,7 +36,7 @@ INDEX = (
     '<a href="//cdn.example/x">x</a><a href="https://ohif.org/">ohif</a>'
     "</head><body></body></html>"
 )
-BUNDLE = '(() => {\n__webpack_require__.p = "/";\n})();\nconsole.log("app");\n'
+BUNDLE = '(() => {\n__webpack_require__.p = "/";\n})();\nconsole.log("app");\n' + "//\n" * 900
 FILES = {
     "package/package.json": json.dumps({"name": "@ohif/app", "version": "3.13.2"}).encode(),
     "package/README.md": b"not extracted",
@@ -88,6 +89,8 @@ def test_install_extracts_dist_rewrites_the_public_path_and_records_it(tmp_path:
     assert report.version == "3.13.2"
     assert report.replaced is None
     assert report.files == len([n for n in FILES if n.startswith("package/dist/")])
+    assert report.compressed == 2  # the bundle and app-config.js: the others are tiny
+    assert (folder / "app-config.js.gz").is_file()
     assert not (folder / "README.md").exists()
     assert not (folder / "package").exists()
     index = (folder / "index.html").read_text()
@@ -265,6 +268,18 @@ def test_files_have_their_media_types_and_cache_headers(client: FlaskClient) -> 
         "/viewer/app.bundle.0123456789abcdef.js", headers={"If-None-Match": bundle.headers["ETag"]}
     )
     assert again.status_code == 304
+
+    packed = client.get(
+        "/viewer/app.bundle.0123456789abcdef.js", headers={"Accept-Encoding": "gzip, br"}
+    )
+    assert packed.headers["Content-Encoding"] == "gzip"
+    assert packed.mimetype == "text/javascript"
+    assert "Accept-Encoding" in packed.headers["Vary"]
+    assert gzip.decompress(packed.data) == bundle.data
+    assert len(packed.data) < len(bundle.data) / 10
+    assert "Content-Encoding" not in bundle.headers
+    small = client.get("/viewer/app.bundle.css", headers={"Accept-Encoding": "gzip"})
+    assert "Content-Encoding" not in small.headers  # too small to have a copy
 
     wasm = client.get("/viewer/0ddf166f7a343eda.wasm")
     assert wasm.mimetype == "application/wasm"

@@ -178,5 +178,8 @@ def test_the_real_build_is_moved_under_viewer(tmp_path: Path, ohif_tarball: Path
         assert response.status_code == 200, ref
     bundle = next(ref for ref in references if "/app.bundle." in ref)
     assert client.get(bundle).mimetype == "text/javascript"
+    packed = client.get(bundle, headers={"Accept-Encoding": "gzip"})
+    assert packed.headers["Content-Encoding"] == "gzip"
+    assert report.compressed > 50
     wasm = next(folder.glob("*.wasm")).name
     assert client.get(f"/viewer/{wasm}").mimetype == "application/wasm"
