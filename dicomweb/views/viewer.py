@@ -49,11 +49,12 @@ bp = Blueprint("viewer", __name__, url_prefix=BASE_PATH.rstrip("/"))
 #: Media types by extension; Python's ``mimetypes`` lacks some (``.wasm``)
 #: on some systems, and a wrong one breaks the viewer (WebAssembly streaming
 #: compilation requires ``application/wasm``, module scripts a JavaScript type).
+#: Flask adds ``; charset=utf-8`` to the ``text/*`` ones.
 MEDIA_TYPES: Final = {
-    ".html": "text/html; charset=utf-8",
-    ".js": "text/javascript; charset=utf-8",
-    ".mjs": "text/javascript; charset=utf-8",
-    ".css": "text/css; charset=utf-8",
+    ".html": "text/html",
+    ".js": "text/javascript",
+    ".mjs": "text/javascript",
+    ".css": "text/css",
     ".json": "application/json",
     ".map": "application/json",
     ".wasm": "application/wasm",
@@ -65,7 +66,7 @@ MEDIA_TYPES: Final = {
     ".woff": "font/woff",
     ".woff2": "font/woff2",
     ".ttf": "font/ttf",
-    ".txt": "text/plain; charset=utf-8",
+    ".txt": "text/plain",
     ".xml": "application/xml",
     ".onnx": "application/octet-stream",
 }
@@ -124,6 +125,8 @@ def _send(target: Path, name: str) -> Response:
     response = send_file(
         packed if gzipped else target, mimetype=media_type, conditional=True, etag=True
     )
+    # send_file names the file it sent (the .gz copy): not for a page or script
+    response.headers.pop("Content-Disposition", None)
     if gzipped:
         response.headers["Content-Encoding"] = "gzip"
     if target.suffix.lower() in COMPRESSIBLE:
