@@ -11,7 +11,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 
@@ -193,27 +192,26 @@ def test_refusals(tmp_path: Path) -> None:
     assert not (tmp_path / "v").exists()
 
 
-def test_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     tarball = make_tarball(tmp_path / "ohif.tgz")
-    os.chdir(tmp_path)  # viewer.folder's default, ./data/viewer, is relative to it
-    try:
-        code = main(["viewer", "install", "--from-tarball", str(tarball), "--json"])
-        out = json.loads(capsys.readouterr().out)
-        assert code == 0
-        assert out["version"] == "3.13.2"
-        assert out["folder"] == str(tmp_path / "data" / "viewer")
-        assert (tmp_path / "data" / "viewer" / "index.html").is_file()
+    monkeypatch.chdir(tmp_path)  # viewer.folder's default, ./data/viewer, is relative to it
+    code = main(["viewer", "install", "--from-tarball", str(tarball), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert out["version"] == "3.13.2"
+    assert out["folder"] == str(tmp_path / "data" / "viewer")
+    assert (tmp_path / "data" / "viewer" / "index.html").is_file()
 
-        code = main(["viewer", "install", "--from-tarball", str(tarball), "--version", "3.0.0"])
-        assert code == 1
-        assert "not the 3.0.0 asked for" in capsys.readouterr().err
+    code = main(["viewer", "install", "--from-tarball", str(tarball), "--version", "3.0.0"])
+    assert code == 1
+    assert "not the 3.0.0 asked for" in capsys.readouterr().err
 
-        (tmp_path / "off.toml").write_text('[viewer]\nfolder = ""\n')
-        code = main(["viewer", "install", "--config", "off.toml", "--from-tarball", str(tarball)])
-        assert code == 2
-        assert "viewer.folder is empty" in capsys.readouterr().err
-    finally:
-        os.chdir(Path(__file__).parents[2])
+    (tmp_path / "off.toml").write_text('[viewer]\nfolder = ""\n')
+    code = main(["viewer", "install", "--config", "off.toml", "--from-tarball", str(tarball)])
+    assert code == 2
+    assert "viewer.folder is empty" in capsys.readouterr().err
 
 
 def test_without_npm_the_command_says_so(
