@@ -44,6 +44,10 @@
 [--action ACTION] [--outcome success|failure] [--json]``
     the audit trail (:mod:`appliance.audit`): who stored, queried,
     retrieved, deleted or exported which studies, when, with what outcome.
+``viewer install [--version X] [--folder F] [--from-tarball PATH]``
+    the OHIF web viewer served at ``/viewer`` (:mod:`appliance.viewer`):
+    its published build fetched with ``npm pack`` (or taken from a tarball),
+    set up for this appliance, and put in ``viewer.folder``.
 ``config show``
     print the effective configuration (file plus ``APPLIANCE_*``
     variables), secrets masked.
@@ -51,7 +55,8 @@
 Exit codes: 0 success, 1 failure while running (``verify``: problems
 remain), 2 a configuration that cannot start (a bad key or value, an
 un-migrated index).  The admin commands (``verify``, ``sweep``,
-``reindex``, ``import``, ``stats``, ``backup``, ``restore``) show progress
+``reindex``, ``import``, ``stats``, ``backup``, ``restore``, ``viewer
+install``) show progress
 on stderr when it is a terminal (not with ``--quiet``), log to stderr, and
 print a summary on stdout (``--json``: as JSON).  Errors are one
 line on stderr naming the cause, never a stack trace.
@@ -274,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_audit_command(commands)
 
     _add_token_commands(commands)
+    _add_viewer_command(commands)
 
     config = commands.add_parser("config", help="inspect the configuration")
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
@@ -283,6 +289,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_option(show)
     show.set_defaults(func=cmd_config_show)
     return parser
+
+
+def _add_viewer_command(commands: Any) -> None:
+    from appliance.viewer import DEFAULT_VERSION, PACKAGE
+
+    viewer = commands.add_parser("viewer", help="the OHIF web viewer served at /viewer")
+    viewer_commands = viewer.add_subparsers(dest="viewer_command", metavar="ACTION", required=True)
+    install = viewer_commands.add_parser(
+        "install",
+        help=f"fetch the published OHIF build ({PACKAGE}, with npm pack) into viewer.folder, "
+        "set up for this appliance; replaces an earlier install",
+    )
+    _add_config_option(install)
+    install.add_argument(
+        "--version",
+        metavar="X",
+        help=f"the {PACKAGE} version (default: {DEFAULT_VERSION}, the one tested)",
+    )
+    install.add_argument(
+        "--folder",
+        metavar="F",
+        help="install here instead of viewer.folder (default ./data/viewer)",
+    )
+    install.add_argument(
+        "--from-tarball",
+        metavar="PATH",
+        help=f"use this tarball of 'npm pack {PACKAGE}@VERSION' instead of fetching one "
+        "(offline sites)",
+    )
+    _add_summary_options(install)
+    install.set_defaults(func=cmd_viewer_install)
 
 
 def _add_token_commands(commands: Any) -> None:
@@ -832,6 +869,35 @@ def _audit_row(event: dict[str, Any]) -> tuple[str, ...]:
         str(event.get("instances", 0)),
         "-" if status is None else str(status),
     )
+
+
+def cmd_viewer_install(args: argparse.Namespace) -> int:
+    """``viewer install``: the OHIF build fetched (or taken from
+    ``--from-tarball``) and installed (see :mod:`appliance.viewer`)."""
+    import tempfile
+
+    from appliance import viewer
+
+    config = load_config(args.config, index_url=False)
+    level = config.log.level if config.log.level in ("debug", "error") else "warning"
+    setup_logging(dataclasses.replace(config.log, level=level), stream="ext://sys.stderr")
+    folder = args.folder or config.viewer.folder
+    if not folder:
+        return _fail("viewer.folder is empty (the viewer is off): set it, or give --folder", 2)
+    version = viewer.check_version(args.version) if args.version else None
+    with (
+        _bar(args.quiet, desc="viewer", total=2, unit=" step", leave=False) as bar,
+        tempfile.TemporaryDirectory(prefix="dicom-appliance-viewer-") as scratch,
+    ):
+        if args.from_tarball:
+            tarball = Path(args.from_tarball)
+        else:
+            tarball = viewer.fetch_tarball(version or viewer.DEFAULT_VERSION, Path(scratch))
+        bar.update(1)
+        report = viewer.install(tarball, Path(folder).resolve(), version=version)
+        bar.update(1)
+    _print_report(args, report)
+    return 0
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:

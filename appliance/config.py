@@ -659,6 +659,16 @@ class AuditConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ViewerConfig:
+    """The OHIF viewer served at ``/viewer`` (``[viewer]``, README "Viewer"):
+    a published build that ``dicom-appliance viewer install`` puts in
+    ``folder`` (:mod:`appliance.viewer`)."""
+
+    #: the folder of the installed build; "" = no viewer (``/viewer`` is 404)
+    folder: str = _field("./data/viewer")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole effective configuration; built by :func:`load_config`."""
 
@@ -678,6 +688,8 @@ class Config:
     auth: AuthConfig = dataclasses.field(default_factory=AuthConfig)
     #: the audit trail
     audit: AuditConfig = dataclasses.field(default_factory=AuditConfig)
+    #: the web viewer served at /viewer
+    viewer: ViewerConfig = dataclasses.field(default_factory=ViewerConfig)
     #: the file it was read from, if any (not a key)
     source: Path | None = dataclasses.field(default=None, compare=False)
 
@@ -770,7 +782,7 @@ def load_config(
                 f"dimse.peers[{i}].commit_after_forward",
                 f"names no [[forward]] destination ({', '.join(sorted(names)) or 'none'})",
             )
-    config = _resolve_storage_path(config, cwd)
+    config = _resolve_folders(config, cwd)
     config = _resolve_tls_files(config, cwd)
     _check_dimse_tls(config.dimse)
     config = _resolve_tls_paths(config, cwd)
@@ -1020,7 +1032,7 @@ def _check_dimse_tls(dimse: DimseConfig) -> None:
         )
 
 
-def _resolve_storage_path(config: Config, cwd: Path) -> Config:
+def _resolve_folders(config: Config, cwd: Path) -> Config:
     storage_path = config.storage.path
     if not storage_path.is_absolute():
         storage_path = (cwd / storage_path).resolve()
@@ -1029,7 +1041,10 @@ def _resolve_storage_path(config: Config, cwd: Path) -> Config:
     if not audit_path.is_absolute():
         audit_path = (cwd / audit_path).resolve()
     audit = dataclasses.replace(config.audit, path=audit_path)
-    return dataclasses.replace(config, storage=storage, audit=audit)
+    viewer = config.viewer
+    if viewer.folder and not Path(viewer.folder).is_absolute():
+        viewer = dataclasses.replace(viewer, folder=str((cwd / viewer.folder).resolve()))
+    return dataclasses.replace(config, storage=storage, audit=audit, viewer=viewer)
 
 
 def resolve_index_url(config: Config, cwd: Path | None = None) -> Config:

@@ -8,7 +8,7 @@ in the log, and a test walks ``app.url_map`` so a new view cannot be left
 out (open) by accident.  The table's families follow Microsoft's DICOM
 server's data actions: read (QIDO-RS, WADO-RS, frames, rendered,
 thumbnails, the change feed), write (STOW-RS), delete, and admin
-(``/v1/admin``).
+(``/v1/admin``); the viewer's static files (``/viewer``) are public.
 
 CORS preflights and Flask's automatic ``OPTIONS`` answers pass without a
 token: browsers send preflights without credentials (Fetch standard,
@@ -64,7 +64,9 @@ HEALTH = "health"
 METRICS = "metrics"
 #: A request that matched no route (404/405): any authenticated caller.
 AUTHENTICATED = "authenticated"
-#: Open to all in every mode: the console's login and logout, its CSS and JS.
+#: Open to all in every mode: the console's login and logout, its CSS and
+#: JS, and the viewer's static files (no patient data; a browser cannot
+#: attach a token to a page it opens).
 PUBLIC = "public"
 
 #: The cookie holding the console session's token (API token or JWT).
@@ -114,13 +116,15 @@ ENDPOINT_PERMISSIONS: dict[str, str] = {
     "console.dashboard": READ,
     "console.studies": READ,
     "console.study": READ,
-    "console.download_study": READ,
+    "console.download_study": ADMIN,
     "console.confirm_delete": ADMIN,
     "console.delete_study": ADMIN,
     "console.retry_forward": ADMIN,
     "console.login": PUBLIC,
     "console.logout": PUBLIC,
     "console.static": PUBLIC,
+    # the OHIF viewer's static files (its data requests are the READ ones above)
+    "viewer.serve_viewer": PUBLIC,
 }
 
 

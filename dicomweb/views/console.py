@@ -65,6 +65,7 @@ from dicomweb import audit
 from dicomweb.app import current_services, get_extension
 from dicomweb.auth import CSRF_FIELD, SESSION_COOKIE, csrf_token
 from dicomweb.errors import GENERIC_MESSAGE, check_uids, http_status_for
+from dicomweb.views import viewer
 
 _HERE = Path(__file__).resolve().parent.parent
 
@@ -542,14 +543,11 @@ def study(study: str) -> str:
 
 
 def viewer_url(study: str) -> str | None:
-    """The viewer's page of *study*, or None when no viewer is installed:
-    the ``[viewer]`` section names a folder that exists (read defensively:
-    the viewer's configuration may be absent from this build)."""
-    viewer = getattr(get_extension().config, "viewer", None)
-    folder = getattr(viewer, "folder", "") if viewer is not None else ""
-    if not folder or not Path(folder).is_dir():
+    """The viewer's page of *study*, or None when no viewer is installed
+    (:func:`dicomweb.views.viewer.viewer_folder`)."""
+    if viewer.viewer_folder() is None:
         return None
-    return f"/viewer/viewer?StudyInstanceUIDs={study}"
+    return viewer.study_url(study)
 
 
 # ------------------------------------------------------------------- download

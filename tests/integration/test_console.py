@@ -450,6 +450,9 @@ def test_token_mode_login_cookie_roles_and_csrf(tmp_path: Path) -> None:
             page.goto(study_url)
             wait_for_thumbnails(page)
             assert page.locator("#delete").count() == 0
+            assert page.locator("#download").count() == 0
+            download = page.request.get(f"{study_url}/download")
+            assert download.status == 403
             response = page.goto(f"{study_url}/delete")
             assert response is not None
             assert response.status == 403

@@ -64,6 +64,8 @@ def test_the_families(tmp_path: Path) -> None:
             assert permission == "delete", rule
         elif rule.rule.startswith("/v1"):
             assert permission == "read", rule  # QIDO, WADO, frames, rendered, feed
+        elif rule.rule.startswith("/viewer"):
+            assert permission == PUBLIC, rule  # the viewer's static files
         else:
             assert permission in (HEALTH, METRICS), rule
 
