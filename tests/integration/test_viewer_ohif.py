@@ -3,8 +3,8 @@
 headless Chromium.
 
 A CT stored by dcmtk's storescu (C-STORE) shows in OHIF's study list (by
-the patient name it was given) and its image is drawn in the viewport: the
-viewport's canvas is not blank.  Screenshots of both pages are kept
+the patient name it was given); the console's study page links to it in the
+viewer, whose viewport draws its image: the canvas is not blank.  Screenshots of both pages are kept
 (tests/artifacts/screenshots/ohif-*.png; the README shows copies).
 
 The tarball is fetched once per session with ``npm pack`` (about 50 MB;
@@ -117,10 +117,14 @@ def test_ohif_lists_and_draws_a_study_stored_by_c_store(
         _assert_no_first_run_dialogs(page)
         screenshot(page, "ohif-study-list")
 
-        page.goto(
-            f"{app.base_url}/viewer/viewer?StudyInstanceUIDs={ds.StudyInstanceUID}",
-            wait_until="domcontentloaded",
+        # the console's study page links into the viewer
+        page.goto(f"{app.base_url}/console/studies/{ds.StudyInstanceUID}")
+        link = page.locator("#open-viewer")
+        assert link.get_attribute("href") == (
+            f"/viewer/viewer?StudyInstanceUIDs={ds.StudyInstanceUID}"
         )
+        link.click()
+        page.wait_for_url(f"**/viewer/viewer?StudyInstanceUIDs={ds.StudyInstanceUID}")
         canvas = page.locator(".cornerstone-canvas, canvas.cornerstone-canvas").first
         canvas.wait_for(timeout=45_000)
         # drawn: the canvas's pixels vary (a blank viewport is one colour)

@@ -52,9 +52,12 @@ def test_the_families(tmp_path: Path) -> None:
         if rule.endpoint in ("console.login", "console.logout", "console.static"):
             assert permission == PUBLIC, rule  # signing in, out, the CSS and JS
         elif rule.endpoint.startswith("console."):
-            # the console: its pages read, its actions (and their
-            # confirmation page) admin
-            action = "POST" in methods or rule.endpoint == "console.confirm_delete"
+            # the console: its pages read, its actions (the download, and
+            # the delete's confirmation page) admin
+            action = "POST" in methods or rule.endpoint in (
+                "console.confirm_delete",
+                "console.download_study",
+            )
             assert permission == ("admin" if action else "read"), rule
         elif rule.rule.startswith("/v1/admin"):
             assert permission == "admin", rule
