@@ -39,6 +39,7 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import os
 import random
 import re
@@ -1058,11 +1059,25 @@ def run(
     site = Site.create(workdir, index_url)
     ledger = Ledger()
     document: dict[str, Any] = {"mix": dataclasses.asdict(mix), "seed": seed}
-    with serving(site) as running:
-        sampler = Sampler(running, interval) if interval else None
-        with sampler or contextlib.nullcontext():
-            ran = run_load(site, ledger, mix, seed, duration=seconds)
-        check = check_all(site, ledger)
+    # what pynetdicom's SCUs warn of (a dropped response, an abort): with the
+    # server's own warnings, the first place to look when a request failed
+    client = _Warnings()
+    pynetdicom_logger = logging.getLogger("pynetdicom")
+    pynetdicom_logger.addHandler(client)
+    try:
+        with serving(site) as running:
+            sampler = Sampler(running, interval) if interval else None
+            with sampler or contextlib.nullcontext():
+                ran = run_load(site, ledger, mix, seed, duration=seconds)
+            check = check_all(site, ledger)
+            server_warnings = _warning_lines(running.log)
+    finally:
+        pynetdicom_logger.removeHandler(client)
+    document["client_warnings"] = {"count": client.count, "examples": client.examples}
+    document["server_warnings"] = {
+        "count": len(server_warnings),
+        "examples": server_warnings[-50:],
+    }
     document["figures"] = figures(ledger, ran)
     document["check"] = check.summary()
     document["problems_during_load"] = ledger.problems[:20]
@@ -1075,6 +1090,28 @@ def run(
         ok = ok and all(document["soak"][k]["flat"] is not False for k in ("rss_kb", "fds"))
     document["ok"] = ok
     return document
+
+
+class _Warnings(logging.Handler):
+    """Counts the warnings (and worse) of a logger and keeps the first 50."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+        self.examples: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+        if len(self.examples) < 50:
+            stamp = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+            self.examples.append(f"{stamp:%H:%M:%S.%f} {record.levelname} {record.getMessage()}")
+
+
+def _warning_lines(log: str) -> list[str]:
+    """The lines of a ``serve`` log at warning level or worse (JSON lines,
+    or text lines naming the level)."""
+    levels = re.compile(r'"level":\s*"(?:warning|error|critical)"|\b(?:WARNING|ERROR|CRITICAL)\b')
+    return [line for line in log.splitlines() if levels.search(line)]
 
 
 def main(part: str, argv: list[str]) -> int:
@@ -1115,5 +1152,9 @@ def main(part: str, argv: list[str]) -> int:
     print(f"verify --deep: exit {document['check']['verify_exit']}")
     for line in document["problems_during_load"] + document["error_examples"]:
         print(f"  {line}")
+    for side in ("client", "server"):
+        found = document[f"{side}_warnings"]
+        if found["count"]:
+            print(f"{side} warnings: {found['count']} (examples in the results file)")
     print(f"{'OK' if document['ok'] else 'FAILED'}; results: {path}")
     return 0 if document["ok"] else 1
