@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 import math
 import re
 import struct
@@ -38,6 +39,7 @@ from typing import IO, Any
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from sqlalchemy import (
@@ -54,7 +56,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from appliance.dicomio import is_valid_uid, normalize_da, tm_key
+from appliance.dicomio import HEADER_ERRORS, is_valid_uid, normalize_da, tm_key
 from appliance.errors import ApplianceError, Conflict, IndexUnavailable, NotFound, QueryError
 from appliance.index.schema import (
     eqt_datetime,
@@ -68,10 +70,13 @@ from appliance.index.schema import (
     series,
     study,
 )
+from appliance.index.sql import AlsoWrite
 from appliance.model import Level
 from appliance.query import matching
 from appliance.query.keys import ATTRIBUTES, Attribute, rank
 from appliance.status import Status
+
+log = logging.getLogger(__name__)
 
 #: The VRs an extended query tag may have, and the value table of each.
 VR_FAMILY: Mapping[str, str] = {
@@ -359,6 +364,31 @@ def read_tags(source: IO[bytes], tags: Sequence[ExtendedTag]) -> Dataset:
             group, block = tag.tag >> 16, (tag.tag >> 8) & 0xFF
             wanted.add(Tag(group, block))
     return dcmread(source, stop_before_pixels=True, specific_tags=sorted(wanted), force=True)
+
+
+#: What reading a header for the tags may raise.
+READ_ERRORS: tuple[type[Exception], ...] = (InvalidDicomError, *HEADER_ERRORS)
+
+
+def read_values(source: IO[bytes], tags: Sequence[ExtendedTag]) -> list[Extracted]:
+    """The values of *tags* in the Part 10 stream *source*; a header that
+    cannot be read is an error of each tag (never raised)."""
+    try:
+        return extract(read_tags(source, tags), tags)
+    except READ_ERRORS as exc:
+        log.warning("extended query tags not read: %s", exc.__class__.__name__)
+        reason = "the header could not be read for the extended query tags"
+        return [Extracted(tag, (), reason) for tag in tags]
+
+
+def values_writer(extracted: Sequence[Extracted]) -> AlsoWrite:
+    """What writes *extracted* in the transaction that indexes the instance
+    (:meth:`appliance.index.sql.SqlIndex.add_instance`'s ``also``)."""
+
+    def write(conn: Connection, instance_id: int, study: int, series: int, again: bool) -> None:
+        write_values(conn, extracted, instance_id, study, series, replace=again)
+
+    return write
 
 
 def extract(ds: Dataset, tags: Iterable[ExtendedTag]) -> list[Extracted]:

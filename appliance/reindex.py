@@ -33,10 +33,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from pydicom.errors import InvalidDicomError
 from sqlalchemy import Engine, and_, delete, func, select, update
 
-from appliance.dicomio import HEADER_ERRORS
 from appliance.errors import ApplianceError, BlobNotFound
 from appliance.extended_tags import (
     ADDING,
@@ -49,8 +47,7 @@ from appliance.extended_tags import (
     ExtendedTag,
     ExtendedTags,
     Extracted,
-    extract,
-    read_tags,
+    read_values,
     tag_of,
     value_tables,
     write_values,
@@ -69,8 +66,6 @@ LEASE = dt.timedelta(seconds=30)
 INTERVAL = 5.0
 
 _PAGE_COLUMNS = (instance.c.id, instance.c.blob_key, instance.c.study_fk, instance.c.series_fk)
-
-_READ_ERRORS: tuple[type[Exception], ...] = (InvalidDicomError, *HEADER_ERRORS)
 
 
 def _now() -> dt.datetime:
@@ -210,18 +205,9 @@ class Reindexer:
         for row in page:
             try:
                 with self.storage.open(row.blob_key) as source:
-                    extracted = extract(read_tags(source, tags), tags)
+                    extracted = read_values(source, tags)
             except BlobNotFound:
                 continue  # deleted meanwhile (or the sweep's business)
-            except _READ_ERRORS as exc:
-                log.warning(
-                    "re-index %s: instance row %d unreadable (%s)",
-                    operation_id,
-                    row.id,
-                    exc.__class__.__name__,
-                )
-                reason = "the header could not be read for the extended query tags"
-                extracted = [Extracted(tag, (), reason) for tag in tags]
             found.append((row, extracted))
         keys = [tag.key for tag in tags]
         ids = [row.id for row in page]

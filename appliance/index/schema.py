@@ -425,8 +425,9 @@ def _value_table(name: str, *value_columns: Column[Any]) -> Table:
             ForeignKey("extended_query_tag.key", ondelete="CASCADE"),
             nullable=False,
         ),
-        Column("study_fk", Id, nullable=False),
-        Column("series_fk", Id, nullable=False),
+        # the values returned with a page of studies or series are found by these
+        Column("study_fk", Id, nullable=False, index=True),
+        Column("series_fk", Id, nullable=False, index=True),
         Column(
             "instance_fk",
             Id,

@@ -15,20 +15,16 @@ import io
 import logging
 from typing import IO
 
-from pydicom.errors import InvalidDicomError
-from sqlalchemy import Connection
-
 from appliance import metrics
 from appliance.config import IngestConfig
 from appliance.dicomio import (
-    HEADER_ERRORS,
     extract_record,
     part10_prefix,
     read_header,
     validate_uid,
 )
 from appliance.errors import ApplianceError, InvalidInstance
-from appliance.extended_tags import ExtendedTags, Extracted, extract, read_tags, write_values
+from appliance.extended_tags import ExtendedTags, read_values, values_writer
 from appliance.forward.routes import Routes
 from appliance.index.sql import AddOutcome, AlsoWrite, SqlIndex
 from appliance.ingest.streams import PrefixedStream
@@ -37,9 +33,6 @@ from appliance.status import Status, StatusCategory
 from appliance.storage.base import BlobStore
 
 log = logging.getLogger(__name__)
-
-#: What reading a header again for the extended query tags may raise.
-_TAG_READ_ERRORS: tuple[type[Exception], ...] = (InvalidDicomError, *HEADER_ERRORS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,18 +224,8 @@ class IngestService:
         tags = self.extended.indexed() if self.extended is not None else ()
         if not tags:
             return None
-        try:
-            source.seek(0)
-            extracted = extract(read_tags(source, tags), tags)
-        except _TAG_READ_ERRORS as exc:
-            log.warning("extended query tags of %s not read: %s", sop_uid, exc.__class__.__name__)
-            reason = "the header could not be read for the extended query tags"
-            extracted = [Extracted(tag, (), reason) for tag in tags]
-
-        def write(conn: Connection, instance_id: int, study: int, series: int, again: bool) -> None:
-            write_values(conn, extracted, instance_id, study, series, replace=again)
-
-        return write
+        source.seek(0)
+        return values_writer(read_values(source, tags))
 
     def _duplicate(self, ids: IngestResult) -> IngestResult:
         if self.policy == "reject":

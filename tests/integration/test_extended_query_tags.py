@@ -11,6 +11,7 @@ ones on the embedded default.
 from __future__ import annotations
 
 import datetime as dt
+import io
 import subprocess
 import time
 from collections.abc import Iterator
@@ -378,6 +379,62 @@ def test_reindex_errors_disable_queries_until_enabled(server: LiveServer) -> Non
     enabled = qido(server, "/series", **{P_DA: "20240105"})
     assert uids(enabled, "0020000D") == {good_study}
     assert enabled.headers["erroneous-dicom-attributes"] == P_DA
+
+
+def test_rebuilding_the_index_from_the_store_keeps_the_tags_values(
+    server: LiveServer,
+) -> None:
+    """``dicom-appliance reindex --force``: a blob the index lacks is indexed
+    with its extended query tags' values, as at ingest."""
+    from appliance.integrity import reindex
+
+    added = admin(server, "POST", "/extendedquerytags", json=[TAGS[0]])
+    assert added.status_code == 202
+    assert reindexer(server, settle_seconds=0).run_pending() == 1
+    study = generate_uid()
+    blob = server.services.storage.put(io.BytesIO(part10_of(instance(study, lo="Zeta"))))
+    report = reindex(server.services, force=True)
+    assert report.indexed == 1, report.as_json()
+    assert server.services.index.blob_keys([blob.key]) == {blob.key}
+    assert uids(qido(server, "/studies", **{P_LO: "Zeta"}), "0020000D") == {study}
+
+
+def test_deleting_an_instance_deletes_its_values(server: LiveServer) -> None:
+    added = admin(server, "POST", "/extendedquerytags", json=[TAGS[0], TAGS[1]])
+    assert added.status_code == 202
+    assert reindexer(server, settle_seconds=0).run_pending() == 1
+    study = generate_uid()
+    store(server, instance(study, lo="Eta", da="2024"))  # the DA is an error
+    assert admin(server, "GET", f"/extendedquerytags/{P_DA}").json()["errors"]["count"] == 1
+    assert httpx.delete(f"{server.root}/studies/{study}").status_code == 204
+    from sqlalchemy import func, select
+
+    from appliance.index.schema import eqt_error, eqt_string
+
+    with server.services.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(eqt_string)).scalar() == 0
+        assert conn.execute(select(func.count()).select_from(eqt_error)).scalar() == 0
+    assert admin(server, "GET", f"/extendedquerytags/{P_DA}/errors").json() == []
+
+
+def test_migration_0012_goes_down_and_up(tmp_path: Path) -> None:
+    """SQLite (PostgreSQL: test_migrations' down-and-up test)."""
+    from sqlalchemy import inspect
+
+    from appliance.index import migrate
+    from appliance.index.engine import create_index_engine
+
+    engine = create_index_engine(f"sqlite:///{tmp_path / 'index.db'}")
+    try:
+        migrate.upgrade(engine)
+        migrate.downgrade(engine, "0011")
+        names = set(inspect(engine).get_table_names())
+        assert not names & {"extended_query_tag", "eqt_string", "eqt_operation", "eqt_error"}
+        migrate.upgrade(engine)
+        assert "eqt_datetime" in inspect(engine).get_table_names()
+        assert migrate.stored_revision(engine) == "0012"
+    finally:
+        engine.dispose()
 
 
 # --------------------------------------------------------------------------

@@ -44,7 +44,8 @@ def _value_table(name: str, *columns: sa.Column[object]) -> None:
         ),
         sa.PrimaryKeyConstraint("id", name=op.f(f"pk_{name}")),
     )
-    op.create_index(op.f(f"ix_{name}_instance_fk"), name, ["instance_fk"], unique=False)
+    for column in ("study_fk", "series_fk", "instance_fk"):
+        op.create_index(op.f(f"ix_{name}_{column}"), name, [column], unique=False)
     op.create_index(op.f(f"ix_{name}_tag_key_{match}"), name, ["tag_key", match], unique=False)
 
 
