@@ -25,6 +25,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
+from appliance.index.engine import create_index_engine
+from appliance.model import Origin
 from appliance.reindex import Reindexer
 from tests.conftest import (
     LiveServer,
@@ -49,6 +51,7 @@ P_LO, P_DA, P_UI, P_SL, P_DS, P_PN = (
     "00091006",
 )
 SC_IMAGE = "1.2.840.10008.5.1.4.1.1.7"
+ORIGIN = Origin("import")
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 
 TAGS = [
@@ -422,7 +425,6 @@ def test_migration_0012_goes_down_and_up(tmp_path: Path) -> None:
     from sqlalchemy import inspect
 
     from appliance.index import migrate
-    from appliance.index.engine import create_index_engine
 
     engine = create_index_engine(f"sqlite:///{tmp_path / 'index.db'}")
     try:
@@ -528,3 +530,73 @@ def test_cstore_values_are_found_by_qido_and_cfind(tmp_path: Path) -> None:
             assert qido(app, "/studies", **{P_LO: "Delta Ward"}).status_code == 400
         finally:
             assoc.release()
+
+
+# --------------------------------------------------------------------------
+# a restart in the middle of a re-index: `serve` finishes it
+
+
+@pytest.mark.slow
+def test_serve_finishes_a_reindex_another_process_left_in_the_middle(tmp_path: Path) -> None:
+    """A process re-indexes two of five instances and dies holding the
+    operation (its short lease not released); ``serve`` is started, its DIMSE
+    worker 1 claims the operation once the lease has run out and finishes it
+    from the cursor."""
+    from appliance.config import load_config
+    from appliance.services import build_services
+    from tests.integration.test_serve import migrated_site, running
+
+    site = migrated_site(tmp_path / "site")
+    config = load_config(environ=site.env, cwd=site.workdir)
+    services = build_services(config)
+    studies = [generate_uid() for _ in range(5)]
+    try:
+        for number, study in enumerate(studies):
+            ds = instance(study, lo=f"Theta {number}")
+            assert services.ingest.store_part10(io.BytesIO(part10_of(ds)), ORIGIN).stored
+        operation_id = services.extended.add([TAGS[0]])
+        dying = Reindexer(
+            services.engine,
+            services.index,
+            services.storage,
+            services.extended,
+            batch=1,
+            lease=dt.timedelta(seconds=2),
+            holder="dying-node",
+        )
+        assert services.index.claim(f"reindex:{operation_id}", "dying-node", dying.lease)
+        assert dying.run(operation_id, max_batches=2) == "Running"
+    finally:
+        services.close()
+
+    with running(site) as app:
+        url = f"{app.base_url}/v1/operations/{operation_id}"
+        deadline = time.monotonic() + 60
+        while (answer := httpx.get(url, timeout=10)).status_code == 202:
+            assert time.monotonic() < deadline, answer.text
+            time.sleep(0.5)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["status"] == "Completed"
+        found = httpx.get(
+            f"{app.base_url}/v1/studies",
+            params={P_LO: "Theta*"},
+            headers={"Accept": "application/dicom+json"},
+            timeout=10,
+        )
+        assert uids(found, "0020000D") == set(studies)
+        assert "re-index" in app.log
+        assert "completed" in app.log
+
+    engine = create_index_engine(config.index.url)
+    try:
+        with engine.connect() as conn:
+            from sqlalchemy import select
+
+            from appliance.index.schema import eqt_operation
+
+            done = conn.execute(
+                select(eqt_operation.c.done).where(eqt_operation.c.id == operation_id)
+            ).scalar_one()
+        assert done == 5  # 2 by the dying process, 3 from its cursor on
+    finally:
+        engine.dispose()
