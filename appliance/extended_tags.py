@@ -213,11 +213,12 @@ class ExtendedTag:
             "level": LEVEL_NAMES[self.level],
             "status": self.status,
             "queryStatus": self.query_status,
-            "errors": {
+        }
+        if self.error_count:  # as Microsoft's server: only when there are some
+            body["errors"] = {
                 "count": self.error_count,
                 "href": f"{root}/extendedquerytags/{self.path}/errors",
-            },
-        }
+            }
         if self.private_creator:
             body["privateCreator"] = self.private_creator
         if self.operation_id and self.status == ADDING:
@@ -275,9 +276,15 @@ def parse_new_tag(entry: object) -> NewTag:
     """
     if not isinstance(entry, dict):
         raise InvalidTag("each extended query tag must be a JSON object")
-    unknown = set(entry) - {"path", "vr", "privateCreator", "level"}
+    # member names in any case, as Microsoft's server takes them ("Path",
+    # "VR", "PrivateCreator", "Level" in its guide)
+    names = {"path": "path", "vr": "vr", "privatecreator": "privateCreator", "level": "level"}
+    unknown = sorted(str(name) for name in entry if str(name).lower() not in names)
     if unknown:
-        raise InvalidTag(f"unknown member(s) {sorted(unknown)} of an extended query tag")
+        raise InvalidTag(f"unknown member(s) {unknown} of an extended query tag")
+    if len({str(name).lower() for name in entry}) != len(entry):
+        raise InvalidTag("a member of an extended query tag is given twice")
+    entry = {names[str(name).lower()]: value for name, value in entry.items()}
     name, vr, creator, level = (
         entry.get("path"),
         entry.get("vr"),
@@ -636,11 +643,20 @@ class ExtendedTags:
                         rows = conn.execute(
                             select(extended_query_tag).order_by(extended_query_tag.c.path)
                         ).all()
+                        # counted, not the stored counter: an instance deleted
+                        # takes its errors with it (ON DELETE CASCADE)
+                        counted = select(eqt_error.c.tag_key, func.count(eqt_error.c.id)).group_by(
+                            eqt_error.c.tag_key
+                        )
+                        counts = {int(key): int(n) for key, n in conn.execute(counted)}
                 except SQLAlchemyError as exc:
                     raise IndexUnavailable(
                         f"the index database failed ({exc.__class__.__name__})"
                     ) from exc
-                self._tags = tuple(tag_of(row) for row in rows)
+                self._tags = tuple(
+                    dataclasses.replace(tag_of(row), error_count=int(counts.get(row.key, 0)))
+                    for row in rows
+                )
                 self._read_at = time.monotonic()
             return self._tags
 

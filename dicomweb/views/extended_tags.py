@@ -96,9 +96,10 @@ def update_tag(name: str) -> Response:
         body = json.loads(request.get_data(cache=False) or b"null")
     except ValueError:
         raise InvalidTag("the body is not JSON") from None
-    if not isinstance(body, dict) or set(body) != {"queryStatus"}:
+    # the member's name in any case, as Microsoft's server takes it
+    if not isinstance(body, dict) or [str(k).lower() for k in body] != ["querystatus"]:
         raise InvalidTag('the body must be {"queryStatus": "Enabled" | "Disabled"}')
-    tag = _tags().set_query_status(name, body["queryStatus"])
+    tag = _tags().set_query_status(name, next(iter(body.values())))
     return _json(tag.as_json(service_root()))
 
 
