@@ -436,7 +436,14 @@ def _value_table(name: str, *value_columns: Column[Any]) -> Table:
             index=True,
         ),
         *value_columns,
-        Index(None, "tag_key", match),
+        # PostgreSQL: the pattern operator class serves a LIKE prefix (wild
+        # card matching) as well as "=" in any collation (as migration 0004)
+        Index(
+            None,
+            "tag_key",
+            match,
+            postgresql_ops={match: "varchar_pattern_ops"} if match == "value_norm" else {},
+        ),
     )
 
 

@@ -604,3 +604,89 @@ def test_serve_finishes_a_reindex_another_process_left_in_the_middle(tmp_path: P
         assert done == 5  # 2 by the dying process, 3 from its cursor on
     finally:
         engine.dispose()
+
+
+# --------------------------------------------------------------------------
+# PostgreSQL: the extended tags' searches go through indexes
+
+
+@pytest.mark.parametrize("index_url", ["postgresql"], indirect=True)
+def test_postgresql_serves_extended_tag_searches_through_indexes(
+    index_url: str, tmp_path: Path
+) -> None:
+    from sqlalchemy import event
+
+    from appliance.config import load_config
+    from appliance.model import Level
+    from appliance.query import Query
+    from appliance.services import build_services
+    from tests.integration.test_pg_query_plans import _plan, _whole_table_reads
+
+    config = load_config(
+        environ={
+            "APPLIANCE_STORAGE_PATH": str(tmp_path / "blobs"),
+            "APPLIANCE_INDEX_URL": index_url,
+        },
+        cwd=tmp_path,
+    )
+    services = build_services(config)
+    try:
+        uid = generate_uid()
+        for number in range(20):
+            ds = instance(
+                generate_uid(),
+                lo=f"Site {number}",
+                da=f"202401{number + 1:02d}",
+                ui=uid if number == 0 else generate_uid(),
+                sl=number,
+            )
+            assert services.ingest.store_part10(io.BytesIO(part10_of(ds)), ORIGIN).stored
+        services.extended.add(TAGS[:4])
+        reindex_with = Reindexer(
+            services.engine,
+            services.index,
+            services.storage,
+            services.extended,
+            settle_seconds=0,
+        )
+        assert reindex_with.run_pending() == 1
+
+        def no_seqscan(dbapi_connection: Any, _record: Any) -> None:
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute("SET enable_seqscan = off")
+
+        engine = services.engine
+        # the plans are explained on an engine of their own, whose sessions
+        # have no sequential scans (as test_pg_query_plans)
+        explaining = create_index_engine(index_url)
+        event.listen(explaining, "connect", no_seqscan)
+        access_paths = {
+            "studies by a private LO prefix": Query(Level.STUDY, {P_LO: "Site 1*"}),
+            "studies by a private LO": Query(Level.STUDY, {P_LO: "Site 7"}),
+            "series by a private DA range": Query(Level.SERIES, {P_DA: "20240101-20240105"}),
+            "instances by a private UI": Query(Level.IMAGE, {P_UI: uid}),
+            "instances by a private SL": Query(Level.IMAGE, {P_SL: "3"}),
+        }
+        for name, query in access_paths.items():
+            seen: list[tuple[str, Any]] = []
+
+            def capture(_c: Any, _cur: Any, statement: str, parameters: Any, *_: Any) -> None:
+                if statement.lstrip().upper().startswith("SELECT"):
+                    seen.append((statement, parameters))  # noqa: B023
+
+            event.listen(engine, "before_cursor_execute", capture)
+            try:
+                result = services.query.search(query)
+            finally:
+                event.remove(engine, "before_cursor_execute", capture)
+            assert result.matches, name
+            ours = [(sql, given) for sql, given in seen if "eqt_" in sql]
+            assert ours, name
+            for statement, parameters in ours:
+                if "eqt_error" in statement:
+                    continue  # the list of tags and their errors, read every 2 s
+                plan = _plan(explaining, statement, parameters)
+                assert not _whole_table_reads(plan), f"{name}:\n{statement}\n{plan}"
+        explaining.dispose()
+    finally:
+        services.close()

@@ -46,7 +46,16 @@ def _value_table(name: str, *columns: sa.Column[object]) -> None:
     )
     for column in ("study_fk", "series_fk", "instance_fk"):
         op.create_index(op.f(f"ix_{name}_{column}"), name, [column], unique=False)
-    op.create_index(op.f(f"ix_{name}_tag_key_{match}"), name, ["tag_key", match], unique=False)
+    # PostgreSQL: the pattern operator class serves a LIKE prefix as well as
+    # "=" (as migration 0004 does for the standard keys)
+    ops = {match: "varchar_pattern_ops"} if match == "value_norm" else {}
+    op.create_index(
+        op.f(f"ix_{name}_tag_key_{match}"),
+        name,
+        ["tag_key", match],
+        unique=False,
+        postgresql_ops=ops,
+    )
 
 
 def upgrade() -> None:
