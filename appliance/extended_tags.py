@@ -424,10 +424,14 @@ def _element_values(ds: Dataset, tag: ExtendedTag) -> list[Any]:
         creator = ds.get((group, block))
         if creator is None or str(creator.value).strip() != tag.private_creator:
             return []  # the block belongs to another creator: not this attribute
-    elem = ds[number]
+    try:
+        elem = ds[number]
+        value = elem.value
+    except HEADER_ERRORS:
+        # pydicom's own text may quote the value (patient data): not kept
+        raise ValueError(f"the value could not be read as {tag.vr}") from None
     if elem.VR == "SQ":
         raise ValueError(f"{tag.path} is a sequence, not a value of VR {tag.vr}")
-    value = elem.value
     if value is None or value == "" or value == b"":
         return []
     if isinstance(value, bytes):
