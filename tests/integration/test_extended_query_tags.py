@@ -690,3 +690,26 @@ def test_postgresql_serves_extended_tag_searches_through_indexes(
         explaining.dispose()
     finally:
         services.close()
+
+
+def test_ingest_writes_an_adding_tags_values_and_the_reindex_does_not_repeat_them(
+    server: LiveServer,
+) -> None:
+    from sqlalchemy import func, select
+
+    from appliance.index.schema import eqt_string
+
+    def rows() -> int:
+        with server.services.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(eqt_string)).scalar_one())
+
+    before = generate_uid()
+    store(server, instance(before, lo="Iota"))
+    added = admin(server, "POST", "/extendedquerytags", json=[TAGS[0]])
+    assert added.status_code == 202
+    during = generate_uid()
+    store(server, instance(during, lo="Iota"))  # the tag is Adding
+    assert rows() == 1  # written by the ingest, in the instance's transaction
+    assert reindexer(server, settle_seconds=0).run_pending() == 1
+    assert rows() == 2  # the re-index wrote the first, and the second once
+    assert uids(qido(server, "/studies", **{P_LO: "Iota"}), "0020000D") == {before, during}
