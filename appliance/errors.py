@@ -85,3 +85,10 @@ class QueryError(ApplianceError):
     """A query key or value cannot be understood (PS3.4 C.4.1.1.4)."""
 
     status = Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+
+
+class Conflict(ApplianceError):
+    """The request conflicts with what exists (an extended query tag that is
+    already there): HTTP 409."""
+
+    status = Status.CANNOT_UNDERSTAND

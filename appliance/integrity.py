@@ -51,7 +51,8 @@ from appliance.errors import (
     NotFound,
     StorageUnavailable,
 )
-from appliance.index.sql import AddOutcome, SqlIndex, StoredInstance
+from appliance.extended_tags import read_values, values_writer
+from appliance.index.sql import AddOutcome, AlsoWrite, SqlIndex, StoredInstance
 from appliance.ingest.sweep import (
     DEFAULT_GRACE,
     INDEX_HOLDS_NOTHING,
@@ -726,6 +727,21 @@ class _Reindexer:
         self.policy = services.config.ingest.duplicate_policy
         self.report = report
         self.force = force
+        #: the extended query tags whose values are indexed with each row
+        self.extended = services.extended
+
+    def _extended_values(self, entry: BlobEntry) -> AlsoWrite | None:
+        """What writes the extended query tags' values of the blob *entry*
+        (None when no tag is defined); an unreadable header is an error of
+        each tag, as at ingest.  The header only is read (ranged reads)."""
+        tags = self.extended.indexed()
+        if not tags:
+            return None
+        try:
+            with _RangeReader(self.storage, entry) as stream:
+                return values_writer(read_values(stream, tags))  # type: ignore[arg-type]
+        except BlobNotFound:
+            return None  # deleted since its header was read: the index says so next
 
     def index_blob(self, entry: BlobEntry) -> None:
         """Index the instance of one blob (unless the index knows better)."""
@@ -752,7 +768,10 @@ class _Reindexer:
             return
         blob = BlobInfo(entry.key, entry.size)
         try:
-            added = self.index.add_instance(record, blob, "keep", (), written_at=entry.modified)
+            also = self._extended_values(entry)
+            added = self.index.add_instance(
+                record, blob, "keep", (), written_at=entry.modified, also=also
+            )
             if added.outcome is AddOutcome.CREATED:
                 self.report.indexed += 1
                 return
@@ -779,7 +798,10 @@ class _Reindexer:
         else:
             wins = entry.modified < written
         if wins:
-            self.index.add_instance(record, blob, "replace", (), written_at=entry.modified)
+            also = self._extended_values(entry)
+            self.index.add_instance(
+                record, blob, "replace", (), written_at=entry.modified, also=also
+            )
             indexed, other = entry.key, existing.blob_key
         else:
             indexed, other = existing.blob_key, entry.key

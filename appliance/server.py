@@ -601,6 +601,11 @@ def run_dimse(
             threading.Thread(
                 target=_sweep, args=(services,), name="orphan-sweep", daemon=True
             ).start()
+            # the re-index operations of extended query tags (one node at a
+            # time: appliance/reindex.py)
+            threading.Thread(
+                target=_reindex, args=(services,), name="eqt-reindex", daemon=True
+            ).start()
 
     try:
         run_listener(
@@ -675,6 +680,15 @@ def _retention(config: Config, services: Services) -> Any:
     return Retention(
         config.retention, services.engine, services.index, services.storage, services.audit
     )
+
+
+def _reindex(services: Services) -> None:
+    """Run the extended query tags' re-index operations until the process
+    ends (a daemon thread of DIMSE worker 1, like the orphan sweep)."""
+    from appliance.reindex import Reindexer
+
+    reindexer = Reindexer(services.engine, services.index, services.storage, services.extended)
+    reindexer.serve(threading.Event())
 
 
 def _sweep(services: Services) -> None:

@@ -14,6 +14,7 @@ from sqlalchemy import Engine
 from appliance.audit import AuditLog
 from appliance.config import Config
 from appliance.delete import DeleteService
+from appliance.extended_tags import ExtendedTags
 from appliance.forward.routes import Routes
 from appliance.index import migrate
 from appliance.index.engine import engine_for
@@ -39,6 +40,8 @@ class Services:
     delete: DeleteService
     #: the audit trail this process writes
     audit: AuditLog
+    #: the extended query tags (their list cached in this process)
+    extended: ExtendedTags
 
     def check_ready(self) -> dict[str, str]:
         """Probe the index and the storage; ``{"index": "ok", ...}`` or the
@@ -79,14 +82,16 @@ def build_services(config: Config, *, require_schema: bool = True) -> Services:
         raise
     index = SqlIndex(engine)
     routes = Routes(config.forward)
+    extended = ExtendedTags(engine)
     return Services(
         config=config,
         engine=engine,
         storage=storage,
         index=index,
-        ingest=IngestService(storage, index, config.ingest, routes),
-        query=QueryService(engine, max_results=config.query.max_results),
+        ingest=IngestService(storage, index, config.ingest, routes, extended),
+        query=QueryService(engine, max_results=config.query.max_results, extended=extended),
         retrieve=RetrieveService(index, storage),
         delete=DeleteService(index, storage, routes.deletes_to),
         audit=AuditLog(config.audit),
+        extended=extended,
     )

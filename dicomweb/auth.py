@@ -109,6 +109,15 @@ ENDPOINT_PERMISSIONS: dict[str, str] = {
     "admin.fhir_status": ADMIN,
     "admin.fhir_retry": ADMIN,
     "admin.dashboard_snapshot": ADMIN,
+    # extended query tags (Microsoft's manageExtendedQueryTags data action):
+    # admin, reads included (the errors name instances)
+    "extended_tags.add_tags": ADMIN,
+    "extended_tags.list_tags": ADMIN,
+    "extended_tags.get_tag": ADMIN,
+    "extended_tags.update_tag": ADMIN,
+    "extended_tags.delete_tag": ADMIN,
+    "extended_tags.tag_errors": ADMIN,
+    "extended_tags.get_operation": ADMIN,
     "ops.live": HEALTH,
     "ops.ready": HEALTH,
     "ops.prometheus_metrics": METRICS,

@@ -28,6 +28,7 @@ from appliance.errors import (
     ApplianceError,
     BlobNotFound,
     ConfigError,
+    Conflict,
     IndexUnavailable,
     InvalidInstance,
     NotFound,
@@ -37,6 +38,7 @@ from appliance.errors import (
     StorageFull,
     UnreadableInstance,
 )
+from appliance.extended_tags import InvalidTag
 from appliance.pixels import CannotDecode, InvalidRenderParameter, NotAnImage
 from appliance.status import Status
 
@@ -105,6 +107,8 @@ HTTP_STATUS: dict[type[ApplianceError], int] = {
     InvalidRenderParameter: 400,  # PS3.18 8.3: a supported parameter with a bad value
     CannotDecode: 406,  # no decoder here: the uncompressed/rendered form cannot be made
     InvalidInstance: 400,
+    InvalidTag: 400,  # an extended query tag to add, or named, is not acceptable
+    Conflict: 409,  # an extended query tag that already exists
     UnreadableInstance: 400,
     BlobNotFound: 404,
     NotFound: 404,

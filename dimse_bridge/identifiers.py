@@ -51,7 +51,8 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag, Tag
 
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, QueryError
+from appliance.extended_tags import ExtendedTag, values_from_bytes
 from appliance.model import Level
 from appliance.query import Query, QueryService
 from appliance.query.keys import LEVEL_ORDER, REQUEST_ATTRIBUTES, rank
@@ -171,6 +172,9 @@ class ReturnKey:
         when the index does not hold it (returned empty).
     items
         For a sequence: the attributes of each item returned.
+    constant
+        A value returned as is (the Private Creator of an extended query
+        tag's block), instead of one from the match.
     """
 
     tag: int
@@ -178,6 +182,7 @@ class ReturnKey:
     vr: str
     source: str | None
     items: tuple[ReturnKey, ...] = ()
+    constant: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +206,9 @@ class FindRequest:
     character_sets
         The request's Specific Character Set terms; empty for the default
         repertoire.
+    extended
+        The extended query tags (``ggggeeee``) the responses carry; those
+        with a value are in *keys* under the same path.
     """
 
     model: InformationModel
@@ -209,6 +217,7 @@ class FindRequest:
     returned: tuple[ReturnKey, ...]
     unsupported: tuple[str, ...]
     character_sets: tuple[str, ...]
+    extended: frozenset[str] = frozenset()
 
     @property
     def pending_status(self) -> Status:
@@ -221,7 +230,7 @@ class FindRequest:
     def query(self) -> Query:
         """The query-layer search for this request (the configured maximum
         of matches), asking only for the attributes its responses carry."""
-        return Query(self.level, dict(self.keys), returned=self.sources())
+        return Query(self.level, dict(self.keys), returned=self.sources(), extended=self.extended)
 
     def sources(self) -> frozenset[str]:
         """The attributes of a match that the response identifiers are
@@ -365,6 +374,9 @@ class _Parser:
         self.keys: dict[str, str] = {}
         self.returned: list[ReturnKey] = []
         self.unsupported: list[str] = []
+        #: Private Creator of each private block of the identifier
+        self.creators: dict[tuple[int, int], str] = {}
+        self.extended: set[str] = set()
 
     def parse(self, identifier: Dataset) -> FindRequest:
         character_sets = read_character_sets(identifier)
@@ -372,6 +384,12 @@ class _Parser:
         self.level = level
         self.matchable = self.service.matching_keys(level)
         self.returnable = self.service.return_keys(level) - _NOT_RETURNED
+        for element in identifier:
+            tag = BaseTag(element.tag)
+            if tag.is_private and 0x10 <= tag.element <= 0xFF:
+                value = element.value
+                text = value.decode("latin-1") if isinstance(value, bytes) else str(value or "")
+                self.creators[(tag.group, tag.element)] = text.strip(" \0")
         for element in identifier:
             self._element(element)
         self._check_unique_keys()
@@ -382,13 +400,83 @@ class _Parser:
             returned=tuple(self.returned),
             unsupported=tuple(dict.fromkeys(self.unsupported)),
             character_sets=character_sets,
+            extended=frozenset(self.extended),
         )
+
+    def _extended_tag(self, tag: BaseTag, keyword: str) -> ExtendedTag | None:
+        """The extended query tag of an identifier's element, or None: by its
+        keyword, or for a private element by its group, its Private Creator
+        and the low byte of its element number (the block may differ)."""
+        registry = self.service.extended
+        if registry is None:
+            return None
+        if not tag.is_private:
+            return registry.find(keyword) if keyword else None
+        creator = self.creators.get((tag.group, tag.element >> 8))
+        if creator is None or tag.element < 0x1000:
+            return None
+        for candidate in registry.all():
+            number = candidate.tag
+            if (
+                candidate.private_creator == creator
+                and number >> 16 == tag.group
+                and number & 0xFF == tag.element & 0xFF
+            ):
+                return candidate
+        return None
+
+    def _creator_in_use(self, tag: BaseTag) -> bool:
+        """True if the Private Creator element *tag* names the creator of an
+        extended query tag of its group."""
+        registry = self.service.extended
+        creator = self.creators.get((tag.group, tag.element))
+        return registry is not None and any(
+            found.private_creator == creator and found.tag >> 16 == tag.group
+            for found in registry.all()
+        )
+
+    def _extended_key(self, tag: BaseTag, element: DataElement, found: ExtendedTag) -> None:
+        """An extended query tag as a matching (if it has a value) and
+        return key; a tag that cannot be queried now is refused with
+        "unable to process" (PS3.4 C.4.1.1.4: 0xC000)."""
+        try:
+            usable = self.service.extended.resolve(found.path) if self.service.extended else None
+        except QueryError as exc:
+            raise IdentifierError(
+                exc.reason, status=Status.UNABLE_TO_PROCESS, offending=[tag]
+            ) from None
+        if usable is None:  # deleted meanwhile
+            self.unsupported.append(_tag_name(tag))
+            return
+        value = element.value
+        if isinstance(value, bytes | bytearray):
+            value = values_from_bytes(bytes(value), usable.vr)
+        text = key_value(value)
+        if text.strip():
+            self.keys[usable.path] = text
+        self.extended.add(usable.path)
+        self.returned.append(ReturnKey(tag, usable.keyword or usable.path, usable.vr, usable.path))
+        if tag.is_private:
+            creator_tag = (tag.group << 16) | (tag.element >> 8)
+            creator = self.creators[(tag.group, tag.element >> 8)]
+            self.returned.append(ReturnKey(creator_tag, "", "LO", None, constant=creator))
 
     def _element(self, element: DataElement) -> None:
         tag = BaseTag(element.tag)
         if tag.element == 0 or tag in (QUERY_RETRIEVE_LEVEL, SPECIFIC_CHARACTER_SET):
             return  # group lengths; the two steering attributes
+        if tag.is_private and 0x10 <= tag.element <= 0xFF and self._creator_in_use(tag):
+            return  # a Private Creator: returned with its extended query tag
         keyword = keyword_for_tag(tag) if not tag.is_private else ""
+        if (
+            tag.group >= 0x0008
+            and keyword not in self.matchable
+            and keyword not in self.returnable
+            and element.VR != "SQ"
+            and (found := self._extended_tag(tag, keyword)) is not None
+        ):
+            self._extended_key(tag, element, found)
+            return
         if tag.group < 0x0008 or not keyword:
             # PS3.4 C.4.1.1.3 Note: no File Meta elements in an identifier;
             # private and unknown attributes are not held: not returned.
@@ -565,6 +653,8 @@ def response_identifier(find: FindRequest, match: Mapping[str, Any], ae_title: s
             value = ONLINE
         elif key.keyword == "AvailableTransferSyntaxUID":
             value = match.get("TransferSyntaxUID")
+        elif key.constant is not None:
+            value = key.constant
         elif key.source is None:
             value = None
         else:
@@ -598,7 +688,11 @@ def _wire_value(vr: str, value: Any, texts: list[str]) -> Any:
     if value is None or value == "" or value == []:
         return None
     if vr in _BINARY_INT_VRS:
+        if isinstance(value, list | tuple):  # an extended query tag's values
+            return [int(item) for item in value]
         return int(value)
+    if vr in ("FD", "FL"):
+        return [float(item) for item in value] if isinstance(value, list | tuple) else float(value)
     if isinstance(value, list | tuple):
         values = [str(item) for item in value]
         texts.extend(values)

@@ -20,11 +20,14 @@ test checks that the migrations produce exactly these tables.
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -357,4 +360,123 @@ association_log = Table(
     # C-MOVE and C-GET requests
     Column("retrieves", Integer, nullable=False),
     Column("echoes", Integer, nullable=False),
+)
+
+#: Extended query tags (issue 11; Microsoft's DICOM server's feature of the
+#: same name, REFERENCE.md): attributes the index does not hold by default,
+#: added by an administrator and then matched by QIDO-RS and C-FIND like
+#: the standard keys.  ``path`` is the tag as eight upper-case hex digits;
+#: ``private_creator`` is "" for a standard attribute.  ``status`` is
+#: Adding | Ready | Deleting, ``query_status`` Enabled | Disabled;
+#: ``error_count`` counts the instances whose value failed validation
+#: (:data:`eqt_error`).  ``operation_id`` is the re-index that adds it.
+extended_query_tag = Table(
+    "extended_query_tag",
+    metadata,
+    Column("key", Id, primary_key=True, autoincrement=True),
+    Column("path", String(8), nullable=False, unique=True),
+    Column("vr", String(2), nullable=False),
+    Column("private_creator", SHORT, nullable=False),
+    Column("level", String(8), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("query_status", String(16), nullable=False),
+    Column("error_count", Integer, nullable=False),
+    Column("operation_id", String(36), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+#: The background operations of extended query tags (a re-index of the
+#: instances stored before a tag was added): ``status`` NotStarted |
+#: Running | Completed | Failed; ``cursor`` is the row id of the last
+#: instance done (a restart resumes after it), ``end_id`` the highest row id
+#: when it started; ``tag_paths`` the tags it adds, comma-separated.  One
+#: node runs it at a time (``task_lease`` ``reindex:<id>``).
+eqt_operation = Table(
+    "eqt_operation",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("type", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("tag_paths", String(1024), nullable=False),
+    Column("cursor", Id, nullable=False),
+    Column("end_id", Id, nullable=False),
+    Column("done", Integer, nullable=False),
+    Column("total", Integer, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index(None, "status"),
+)
+
+
+def _value_table(name: str, *value_columns: Column[Any]) -> Table:
+    """One typed value table of extended query tags: a row per value of a
+    tag in an instance, with the instance's series and study, so a query at
+    any level finds its entities through the ``(tag_key, <match column>)``
+    index.  Deleting the instance row deletes its values (ON DELETE CASCADE,
+    SQLite's foreign keys are on: ``engine.py``)."""
+    match = value_columns[-1].name
+    return Table(
+        name,
+        metadata,
+        Column("id", Id, primary_key=True, autoincrement=True),
+        Column(
+            "tag_key",
+            Id,
+            ForeignKey("extended_query_tag.key", ondelete="CASCADE"),
+            nullable=False,
+        ),
+        # the values returned with a page of studies or series are found by these
+        Column("study_fk", Id, nullable=False, index=True),
+        Column("series_fk", Id, nullable=False, index=True),
+        Column(
+            "instance_fk",
+            Id,
+            ForeignKey("instance.id", ondelete="CASCADE"),
+            nullable=False,
+            index=True,
+        ),
+        *value_columns,
+        # PostgreSQL: the pattern operator class serves a LIKE prefix (wild
+        # card matching) as well as "=" in any collation (as migration 0004)
+        Index(
+            None,
+            "tag_key",
+            match,
+            postgresql_ops={match: "varchar_pattern_ops"} if match == "value_norm" else {},
+        ),
+    )
+
+
+#: AE AS CS LO SH UI PN values: ``value`` as stored, ``value_norm`` what is
+#: matched (casefolded for PN, as ``*_norm`` of the standard keys; the value
+#: itself otherwise).
+eqt_string = _value_table(
+    "eqt_string", Column("value", TEXT, nullable=False), Column("value_norm", TEXT, nullable=False)
+)
+#: IS SL SS UL US values.
+eqt_long = _value_table("eqt_long", Column("value", BigInteger, nullable=False))
+#: DS FD FL values.
+eqt_double = _value_table("eqt_double", Column("value", Float, nullable=False))
+#: DA DT TM values: ``value`` as stored, ``value_key`` a fixed-width text
+#: that sorts in time order (DA ``YYYYMMDD``, TM ``HHMMSS.FFFFFF``, DT
+#: ``YYYYMMDDHHMMSS.FFFFFF``) for range matching (PS3.4 C.2.2.2.5).
+eqt_datetime = _value_table(
+    "eqt_datetime",
+    Column("value", SHORT, nullable=False),
+    Column("value_key", SHORT, nullable=False),
+)
+
+#: Values of an extended query tag that failed validation for its VR: kept
+#: as an error of the instance, never a refusal of it (the instance is stored
+#: and indexed without that value).
+eqt_error = Table(
+    "eqt_error",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("tag_key", Id, ForeignKey("extended_query_tag.key", ondelete="CASCADE"), nullable=False),
+    Column("instance_fk", Id, ForeignKey("instance.id", ondelete="CASCADE"), nullable=False),
+    Column("message", String(256), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("tag_key", "instance_fk"),
+    Index(None, "instance_fk"),
 )

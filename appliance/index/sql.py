@@ -14,7 +14,7 @@ import dataclasses
 import datetime as dt
 import enum
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, delete, func, select, text, update
@@ -234,6 +234,11 @@ _MARK_REPLACED = (
     .values(state="replaced")
 )
 _FEED_LOCK_STATEMENT = select(func.pg_advisory_xact_lock(_FEED_LOCK))
+#: Writes rows of its own about an instance in the transaction that indexes
+#: it: ``(conn, instance_id, study_fk, series_fk, replaced)`` (extended query
+#: tags' values, :func:`appliance.extended_tags.write_values`).
+AlsoWrite = Callable[[Connection, int, int, int, bool], None]
+
 _FIND_INSTANCE = _stored_instances().where(instance.c.sop_instance_uid == bindparam("sop"))
 
 
@@ -487,11 +492,14 @@ class SqlIndex:
         forward_to: Sequence[str] = (),
         *,
         written_at: dt.datetime | None = None,
+        also: AlsoWrite | None = None,
     ) -> AddResult:
         """Index *record*, stored as *blob*, in one transaction, with a
         forwarding outbox entry for each destination of *forward_to* if it
         was stored (created or replaced).  *written_at* is when the blob was
         written, if not now (``reindex``: the instance row keeps its time).
+        *also* writes more rows about the instance in the same transaction
+        (once the instance row exists).
 
         Raises
         ------
@@ -503,7 +511,9 @@ class SqlIndex:
         for attempt in (1, 2):
             try:
                 with self._writing() as conn:
-                    return self._add(conn, record, blob, duplicate_policy, forward_to, written_at)
+                    return self._add(
+                        conn, record, blob, duplicate_policy, forward_to, written_at, also
+                    )
             except IntegrityError:
                 # PostgreSQL: a concurrent writer committed the same SOP
                 # Instance UID (or blob key) first.  Once more, as a duplicate.
@@ -525,13 +535,14 @@ class SqlIndex:
         policy: str,
         forward_to: Sequence[str],
         written_at: dt.datetime | None = None,
+        also: AlsoWrite | None = None,
     ) -> AddResult:
         sop_uid = record.instance.sop_instance_uid
         existing = conn.execute(_EXISTING, {"sop": sop_uid}).first()
         now = _now()
         written = now if written_at is None else written_at
         if existing is None:
-            self._insert_instance(conn, record, blob, now, written)
+            self._insert_instance(conn, record, blob, now, written, also)
             self._queue_forward(conn, forward_to, "store", record, now)
             self._log_change(conn, record, now)
             return AddResult(AddOutcome.CREATED)
@@ -547,10 +558,12 @@ class SqlIndex:
                 update(instance).where(instance.c.id == bindparam("row_id")),
                 {"row_id": existing.id, **_instance_values(record, blob, written)},
             )
+            if also is not None:
+                also(conn, existing.id, existing.study_fk, existing.series_fk, True)
         else:
             # the instance moved to another series: out of the old, into the new
             self._remove_instances(conn, [existing])
-            self._insert_instance(conn, record, blob, now, written)
+            self._insert_instance(conn, record, blob, now, written, also)
         self._queue_forward(conn, forward_to, "store", record, now)
         self._log_change(conn, record, now)
         return AddResult(AddOutcome.REPLACED, orphaned_blob_key=existing.blob_key)
@@ -590,9 +603,10 @@ class SqlIndex:
         blob: BlobInfo,
         now: dt.datetime,
         written: dt.datetime,
+        also: AlsoWrite | None = None,
     ) -> None:
         study_fk, series_fk = self._ensure_parents(conn, record, now)
-        conn.execute(
+        inserted = conn.execute(
             _INSERT_INSTANCE,
             {
                 "series_fk": series_fk,
@@ -602,6 +616,10 @@ class SqlIndex:
             },
         )
         self._count_instance(conn, study_fk, series_fk, +1, now)
+        if also is not None:
+            key = inserted.inserted_primary_key
+            assert key is not None
+            also(conn, int(key[0]), study_fk, series_fk, False)
 
     def _ensure_parents(
         self, conn: Connection, record: InstanceRecord, now: dt.datetime

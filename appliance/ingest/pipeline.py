@@ -17,10 +17,16 @@ from typing import IO
 
 from appliance import metrics
 from appliance.config import IngestConfig
-from appliance.dicomio import extract_record, part10_prefix, read_header, validate_uid
+from appliance.dicomio import (
+    extract_record,
+    part10_prefix,
+    read_header,
+    validate_uid,
+)
 from appliance.errors import ApplianceError, InvalidInstance
+from appliance.extended_tags import ExtendedTags, read_values, values_writer
 from appliance.forward.routes import Routes
-from appliance.index.sql import AddOutcome, SqlIndex
+from appliance.index.sql import AddOutcome, AlsoWrite, SqlIndex
 from appliance.ingest.streams import PrefixedStream
 from appliance.model import InstanceRecord, Origin
 from appliance.status import Status, StatusCategory
@@ -58,8 +64,12 @@ class IngestService:
         index: SqlIndex,
         config: IngestConfig,
         routes: Routes | None = None,
+        extended: ExtendedTags | None = None,
     ) -> None:
         self.storage = storage
+        #: the extended query tags whose values are indexed with each
+        #: instance, in its own index transaction (None: none)
+        self.extended = extended
         self.index = index
         self.policy = config.duplicate_policy
         #: the forwarding destinations: an instance stored is queued for
@@ -182,7 +192,8 @@ class IngestService:
 
         forward_to = self.routes.destinations(record, origin) if self.routes else ()
         try:
-            added = self.index.add_instance(record, blob, self.policy, forward_to)
+            also = self._extended_values(source, sop_uid)
+            added = self.index.add_instance(record, blob, self.policy, forward_to, also=also)
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 self.storage.delete(blob.key)
@@ -204,6 +215,17 @@ class IngestService:
             origin.calling_ae,
         )
         return dataclasses.replace(ids, outcome=added.outcome)
+
+    def _extended_values(self, source: IO[bytes], sop_uid: str) -> AlsoWrite | None:
+        """What writes the values of the extended query tags of the
+        instance in *source* (None when no tag is defined).  A header that
+        cannot be read for them, or an invalid value, is an error of the
+        tag (``eqt_error``), never a refusal of the instance."""
+        tags = self.extended.indexed() if self.extended is not None else ()
+        if not tags:
+            return None
+        source.seek(0)
+        return values_writer(read_values(source, tags))
 
     def _duplicate(self, ids: IngestResult) -> IngestResult:
         if self.policy == "reject":

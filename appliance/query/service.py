@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     ColumnElement,
@@ -26,6 +26,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import SQLAlchemyError
 
+from appliance import extended_tags
 from appliance.errors import IndexUnavailable, QueryError
 from appliance.index.schema import instance, patient, request_attribute, series, study
 from appliance.model import Level
@@ -41,6 +42,9 @@ from appliance.query.keys import (
     rank,
     table_for,
 )
+
+if TYPE_CHECKING:
+    from appliance.extended_tags import ExtendedTag, ExtendedTags
 
 #: Labels of the study's and series' primary keys in a result row; removed
 #: before returning.
@@ -73,6 +77,14 @@ class Query:
         None for all of them.  Naming only what the response needs spares
         the columns, and the look-ups of ModalitiesInStudy and the Request
         Attributes Sequence, that nobody asked for.
+    extended
+        Extended query tags (``ggggeeee`` or keyword) whose values each
+        match carries, besides those used as keys (which it always does);
+        names that are not a tag of the query level or above are ignored.
+
+    A key that is no standard key but names an extended query tag
+    (``ggggeeee``, or its keyword) matches on its values
+    (:mod:`appliance.extended_tags`).
     """
 
     level: Level
@@ -80,6 +92,7 @@ class Query:
     limit: int | None = None
     offset: int = 0
     returned: frozenset[str] | None = None
+    extended: frozenset[str] = frozenset()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +104,9 @@ class QueryResult:
     matches
         One dict per match: keyword -> value for every attribute of
         :meth:`QueryService.return_keys` at the query level (of those in
-        :attr:`Query.returned` when that is given).  Strings as
+        :attr:`Query.returned` when that is given); an extended query tag's
+        values as a list (None if the entity has none) under its
+        ``ggggeeee`` path.  Strings as
         stored (a PN with its ``=`` component groups untouched), ``int`` or
         None for IS/US numbers, ``int`` for the ``NumberOf...`` counts, and
         ModalitiesInStudy as the sorted list of the distinct non-empty
@@ -102,6 +117,8 @@ class QueryResult:
 
     matches: list[dict[str, Any]]
     truncated: bool
+    #: the extended query tags matched or returned, by path
+    extended: tuple[ExtendedTag, ...] = ()
 
 
 class QueryService:
@@ -114,13 +131,23 @@ class QueryService:
     max_results
         The most matches one search returns; a larger or absent limit is
         lowered to it and the result marked truncated if there were more.
+    extended
+        The extended query tags (None: only the standard keys).
     """
 
-    def __init__(self, engine: Engine, max_results: int) -> None:
+    def __init__(
+        self, engine: Engine, max_results: int, extended: ExtendedTags | None = None
+    ) -> None:
         if max_results < 1:
             raise ValueError("max_results must be at least 1")
         self._engine = engine
         self._max_results = max_results
+        self._extended = extended
+
+    @property
+    def extended(self) -> ExtendedTags | None:
+        """The extended query tags, if any."""
+        return self._extended
 
     @property
     def max_results(self) -> int:
@@ -152,10 +179,14 @@ class QueryService:
         """
         limit = self._page_size(query)
         shape = _shape(query.level, _wanted(query))
+        conditions, tags = _conditions(query, self._extended)
+        returned = _extended_returned(query, self._extended, tags)
+        pks = {tag.level: extended_tags.entity_column(tag) for tag in returned}
+        columns = [*shape.columns, *(pk.label(_pk_label(lv)) for lv, pk in pks.items())]
         statement = (
-            select(*shape.columns)
+            select(*columns)
             .select_from(_SOURCES[query.level])
-            .where(*_conditions(query))
+            .where(*conditions)
             .order_by(_ORDER[query.level])
             .limit(limit + 1)
             .offset(query.offset)
@@ -164,7 +195,7 @@ class QueryService:
             with self._engine.connect() as conn:
                 rows = conn.execute(statement).all()
                 truncated = len(rows) > limit
-                labels = shape.labels
+                labels = (*shape.labels, *(_pk_label(lv) for lv in pks))
                 matches = [dict(zip(labels, row, strict=True)) for row in rows[:limit]]
                 if shape.modalities:
                     modalities = _modalities(conn, [match[_STUDY_PK] for match in matches])
@@ -174,14 +205,18 @@ class QueryService:
                     items = _request_attributes(conn, [match[_SERIES_PK] for match in matches])
                     for match in matches:
                         match[REQUEST_ATTRIBUTES] = items.get(match.pop(_SERIES_PK), [])
+                if pks:
+                    _add_extended(conn, matches, returned)
                 if shape.labels == (_ROW_PK,):
-                    matches = [{} for _ in matches]
+                    matches = [
+                        {k: v for k, v in match.items() if k != _ROW_PK} for match in matches
+                    ]
         except SQLAlchemyError as exc:
             # the reason names no value: SQLAlchemy's text carries the
             # statement's parameters, which may be patient data
             reason = f"the index query failed: {exc.__class__.__name__}"
             raise IndexUnavailable(reason) from exc
-        return QueryResult(matches=matches, truncated=truncated)
+        return QueryResult(matches=matches, truncated=truncated, extended=returned)
 
     def _page_size(self, query: Query) -> int:
         if query.offset < 0:
@@ -193,18 +228,66 @@ class QueryService:
         return min(query.limit, self._max_results)
 
 
-def _conditions(query: Query) -> list[ColumnElement[bool]]:
-    """One condition per non-universal key; refuses keys the level cannot
-    match (PS3.4 C.4.1.2.1: in a hierarchical query, keys are at the query
-    level or above)."""
+def _pk_label(level: Level) -> str:
+    return f"_eqt_{level.name.lower()}_pk"
+
+
+def _extended_returned(
+    query: Query, registry: ExtendedTags | None, used: Iterable[ExtendedTag]
+) -> tuple[ExtendedTag, ...]:
+    """The extended tags each match carries: those used as keys and those
+    of :attr:`Query.extended` a query at its level may carry."""
+    found = {tag.path: tag for tag in used}
+    if registry is not None:
+        for name in query.extended:
+            tag = registry.find(name)
+            if (
+                tag is not None
+                and tag.queryable
+                and query.level is not Level.PATIENT
+                and rank(tag.level) <= rank(query.level)
+            ):
+                found.setdefault(tag.path, tag)
+    return tuple(found[path] for path in sorted(found))
+
+
+def _add_extended(
+    conn: Connection, matches: list[dict[str, Any]], tags: Iterable[ExtendedTag]
+) -> None:
+    """Put each match's values of the extended *tags* under their paths,
+    in one query per tag, and drop the entity keys selected for it."""
+    for tag in tags:
+        label = _pk_label(tag.level)
+        values = extended_tags.returned_values(conn, tag, [m[label] for m in matches])
+        for match in matches:
+            match[tag.path] = values.get(match[label])
+    for match in matches:
+        for tag in tags:
+            match.pop(_pk_label(tag.level), None)
+
+
+def _conditions(
+    query: Query, registry: ExtendedTags | None = None
+) -> tuple[list[ColumnElement[bool]], list[ExtendedTag]]:
+    """One condition per non-universal key, and the extended tags used;
+    refuses keys the level cannot match (PS3.4 C.4.1.2.1: in a hierarchical
+    query, keys are at the query level or above)."""
     conditions: list[ColumnElement[bool]] = []
     sequence_keys: dict[str, str] = {}
+    used: list[ExtendedTag] = []
     allowed = MATCHING_KEYS[query.level]
     for keyword, value in sorted(query.keys.items()):
         if not isinstance(value, str):
             raise QueryError(f"{keyword}: the value must be a string")
         if keyword not in allowed:
-            raise QueryError(_not_matchable(keyword, query.level))
+            tag = registry.resolve(keyword) if registry is not None else None
+            if tag is None or keyword in ATTRIBUTES:
+                raise QueryError(_not_matchable(keyword, query.level))
+            found = extended_tags.condition(tag, value, query.level)
+            used.append(tag)
+            if found is not None:
+                conditions.append(found)
+            continue
         if keyword == MODALITIES_IN_STUDY:
             found = matching.modalities_in_study(value)
         elif keyword in REQUEST_ATTRIBUTE_KEYS:
@@ -220,7 +303,7 @@ def _conditions(query: Query) -> list[ColumnElement[bool]]:
     found = _request_attributes_condition(sequence_keys)
     if found is not None:
         conditions.append(found)
-    return conditions
+    return conditions, used
 
 
 def _request_attributes_condition(keys: Mapping[str, str]) -> ColumnElement[bool] | None:

@@ -57,8 +57,9 @@ from werkzeug.http import parse_accept_header
 from appliance.audit import study_uids
 from appliance.dicomio import is_valid_uid
 from appliance.errors import QueryError
+from appliance.extended_tags import ExtendedTag
 from appliance.model import Level
-from appliance.query import Query, QueryService
+from appliance.query import MATCHING_KEYS, Query, QueryService
 from dicomweb import audit
 from dicomweb.app import current_services
 from dicomweb.jsonmodel import (
@@ -94,6 +95,8 @@ UTF8_CHARSET: Final = "ISO_IR 192"
 
 #: The levels from the top, for naming the level a key belongs to.
 _LEVELS: Final = (Level.STUDY, Level.SERIES, Level.IMAGE)
+#: Every standard matching key, of any level: never an extended query tag.
+_ALL_MATCHING_KEYS: Final = frozenset().union(*MATCHING_KEYS.values())
 
 _LEVEL_NAMES: Final = {Level.STUDY: "studies", Level.SERIES: "series", Level.IMAGE: "instances"}
 
@@ -207,6 +210,10 @@ class SearchRequest:
         True if the client asked for fuzzy matching.
     study, series
         The UIDs of the path, or None.
+    extended
+        Extended query tags (``ggggeeee``) named by ``includefield`` (or
+        all of them, for ``includefield=all``); those used as keys are in
+        *keys* under the same paths.
     """
 
     level: Level
@@ -219,6 +226,7 @@ class SearchRequest:
     fuzzymatching: bool
     study: str | None = None
     series: str | None = None
+    extended: frozenset[str] = frozenset()
 
 
 # --------------------------------------------------------------------------
@@ -261,6 +269,7 @@ def _search(level: Level, study: str | None = None, series: str | None = None) -
         limit=page,
         offset=search.offset,
         returned=needed_keys(level, keywords),
+        extended=search.extended,
     )
     try:
         result = service.search(query)
@@ -269,6 +278,13 @@ def _search(level: Level, study: str | None = None, series: str | None = None) -
     root = service_root()
     plan = _result_plan(level, keywords)
     body = [_result_json(plan, match, level, root) for match in result.matches]
+    if result.extended:
+        # extended query tags' values (members named by their tags, PS3.18
+        # F.2.2), in tag order with the others (F.2)
+        for match, item in zip(result.matches, body, strict=True):
+            for tag in result.extended:
+                item[tag.path] = json_element(tag.vr, match.get(tag.path))
+        body = [dict(sorted(item.items())) for item in body]
     # the audit event: the keys' names (their values only if configured:
     # they may be a patient's name or ID) and the studies disclosed
     audit.note(
@@ -303,6 +319,11 @@ def _search(level: Level, study: str | None = None, series: str | None = None) -
     )
     for text in warnings:
         response.headers.add("Warning", warning(root, text))
+    erroneous = [tag.path for tag in result.extended if tag.path in search.keys and tag.error_count]
+    if erroneous:
+        # Microsoft's DICOM server: a query on a tag some of whose values
+        # failed validation says so (those instances cannot match on it)
+        response.headers["erroneous-dicom-attributes"] = ",".join(erroneous)
     return response
 
 
@@ -399,13 +420,23 @@ def parse_search(
     flags = dict.fromkeys(_FLAGS, False)
     paging: dict[str, int | None] = dict.fromkeys(_PAGING)
     values: dict[str, list[str]] = {}
+    extended: set[str] = set()
+    extended_vrs: dict[str, str] = {}
     for name, given in args.lists():
         if name == INCLUDEFIELD:
             include = _includefield(given, include)
+            extended |= _extended_included(given, service)
         elif name in _FLAGS:
             flags[name] = _boolean(name, given)
         elif name in _PAGING:
             paging[name] = _integer(name, given)
+        elif (tag := _extended_key(name, service)) is not None:
+            # an extended query tag (ggggeeee or its keyword): its own key
+            if tag.path in values or (len(given) > 1 and tag.vr != "UI"):
+                raise QueryError(f"query parameter {name!r} is given more than once")
+            values.setdefault(tag.path, []).extend(given)
+            parameters.setdefault(tag.path, name)
+            extended_vrs[tag.path] = tag.vr
         else:
             path = attribute_path(name)
             if path in keys:  # so far only the path's UIDs
@@ -423,7 +454,10 @@ def parse_search(
         if flags[flag]:
             raise QueryError(f"query parameter {flag!r}: {flag}=true is not supported")
     for path, given in values.items():
-        keys[path] = _key_value(parameters[path], path, given)
+        if path in extended_vrs:
+            keys[path] = _extended_value(parameters[path], extended_vrs[path], given)
+        else:
+            keys[path] = _key_value(parameters[path], path, given)
 
     limit = paging["limit"]
     if limit is not None and limit < 1:
@@ -435,14 +469,59 @@ def parse_search(
         level=level,
         keys=keys,
         parameters=parameters,
-        returned=frozenset(path.split(".", 1)[0] for path in values),
+        returned=frozenset(path.split(".", 1)[0] for path in values if path not in extended_vrs),
         include=None if include is None else frozenset(include),
         limit=limit,
         offset=offset,
         fuzzymatching=flags["fuzzymatching"],
         study=study,
         series=series,
+        extended=frozenset(extended),
     )
+
+
+def _extended_key(name: str, service: QueryService) -> ExtendedTag | None:
+    """The extended query tag a query parameter names (by ``ggggeeee`` or
+    keyword), or None; a standard key is never one.
+
+    Raises
+    ------
+    QueryError
+        if it names a tag that cannot be queried now (being added, or its
+        query status Disabled).
+    """
+    registry = service.extended
+    if registry is None or "." in name or name in _ALL_MATCHING_KEYS:
+        return None
+    return registry.resolve(name)
+
+
+def _extended_included(given: Iterable[str], service: QueryService) -> set[str]:
+    """The extended query tags named by ``includefield`` values (every
+    queryable one for ``all``)."""
+    registry = service.extended
+    if registry is None:
+        return set()
+    found: set[str] = set()
+    for value in given:
+        for item in value.split(","):
+            item = item.strip()
+            if item == "all":
+                found.update(tag.path for tag in registry.all() if tag.queryable)
+            elif item and (tag := registry.find(item)) is not None and tag.queryable:
+                found.add(tag.path)
+    return found
+
+
+def _extended_value(name: str, vr: str, given: Sequence[str]) -> str:
+    """The DICOM string form of an extended query tag's key value (a UI key
+    takes a list, as the standard UID keys)."""
+    if any("\0" in value for value in given):
+        raise QueryError(f"query parameter {name!r}: the value holds a NUL character")
+    if vr != "UI":
+        return given[0]
+    items = [item.strip() for value in given for item in re.split(r"[,\\]", value)]
+    return "\\".join(item for item in items if item)
 
 
 def attribute_path(name: str) -> str:

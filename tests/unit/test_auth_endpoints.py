@@ -61,6 +61,9 @@ def test_the_families(tmp_path: Path) -> None:
             assert permission == ("admin" if action else "read"), rule
         elif rule.rule.startswith("/v1/admin"):
             assert permission == "admin", rule
+        elif rule.rule.startswith(("/v1/extendedquerytags", "/v1/operations")):
+            # Microsoft's manageExtendedQueryTags data action: reads as well
+            assert permission == "admin", rule
         elif "POST" in methods:
             assert permission == "write", rule  # STOW-RS
         elif "DELETE" in methods:
