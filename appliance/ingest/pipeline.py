@@ -140,9 +140,8 @@ class IngestService:
         try:
             record = extract_record(read_header(source))
         except ApplianceError as exc:
-            log.warning(
-                "refused an instance from %s %s: %s", origin.protocol, origin.calling_ae, exc.reason
-            )
+            sender = " ".join(part for part in (origin.protocol, origin.calling_ae) if part)
+            log.warning("refused an instance from %s: %s", sender, exc.reason)
             return IngestResult(exc.status, exc.reason)
 
         source_ae = origin.calling_ae.strip()[:16]
