@@ -136,13 +136,6 @@ _HEX8 = re.compile(r"[0-9A-Fa-f]{8}")
 _AS = re.compile(r"\d{3}[DWMY]")
 _CS = re.compile(r"[A-Z0-9 _]*")
 _DT = re.compile(r"(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,6}))?([+-]\d{4})?")
-_INT_RANGES: Mapping[str, tuple[int, int]] = {
-    "IS": (-(2**31), 2**31 - 1),
-    "SL": (-(2**31), 2**31 - 1),
-    "SS": (-(2**15), 2**15 - 1),
-    "UL": (0, 2**32 - 1),
-    "US": (0, 2**16 - 1),
-}
 #: PS3.5 6.2: the longest value of each string VR (PN: per component group).
 _MAX_LENGTH: Mapping[str, int] = {
     "AE": 16,
@@ -474,7 +467,7 @@ def _row(tag: ExtendedTag, value: Any) -> dict[str, Any]:
             number = int(str(value).strip()) if isinstance(value, str) else int(value)
         except (TypeError, ValueError):
             raise ValueError(f"the value is not an integer ({vr})") from None
-        low, high = _INT_RANGES[vr]
+        low, high = matching.INTEGER_RANGES[vr]
         if not low <= number <= high:
             raise ValueError(f"the value is outside the range of {vr} (PS3.5 6.2)")
         return {"value": number}
@@ -941,9 +934,10 @@ def _value_condition(
     if matching.is_universal(value):
         return None  # PS3.4 C.2.2.2.3
     vr = tag.vr
-    if vr in ("AE", "CS", "LO", "SH", "PN", "UI", "DA", "TM", "IS", "US"):
+    if vr in ("AE", "CS", "LO", "SH", "PN", "UI", "DA", "TM", *matching.INTEGER_RANGES):
         # the standard keys' rules: Single Value, Wild Card (AE CS LO SH PN),
-        # List of UID (UI), Range (DA TM); the PN column is casefolded
+        # List of UID (UI), Range (DA TM), integers as numbers; the PN
+        # column is casefolded
         return matching.condition(Attribute(name, tag.level, vr, "value"), column, value)
     if matching.has_wildcard(value):
         # PS3.4 C.2.2.2.4: wild cards only for the VRs listed there
@@ -952,15 +946,6 @@ def _value_condition(
         return column == value  # C.2.2.2.1 Single Value Matching
     if vr == "DT":
         return _dt_condition(column, value, name)
-    if tag.family == "long":
-        try:
-            number = int(value)
-        except ValueError:
-            raise QueryError(f"{name}: the value is not an integer ({vr})") from None
-        low, high = _INT_RANGES[vr]
-        if not low <= number <= high:
-            raise QueryError(f"{name}: the value is outside the range of {vr} (PS3.5 6.2)")
-        return column == number
     try:
         number_f = float(value)
     except ValueError:

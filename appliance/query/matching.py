@@ -51,7 +51,15 @@ ESCAPE = "!"
 _WILDCARD_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
 
 #: PS3.5 6.2: IS is a signed 32-bit range, US is 0..65535.
-_INTEGER_RANGES = {"IS": (-(2**31), 2**31 - 1), "US": (0, 2**16 - 1)}
+#: PS3.5 6.2: the range of each integer VR (IS and US are standard keys'; the
+#: others are extended query tags', :mod:`appliance.extended_tags`).
+INTEGER_RANGES: dict[str, tuple[int, int]] = {
+    "IS": (-(2**31), 2**31 - 1),
+    "SL": (-(2**31), 2**31 - 1),
+    "SS": (-(2**15), 2**15 - 1),
+    "UL": (0, 2**32 - 1),
+    "US": (0, 2**16 - 1),
+}
 
 _DA_RE = re.compile(r"\d{8}")
 
@@ -119,7 +127,7 @@ def condition(
         return _match_date(column, value, keyword)
     if vr == "TM":
         return _match_time(column, value, keyword)
-    if vr in _INTEGER_RANGES:
+    if vr in INTEGER_RANGES:
         return _match_integer(column, value, keyword, vr)
     if vr == "PN":
         return _match_person_name(column, value)
@@ -183,7 +191,7 @@ def _match_uid(column: ColumnElement[Any], value: str, keyword: str) -> ColumnEl
 def _match_integer(
     column: ColumnElement[Any], value: str, keyword: str, vr: str
 ) -> ColumnElement[bool]:
-    # PS3.4 C.2.2.2.4: no Wild Card Matching on IS or US; C.2.2.2.5: no Range
+    # PS3.4 C.2.2.2.4: no Wild Card Matching on integer VRs; C.2.2.2.5: no Range
     # Matching either.  Only C.2.2.2.1 Single Value Matching, as a number
     # (so "007" matches 7).
     if has_wildcard(value):
@@ -192,7 +200,7 @@ def _match_integer(
         number = int(value)
     except ValueError:
         raise QueryError(f"{keyword}: the value is not an integer ({vr})") from None
-    low, high = _INTEGER_RANGES[vr]
+    low, high = INTEGER_RANGES[vr]
     if not low <= number <= high:
         raise QueryError(f"{keyword}: the value is outside the range of {vr} (PS3.5 6.2)")
     return column == number
