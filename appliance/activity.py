@@ -37,7 +37,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.sql.elements import ColumnElement
 
 from appliance.errors import ApplianceError, IndexUnavailable
-from appliance.index.engine import describe_failure, write_transaction
+from appliance.index.engine import as_utc, describe_failure, write_transaction
 from appliance.index.schema import association_log, instance
 
 LOGGER = logging.getLogger(__name__)
@@ -56,11 +56,6 @@ BATCH = 100
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def _aware(value: dt.datetime) -> dt.datetime:
-    # SQLite gives naive datetimes back: they were written in UTC
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 def hour_of(moment: dt.datetime) -> dt.datetime:
@@ -152,7 +147,7 @@ def _hour(dialect: str) -> ColumnElement[Any]:
 
 def _parse_hour(value: Any) -> dt.datetime:
     if isinstance(value, dt.datetime):
-        return _aware(value)
+        return as_utc(value)
     return dt.datetime.fromisoformat(str(value)).replace(tzinfo=dt.UTC)
 
 
@@ -205,8 +200,8 @@ def recent_associations(engine: Engine, limit: int = 20) -> list[AssociationReco
     rows = _read(engine, lambda conn: conn.execute(query).all())
     return [
         AssociationRecord(
-            started_at=_aware(row.started_at),
-            ended_at=_aware(row.ended_at),
+            started_at=as_utc(row.started_at),
+            ended_at=as_utc(row.ended_at),
             calling_ae=row.calling_ae,
             called_ae=row.called_ae,
             address=row.address,

@@ -33,7 +33,7 @@ from appliance.activity import AssociationRecord, HourCount
 from appliance.config import Config
 from appliance.errors import ApplianceError, IndexUnavailable
 from appliance.health import Check
-from appliance.index.engine import describe_failure
+from appliance.index.engine import as_utc, describe_failure
 from appliance.index.schema import changefeed
 from appliance.stats import Counts
 
@@ -145,10 +145,6 @@ def _jsonable(value: Any) -> Any:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def _aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 def _part(name: str, work: Callable[[], T], default: T) -> T:
@@ -279,7 +275,7 @@ def _fhir(services: Services, config: Config, now: dt.datetime) -> FhirSync | No
         except SQLAlchemyError as exc:
             raise IndexUnavailable(f"the index database failed ({describe_failure(exc)})") from exc
         if first is not None:
-            ages.append(round(max((now - _aware(first)).total_seconds(), 0.0), 1))
+            ages.append(round(max((now - as_utc(first)).total_seconds(), 0.0), 1))
     return FhirSync(
         pending=status.queued,
         parked=status.parked,

@@ -58,6 +58,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from appliance.dicomio import HEADER_ERRORS, is_valid_uid, normalize_da, tm_key
 from appliance.errors import ApplianceError, Conflict, IndexUnavailable, NotFound, QueryError
+from appliance.index.engine import as_utc
 from appliance.index.schema import (
     eqt_datetime,
     eqt_double,
@@ -225,7 +226,7 @@ def operation_reference(root: str, operation_id: str) -> dict[str, str]:
 
 
 def tag_of(row: Any) -> ExtendedTag:
-    created = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=dt.UTC)
+    created = as_utc(row.created_at)
     return ExtendedTag(
         key=int(row.key),
         path=str(row.path),
@@ -242,10 +243,6 @@ def tag_of(row: Any) -> ExtendedTag:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def _aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -732,7 +729,7 @@ class ExtendedTags:
                 "studyInstanceUid": row.study_instance_uid,
                 "seriesInstanceUid": row.series_instance_uid,
                 "sopInstanceUid": row.sop_instance_uid,
-                "createdTime": _aware(row.created_at).isoformat(),
+                "createdTime": as_utc(row.created_at).isoformat(),
                 "errorMessage": row.message,
             }
             for row in rows

@@ -52,6 +52,7 @@ from appliance.extended_tags import (
     value_tables,
     write_values,
 )
+from appliance.index.engine import as_utc
 from appliance.index.schema import eqt_error, eqt_operation, extended_query_tag, instance
 from appliance.index.sql import SqlIndex
 from appliance.storage.base import BlobStore
@@ -70,10 +71,6 @@ _PAGE_COLUMNS = (instance.c.id, instance.c.blob_key, instance.c.study_fk, instan
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def _aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 class Reindexer:
@@ -187,7 +184,7 @@ class Reindexer:
             if not tags:  # deleted meanwhile: nothing left to add
                 return self._finish(operation_id, [])
             if not page:
-                oldest = min(_aware(tag.created_at) for tag in tags)
+                oldest = min(as_utc(tag.created_at) for tag in tags)
                 wait = self.settle_seconds - (_now() - oldest).total_seconds()
                 if wait <= 0:
                     return self._finish(operation_id, tags)

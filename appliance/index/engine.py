@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,12 @@ from appliance.errors import IndexUnavailable
 
 #: Execution option: begin the transaction as a writer (SQLite BEGIN IMMEDIATE).
 WRITE = {"appliance_write": True}
+
+
+def as_utc(value: dt.datetime) -> dt.datetime:
+    """*value*, a time read from the index, as an aware UTC datetime: SQLite
+    gives naive datetimes back, and every time the index stores is UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 def describe_failure(exc: SQLAlchemyError) -> str:
