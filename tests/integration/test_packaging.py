@@ -307,6 +307,13 @@ def test_install_sh_as_root_then_serve_as_its_user_on_port_104(tmp_path: Path) -
             if ready is not None and ready.status_code == 200:
                 break
             time.sleep(1)
+        # The supervisor logs where it listens once its own readiness probe
+        # passes, which may be a poll after ours did: wait for that line
+        # before stopping it (CI once sent SIGTERM first).
+        while process.poll() is None and time.monotonic() < deadline:
+            if "ready: DICOMweb on" in log_path.read_text(errors="replace"):
+                break
+            time.sleep(0.5)
         echo_code, echo_output = run_echo(104)
         process.send_signal(signal.SIGTERM)
         exit_code = process.wait(STOP_TIMEOUT)
