@@ -224,6 +224,10 @@ class PeerConfig:
     #: one of which its client certificate must carry; empty = any
     #: certificate from dimse.tls_ca_file
     tls_names: tuple[str, ...] = _field(())
+    #: with partitions.enabled: the data partition this peer's associations
+    #: use, whatever AE title it calls ("" = the one its Called AE Title
+    #: selects, see partitions.ae_titles)
+    partition: str = _field("", check=lambda v: _partition_name(v) if v else None)
 
 
 def _uid_list(value: tuple[str, ...]) -> str | None:
@@ -658,6 +662,50 @@ class AuditConfig:
     record_query_values: bool = _field(False)
 
 
+def _partition_name(value: str) -> str | None:
+    if re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value) is None:
+        return f"{value!r} is not a partition name (1 to 64 of A-Z a-z 0-9 . _ -)"
+    return None
+
+
+def _partition_map(value: tuple[str, ...]) -> str | None:
+    seen: set[str] = set()
+    for item in value:
+        title, sep, name = item.partition("=")
+        problem = _ae_title(title) if sep else "is not CALLED_AE_TITLE=PARTITION"
+        problem = problem or _partition_name(name)
+        if problem:
+            return f"{item!r}: {problem}"
+        if title.strip() in seen:
+            return f"the AE title {title.strip()!r} is listed twice"
+        seen.add(title.strip())
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class PartitionsConfig:
+    """Data partitions (``[partitions]``, README "Data partitions",
+    :mod:`appliance.partitions`)."""
+
+    #: every DICOMweb data path then has a partition segment
+    #: (``/v1/partitions/{name}/studies...``); off, everything is in the
+    #: default partition, Microsoft.Default
+    enabled: bool = _field(False)
+    #: the DIMSE side: "CALLED_AE_TITLE=PARTITION" pairs; the listener also
+    #: answers to these titles, and an association's Called AE Title selects
+    #: its partition (dimse.ae_title, unless listed: Microsoft.Default)
+    ae_titles: tuple[str, ...] = _field((), check=_partition_map)
+
+    def partition_of(self, called_ae_title: str) -> str | None:
+        """The partition the Called AE Title selects, None if none does."""
+        wanted = called_ae_title.strip()
+        for item in self.ae_titles:
+            title, _, name = item.partition("=")
+            if title.strip() == wanted:
+                return name
+        return None
+
+
 @dataclasses.dataclass(frozen=True)
 class ViewerConfig:
     """The OHIF viewer served at ``/viewer`` (``[viewer]``, README "Viewer"):
@@ -690,6 +738,8 @@ class Config:
     audit: AuditConfig = dataclasses.field(default_factory=AuditConfig)
     #: the web viewer served at /viewer
     viewer: ViewerConfig = dataclasses.field(default_factory=ViewerConfig)
+    #: data partitions
+    partitions: PartitionsConfig = dataclasses.field(default_factory=PartitionsConfig)
     #: the file it was read from, if any (not a key)
     source: Path | None = dataclasses.field(default=None, compare=False)
 
@@ -775,6 +825,7 @@ def load_config(
     _check_forward(config.forward)
     _check_auth(config.fhir, "fhir")
     _check_access(config)
+    _check_partitions(config)
     names = {destination.name for destination in config.forward}
     for i, peer in enumerate(config.dimse.peers):
         if peer.commit_after_forward and peer.commit_after_forward not in names:
@@ -977,6 +1028,17 @@ def _check_access(config: Config) -> None:
             raise ConfigError("auth.issuer", "is required with auth.mode = oidc")
         if not auth.audience.strip():
             raise ConfigError("auth.audience", "is required with auth.mode = oidc")
+
+
+def _check_partitions(config: Config) -> None:
+    """Partition settings only with ``partitions.enabled``."""
+    if config.partitions.enabled:
+        return
+    if config.partitions.ae_titles:
+        raise ConfigError("partitions.ae_titles", "needs partitions.enabled = true")
+    for i, peer in enumerate(config.dimse.peers):
+        if peer.partition:
+            raise ConfigError(f"dimse.peers[{i}].partition", "needs partitions.enabled = true")
 
 
 def _check_forward(destinations: tuple[ForwardConfig, ...]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import logging
 from collections.abc import Sequence
@@ -28,6 +29,15 @@ class DeleteService:
         self.storage = storage
         #: the forwarding destinations that are sent deletions
         self.forward_deletes_to = tuple(forward_deletes_to)
+
+    def in_partition(self, partition_key: int) -> DeleteService:
+        """This service on the data partition *partition_key* (a light copy
+        sharing everything but the index binding)."""
+        if partition_key == self.index.partition_key:
+            return self
+        bound = copy.copy(self)
+        bound.index = self.index.in_partition(partition_key)
+        return bound
 
     def delete(
         self,

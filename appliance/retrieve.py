@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -21,6 +22,15 @@ class RetrieveService:
     def __init__(self, index: SqlIndex, storage: BlobStore) -> None:
         self.index = index
         self.storage = storage
+
+    def in_partition(self, partition_key: int) -> RetrieveService:
+        """This service on the data partition *partition_key* (a light copy
+        sharing everything but the index binding)."""
+        if partition_key == self.index.partition_key:
+            return self
+        bound = copy.copy(self)
+        bound.index = self.index.in_partition(partition_key)
+        return bound
 
     def instances(
         self, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None

@@ -18,9 +18,11 @@ from appliance.extended_tags import ExtendedTags
 from appliance.forward.routes import Routes
 from appliance.index import migrate
 from appliance.index.engine import engine_for
+from appliance.index.schema import DEFAULT_PARTITION_KEY
 from appliance.index.sql import SqlIndex
 from appliance.ingest import IngestService
 from appliance.logs import quiet_pydicom
+from appliance.partitions import Partitions
 from appliance.query import QueryService
 from appliance.retrieve import RetrieveService
 from appliance.storage import BlobStore, open_blob_store
@@ -42,6 +44,28 @@ class Services:
     audit: AuditLog
     #: the extended query tags (their list cached in this process)
     extended: ExtendedTags
+    #: the data partitions (their keys cached in this process)
+    partitions: Partitions
+
+    @property
+    def partition_key(self) -> int:
+        """The data partition these services read and write."""
+        return self.index.partition_key
+
+    def in_partition(self, partition_key: int) -> Services:
+        """These services bound to the data partition *partition_key*: the
+        index, queries, ingest, retrieve and delete see only its rows (light
+        copies sharing the engine, the storage and the caches)."""
+        if partition_key == self.index.partition_key:
+            return self
+        return dataclasses.replace(
+            self,
+            index=self.index.in_partition(partition_key),
+            ingest=self.ingest.in_partition(partition_key),
+            query=self.query.in_partition(partition_key),
+            retrieve=self.retrieve.in_partition(partition_key),
+            delete=self.delete.in_partition(partition_key),
+        )
 
     def check_ready(self) -> dict[str, str]:
         """Probe the index and the storage; ``{"index": "ok", ...}`` or the
@@ -89,9 +113,16 @@ def build_services(config: Config, *, require_schema: bool = True) -> Services:
         storage=storage,
         index=index,
         ingest=IngestService(storage, index, config.ingest, routes, extended),
-        query=QueryService(engine, max_results=config.query.max_results, extended=extended),
+        query=QueryService(
+            engine,
+            max_results=config.query.max_results,
+            extended=extended,
+            # partitions off: no partition condition at all (see QueryService)
+            partition_key=DEFAULT_PARTITION_KEY if config.partitions.enabled else None,
+        ),
         retrieve=RetrieveService(index, storage),
         delete=DeleteService(index, storage, routes.deletes_to),
         audit=AuditLog(config.audit),
         extended=extended,
+        partitions=Partitions(engine),
     )

@@ -77,6 +77,15 @@ def _truncate(engine: Engine) -> None:
     tables = ", ".join(t.name for t in reversed(metadata.sorted_tables))
     with engine.begin() as conn:
         conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+        # the default data partition, as migration 0013 writes it (and the
+        # next partition created gets key 2, as in a new index)
+        conn.execute(
+            text(
+                "INSERT INTO data_partition (key, name, created_at) "
+                "VALUES (1, 'Microsoft.Default', now())"
+            )
+        )
+        conn.execute(text("SELECT setval(pg_get_serial_sequence('data_partition', 'key'), 1)"))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

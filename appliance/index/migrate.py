@@ -9,10 +9,12 @@ spares each of them about 12 MB.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine, column, inspect, select, table
+from sqlalchemy import Connection, Engine, column, inspect, select, table
 from sqlalchemy.exc import SQLAlchemyError
 
 from appliance.errors import IndexUnavailable, SchemaNotCurrent
@@ -24,7 +26,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 #: The schema revision this code expects: the head of ``migrations/versions``
 #: (a test holds the two together; raise it with each new migration).
-SCHEMA_REVISION = "0012"
+SCHEMA_REVISION = "0013"
 
 #: Alembic's table of the database's revision (one row, one column).
 _VERSION = table("alembic_version", column("version_num"))
@@ -68,7 +70,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     from alembic import command
 
     cfg = _alembic_config()
-    with engine.connect() as conn:
+    with engine.connect() as conn, _foreign_keys_off(conn):
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
         conn.commit()
@@ -80,10 +82,33 @@ def downgrade(engine: Engine, revision: str) -> None:
     from alembic import command
 
     cfg = _alembic_config()
-    with engine.connect() as conn:
+    with engine.connect() as conn, _foreign_keys_off(conn):
         cfg.attributes["connection"] = conn
         command.downgrade(cfg, revision)
         conn.commit()
+
+
+@contextlib.contextmanager
+def _foreign_keys_off(conn: Connection) -> Iterator[None]:
+    """SQLite: foreign keys off while migrations rebuild tables (the
+    procedure of SQLite's documentation, "Making Other Kinds Of Table Schema
+    Changes"): dropping the old copy of a table would otherwise cascade to,
+    or be refused by, the rows that reference it.  Set outside any
+    transaction (inside one the pragma does nothing), checked before they
+    are turned on again.  Other databases: nothing to do."""
+    if conn.dialect.name != "sqlite":
+        yield
+        return
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    raw.execute("PRAGMA foreign_keys=OFF")
+    try:
+        yield
+        broken = raw.execute("PRAGMA foreign_key_check").fetchall()
+        if broken:
+            raise IndexUnavailable(f"the migration left {len(broken)} dangling references")
+    finally:
+        raw.execute("PRAGMA foreign_keys=ON")
 
 
 def stored_revision(engine: Engine) -> str | None:

@@ -60,13 +60,43 @@ PATTERN_OPS = {
 }
 
 UID = String(64)  # PS3.5 6.2: UI is at most 64 characters
+
+#: The key of the default data partition (``Microsoft.Default``, the only
+#: one while partitions are off; :mod:`appliance.partitions`).
+DEFAULT_PARTITION_KEY = 1
+
+
+def _partition_column() -> Column[Any]:
+    """The data partition a row belongs to (migration 0013): every row of
+    the default partition has key 1, which is also the column's default."""
+    return Column(
+        "partition_key",
+        Id,
+        nullable=False,
+        server_default=str(DEFAULT_PARTITION_KEY),
+    )
+
+
 SHORT = String(64)  # CS, SH, LO, DA, TM, IS values (LO is the longest, 64)
 TEXT = String(1024)  # PN (3 groups x 64 chars x up to 4 bytes) and LO multi-values
+
+#: The data partitions (issue 11; the seed service's feature of the same
+#: name, REFERENCE.md): a partition is created by the first write into it;
+#: the same UIDs may exist in two partitions, as two independent records.
+#: Key 1 is ``Microsoft.Default`` (written by migration 0013).
+data_partition = Table(
+    "data_partition",
+    metadata,
+    Column("key", Id, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
 
 patient = Table(
     "patient",
     metadata,
     Column("id", Id, primary_key=True, autoincrement=True),
+    _partition_column(),
     Column("patient_id", SHORT, nullable=False),
     Column("issuer_of_patient_id", SHORT, nullable=False),
     Column("patient_name", TEXT, nullable=False),
@@ -74,7 +104,7 @@ patient = Table(
     Column("patient_birth_date", SHORT, nullable=False),
     Column("patient_sex", SHORT, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
-    UniqueConstraint("patient_id", "issuer_of_patient_id"),
+    UniqueConstraint("patient_id", "issuer_of_patient_id", "partition_key"),
     Index(None, "patient_name_norm", postgresql_ops=PATTERN_OPS["patient_name_norm"]),
 )
 
@@ -83,7 +113,10 @@ study = Table(
     metadata,
     Column("id", Id, primary_key=True, autoincrement=True),
     Column("patient_fk", Id, ForeignKey("patient.id"), nullable=False, index=True),
-    Column("study_instance_uid", UID, nullable=False, unique=True),
+    _partition_column(),
+    # unique in its partition; the UID leads the index, so a look-up by UID
+    # alone (change feed followers, retention) is served by it too
+    Column("study_instance_uid", UID, nullable=False),
     Column("study_date", SHORT, nullable=False, index=True),
     Column("study_time", SHORT, nullable=False),
     Column("study_time_key", SHORT, nullable=False),
@@ -105,6 +138,7 @@ study = Table(
     Column("num_instances", Integer, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("study_instance_uid", "partition_key"),
     # matched with LIKE as well as "=" (migration 0004)
     Index(None, "accession_number", postgresql_ops=PATTERN_OPS["accession_number"]),
     Index(None, "patient_id", postgresql_ops=PATTERN_OPS["patient_id"]),
@@ -116,7 +150,8 @@ series = Table(
     metadata,
     Column("id", Id, primary_key=True, autoincrement=True),
     Column("study_fk", Id, ForeignKey("study.id"), nullable=False, index=True),
-    Column("series_instance_uid", UID, nullable=False, unique=True),
+    _partition_column(),
+    Column("series_instance_uid", UID, nullable=False),
     Column("modality", SHORT, nullable=False, index=True),
     Column("series_number", Integer, nullable=True),
     Column("series_description", TEXT, nullable=False),
@@ -127,6 +162,7 @@ series = Table(
     Column("num_instances", Integer, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("series_instance_uid", "partition_key"),
 )
 
 #: The items of a series' Request Attributes Sequence (0040,0275), as its
@@ -147,7 +183,8 @@ instance = Table(
     Column("id", Id, primary_key=True, autoincrement=True),
     Column("series_fk", Id, ForeignKey("series.id"), nullable=False, index=True),
     Column("study_fk", Id, ForeignKey("study.id"), nullable=False, index=True),
-    Column("sop_instance_uid", UID, nullable=False, unique=True),
+    _partition_column(),
+    Column("sop_instance_uid", UID, nullable=False),
     Column("sop_class_uid", UID, nullable=False, index=True),
     Column("instance_number", Integer, nullable=True),
     Column("rows", Integer, nullable=True),
@@ -168,6 +205,7 @@ instance = Table(
     # the protocol it came by (Origin.protocol: dimse | dicomweb | import),
     # "" for instances stored before migration 0011
     Column("source_protocol", String(16), nullable=False, server_default=""),
+    UniqueConstraint("sop_instance_uid", "partition_key"),
 )
 
 #: Each instance's WADO-RS metadata (DICOM JSON, PS3.18 Annex F) as UTF-8
@@ -205,6 +243,7 @@ changefeed = Table(
     Column("study_instance_uid", UID, nullable=False),
     Column("series_instance_uid", UID, nullable=False),
     Column("sop_instance_uid", UID, nullable=False, index=True),
+    _partition_column(),
     # SQLite: never reuse a sequence number, even after the newest row is gone
     sqlite_autoincrement=True,
 )
@@ -239,6 +278,8 @@ commitment_report = Table(
     Column("delivered_via", String(16), nullable=True),
     # the [[forward]] destination whose delivery a "waiting" report awaits
     Column("await_destination", String(64), nullable=True),
+    # the data partition of the requesting association (migration 0013)
+    _partition_column(),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("transaction_uid", "request_digest"),
@@ -275,6 +316,7 @@ forward_entry = Table(
     Column("study_instance_uid", UID, nullable=False),
     Column("series_instance_uid", UID, nullable=False),
     Column("sop_instance_uid", UID, nullable=False),
+    _partition_column(),
     Column("state", String(16), nullable=False),
     Column("attempts", Integer, nullable=False),
     Column("next_attempt_at", DateTime(timezone=True), nullable=False),

@@ -6,10 +6,18 @@ together or not at all.  Concurrent writers are safe: SQLite writers take the
 write lock at BEGIN; on PostgreSQL, parent rows are created with
 ``INSERT .. ON CONFLICT DO NOTHING`` and a lost race on the SOP Instance UID's
 unique key is retried once as the duplicate it now is.
+
+An index object is bound to one data partition (:meth:`SqlIndex.in_partition`;
+the default partition unless told otherwise): its look-ups and writes by UID
+see only that partition's rows, so the same UIDs may be stored in two
+partitions as two independent records.  The walks over the whole index
+(``stored_page``, ``blob_page``, ``blob_keys``, ``count_instances``) and the
+change feed (unless asked for one partition) cover every partition.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as dt
 import enum
@@ -26,6 +34,7 @@ from appliance.errors import ApplianceError, IndexUnavailable, InvalidInstance, 
 from appliance.index.engine import WRITE
 from appliance.index.engine import describe_failure as _describe
 from appliance.index.schema import (
+    DEFAULT_PARTITION_KEY,
     changefeed,
     forward_entry,
     instance,
@@ -91,6 +100,8 @@ class StoredInstance:
     number_of_frames: int | None = None
     #: when the instance's bytes were last written (created or replaced)
     updated_at: dt.datetime | None = None
+    #: its data partition
+    partition_key: int = DEFAULT_PARTITION_KEY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +115,12 @@ class ChangeEntry:
     study_instance_uid: str
     series_instance_uid: str
     sop_instance_uid: str
+    #: the data partition of the instance
+    partition_key: int = DEFAULT_PARTITION_KEY
+
+
+#: The change-feed columns of a :class:`ChangeEntry`.
+_CHANGE_COLUMNS = tuple(changefeed.c)
 
 
 def _stored_instances() -> Any:
@@ -120,6 +137,7 @@ def _stored_instances() -> Any:
             instance.c.size,
             instance.c.number_of_frames,
             instance.c.updated_at,
+            instance.c.partition_key,
         )
         .join(series, series.c.id == instance.c.series_fk)
         .join(study, study.c.id == instance.c.study_fk)
@@ -134,8 +152,10 @@ def _stored_instances() -> Any:
     )
 
 
-def _hierarchy_conditions(study_uid: str, series_uid: str | None, sop_uid: str | None) -> list[Any]:
-    conditions = [study.c.study_instance_uid == study_uid]
+def _hierarchy_conditions(
+    partition_key: int, study_uid: str, series_uid: str | None, sop_uid: str | None
+) -> list[Any]:
+    conditions = [study.c.study_instance_uid == study_uid, study.c.partition_key == partition_key]
     if series_uid is not None:
         conditions.append(series.c.series_instance_uid == series_uid)
     if sop_uid is not None:
@@ -197,19 +217,31 @@ _EXISTING = (
         series.c.series_instance_uid,
     )
     .join(series, series.c.id == instance.c.series_fk)
-    .where(instance.c.sop_instance_uid == bindparam("sop"))
+    .where(
+        instance.c.sop_instance_uid == bindparam("sop"),
+        instance.c.partition_key == bindparam("partition"),
+    )
     .with_for_update(of=instance)
 )
 _PATIENT = select(patient.c.id).where(
     patient.c.patient_id == bindparam("pid"),
     patient.c.issuer_of_patient_id == bindparam("issuer"),
+    patient.c.partition_key == bindparam("partition"),
 )
 _STUDY_FOR_UPDATE = (
-    select(study.c.id).where(study.c.study_instance_uid == bindparam("uid")).with_for_update()
+    select(study.c.id)
+    .where(
+        study.c.study_instance_uid == bindparam("uid"),
+        study.c.partition_key == bindparam("partition"),
+    )
+    .with_for_update()
 )
 _SERIES_FOR_UPDATE = (
     select(series.c.id, series.c.study_fk)
-    .where(series.c.series_instance_uid == bindparam("uid"))
+    .where(
+        series.c.series_instance_uid == bindparam("uid"),
+        series.c.partition_key == bindparam("partition"),
+    )
     .with_for_update()
 )
 _INSERT_INSTANCE = instance.insert()
@@ -230,7 +262,11 @@ _COUNT_NEW_SERIES = (
 )
 _MARK_REPLACED = (
     update(changefeed)
-    .where(changefeed.c.sop_instance_uid == bindparam("sop"), changefeed.c.state == "current")
+    .where(
+        changefeed.c.sop_instance_uid == bindparam("sop"),
+        changefeed.c.partition_key == bindparam("partition"),
+        changefeed.c.state == "current",
+    )
     .values(state="replaced")
 )
 _FEED_LOCK_STATEMENT = select(func.pg_advisory_xact_lock(_FEED_LOCK))
@@ -239,28 +275,43 @@ _FEED_LOCK_STATEMENT = select(func.pg_advisory_xact_lock(_FEED_LOCK))
 #: tags' values, :func:`appliance.extended_tags.write_values`).
 AlsoWrite = Callable[[Connection, int, int, int, bool], None]
 
-_FIND_INSTANCE = _stored_instances().where(instance.c.sop_instance_uid == bindparam("sop"))
+_FIND_INSTANCE = _stored_instances().where(
+    instance.c.sop_instance_uid == bindparam("sop"),
+    instance.c.partition_key == bindparam("partition"),
+)
 
 
 class SqlIndex:
-    """The index on SQLite or PostgreSQL (same code, same migrations)."""
+    """The index on SQLite or PostgreSQL (same code, same migrations), bound
+    to the data partition *partition_key* (see the module's text)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, partition_key: int = DEFAULT_PARTITION_KEY) -> None:
         self.engine = engine
+        #: the data partition this object reads and writes
+        self.partition_key = partition_key
         insert: Any = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
         # parents are created with INSERT .. ON CONFLICT DO NOTHING, so two
         # writers creating the same study at once both succeed
         self._insert_patient = insert(patient).on_conflict_do_nothing(
-            index_elements=["patient_id", "issuer_of_patient_id"]
+            index_elements=["patient_id", "issuer_of_patient_id", "partition_key"]
         )
         self._insert_study = insert(study).on_conflict_do_nothing(
-            index_elements=["study_instance_uid"]
+            index_elements=["study_instance_uid", "partition_key"]
         )
         self._insert_series = (
             insert(series)
-            .on_conflict_do_nothing(index_elements=["series_instance_uid"])
+            .on_conflict_do_nothing(index_elements=["series_instance_uid", "partition_key"])
             .returning(series.c.id)
         )
+
+    def in_partition(self, partition_key: int) -> SqlIndex:
+        """This index bound to another data partition (a light copy: the
+        engine and the prepared statements are shared)."""
+        if partition_key == self.partition_key:
+            return self
+        bound = copy.copy(self)
+        bound.partition_key = partition_key
+        return bound
 
     # ------------------------------------------------------------------ reads
 
@@ -278,7 +329,9 @@ class SqlIndex:
         """The stored instance with that SOP Instance UID, or None."""
         try:
             with self._reading() as conn:
-                row = conn.execute(_FIND_INSTANCE, {"sop": sop_instance_uid}).first()
+                row = conn.execute(
+                    _FIND_INSTANCE, {"sop": sop_instance_uid, "partition": self.partition_key}
+                ).first()
         except SQLAlchemyError as exc:
             raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
         return None if row is None else StoredInstance(*row)
@@ -294,7 +347,9 @@ class SqlIndex:
         NotFound
             if nothing is stored there.
         """
-        query = _stored_instances().where(*_hierarchy_conditions(study_uid, series_uid, sop_uid))
+        query = _stored_instances().where(
+            *_hierarchy_conditions(self.partition_key, study_uid, series_uid, sop_uid)
+        )
         try:
             with self._reading() as conn:
                 rows = conn.execute(query).all()
@@ -389,23 +444,34 @@ class SqlIndex:
 
     # ------------------------------------------------------------ change feed
 
-    def changes(self, after: int, limit: int) -> list[ChangeEntry]:
-        """Change-feed entries with a sequence above *after*, oldest first.
+    def changes(
+        self, after: int, limit: int, *, partition_key: int | None = None
+    ) -> list[ChangeEntry]:
+        """Change-feed entries with a sequence above *after*, oldest first:
+        of every partition, or of *partition_key*'s alone.
 
         Sequence numbers may have gaps (a rolled-back transaction), never
         late arrivals: see :meth:`_log_change`."""
         query = (
-            select(changefeed).where(changefeed.c.sequence > after).order_by(changefeed.c.sequence)
-        ).limit(limit)
+            select(*_CHANGE_COLUMNS)
+            .where(changefeed.c.sequence > after)
+            .order_by(changefeed.c.sequence)
+            .limit(limit)
+        )
+        if partition_key is not None:
+            query = query.where(changefeed.c.partition_key == partition_key)
         try:
             with self._reading() as conn:
                 return [ChangeEntry(**row._mapping) for row in conn.execute(query)]
         except SQLAlchemyError as exc:
             raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
 
-    def latest_change(self) -> ChangeEntry | None:
-        """The newest change-feed entry, or None for an empty feed."""
-        query = select(changefeed).order_by(changefeed.c.sequence.desc()).limit(1)
+    def latest_change(self, *, partition_key: int | None = None) -> ChangeEntry | None:
+        """The newest change-feed entry (of every partition, or of
+        *partition_key*'s alone), or None for an empty feed."""
+        query = select(*_CHANGE_COLUMNS).order_by(changefeed.c.sequence.desc()).limit(1)
+        if partition_key is not None:
+            query = query.where(changefeed.c.partition_key == partition_key)
         try:
             with self._reading() as conn:
                 row = conn.execute(query).first()
@@ -471,7 +537,10 @@ class SqlIndex:
         entry of an instance, or None if the feed never named it."""
         query = (
             select(changefeed.c.action)
-            .where(changefeed.c.sop_instance_uid == sop_instance_uid)
+            .where(
+                changefeed.c.sop_instance_uid == sop_instance_uid,
+                changefeed.c.partition_key == self.partition_key,
+            )
             .order_by(changefeed.c.sequence.desc())
             .limit(1)
         )
@@ -538,7 +607,8 @@ class SqlIndex:
         also: AlsoWrite | None = None,
     ) -> AddResult:
         sop_uid = record.instance.sop_instance_uid
-        existing = conn.execute(_EXISTING, {"sop": sop_uid}).first()
+        key = {"sop": sop_uid, "partition": self.partition_key}
+        existing = conn.execute(_EXISTING, key).first()
         now = _now()
         written = now if written_at is None else written_at
         if existing is None:
@@ -551,7 +621,7 @@ class SqlIndex:
             return AddResult(AddOutcome.DUPLICATE_KEPT)
         if policy == "reject":
             return AddResult(AddOutcome.DUPLICATE_REJECTED)
-        conn.execute(_MARK_REPLACED, {"sop": sop_uid})
+        conn.execute(_MARK_REPLACED, {"sop": sop_uid, "partition": self.partition_key})
         if existing.series_instance_uid == record.series.series_instance_uid:
             # the usual replacement: same place in the hierarchy, new bytes
             conn.execute(
@@ -568,8 +638,8 @@ class SqlIndex:
         self._log_change(conn, record, now)
         return AddResult(AddOutcome.REPLACED, orphaned_blob_key=existing.blob_key)
 
-    @staticmethod
     def _queue_forward(
+        self,
         conn: Connection,
         destinations: Sequence[str],
         action: str,
@@ -586,6 +656,7 @@ class SqlIndex:
                         "study_instance_uid": record.study.study_instance_uid,
                         "series_instance_uid": record.series.series_instance_uid,
                         "sop_instance_uid": record.instance.sop_instance_uid,
+                        "partition_key": self.partition_key,
                         "state": "queued",
                         "attempts": 0,
                         "next_attempt_at": now,
@@ -611,6 +682,7 @@ class SqlIndex:
             {
                 "series_fk": series_fk,
                 "study_fk": study_fk,
+                "partition_key": self.partition_key,
                 "created_at": written,
                 **_instance_values(record, blob, written),
             },
@@ -673,12 +745,17 @@ class SqlIndex:
                 "study_instance_uid": record.study.study_instance_uid,
                 "series_instance_uid": record.series.series_instance_uid,
                 "sop_instance_uid": record.instance.sop_instance_uid,
+                "partition_key": self.partition_key,
             },
         )
 
     def _ensure_patient(self, conn: Connection, record: InstanceRecord, now: dt.datetime) -> int:
         p = record.patient
-        key = {"pid": p.patient_id, "issuer": p.issuer_of_patient_id}
+        key = {
+            "pid": p.patient_id,
+            "issuer": p.issuer_of_patient_id,
+            "partition": self.partition_key,
+        }
         found = conn.execute(_PATIENT, key).scalar_one_or_none()
         if found is not None:
             return int(found)
@@ -687,6 +764,7 @@ class SqlIndex:
             {
                 "patient_id": p.patient_id,
                 "issuer_of_patient_id": p.issuer_of_patient_id,
+                "partition_key": self.partition_key,
                 "patient_name": p.patient_name,
                 "patient_name_norm": p.patient_name.casefold(),
                 "patient_birth_date": p.patient_birth_date,
@@ -700,7 +778,7 @@ class SqlIndex:
         self, conn: Connection, record: InstanceRecord, now: dt.datetime
     ) -> int | None:
         s, p = record.study, record.patient
-        key = {"uid": s.study_instance_uid}
+        key = {"uid": s.study_instance_uid, "partition": self.partition_key}
         found = conn.execute(_STUDY_FOR_UPDATE, key).scalar_one_or_none()
         if found is not None:
             return int(found)
@@ -709,6 +787,7 @@ class SqlIndex:
             {
                 "patient_fk": self._ensure_patient(conn, record, now),
                 "study_instance_uid": s.study_instance_uid,
+                "partition_key": self.partition_key,
                 "study_date": s.study_date,
                 "study_time": s.study_time,
                 "study_time_key": tm_key(s.study_time),
@@ -737,7 +816,7 @@ class SqlIndex:
         self, conn: Connection, record: InstanceRecord, study_fk: int, now: dt.datetime
     ) -> int | None:
         s = record.series
-        key = {"uid": s.series_instance_uid}
+        key = {"uid": s.series_instance_uid, "partition": self.partition_key}
         row = conn.execute(_SERIES_FOR_UPDATE, key).first()
         if row is None:
             created = conn.execute(
@@ -745,6 +824,7 @@ class SqlIndex:
                 {
                     "study_fk": study_fk,
                     "series_instance_uid": s.series_instance_uid,
+                    "partition_key": self.partition_key,
                     "modality": s.modality,
                     "series_number": s.series_number,
                     "series_description": s.series_description,
@@ -874,7 +954,7 @@ class SqlIndex:
         query = (
             _stored_instances()
             .add_columns(instance.c.id, instance.c.series_fk, instance.c.study_fk)
-            .where(*_hierarchy_conditions(study_uid, series_uid, sop_uid))
+            .where(*_hierarchy_conditions(self.partition_key, study_uid, series_uid, sop_uid))
             .with_for_update(of=instance)
         )
         if blob_key is not None:
@@ -885,18 +965,21 @@ class SqlIndex:
                 if not rows:
                     raise NotFound(f"no {_what(study_uid, series_uid, sop_uid)} is stored")
                 if idle_since is not None:
-                    self._check_idle(conn, rows, idle_since)
+                    self._check_idle(conn, rows, idle_since, self.partition_key)
                 self._remove_instances(conn, rows)
                 now = _now()
                 uids = sorted(row.sop_instance_uid for row in rows)
                 for chunk in _chunks(uids):
                     conn.execute(
                         update(changefeed)
-                        .where(changefeed.c.sop_instance_uid.in_(chunk))
+                        .where(
+                            changefeed.c.sop_instance_uid.in_(chunk),
+                            changefeed.c.partition_key == self.partition_key,
+                        )
                         .values(state="deleted")
                     )
                 if forward_to:
-                    self._queue_forward_deletes(conn, rows, forward_to, now)
+                    self._queue_forward_deletes(conn, rows, forward_to, now, self.partition_key)
                 self._lock_feed(conn)
                 conn.execute(
                     changefeed.insert(),
@@ -908,16 +991,19 @@ class SqlIndex:
                             "study_instance_uid": row.study_instance_uid,
                             "series_instance_uid": row.series_instance_uid,
                             "sop_instance_uid": row.sop_instance_uid,
+                            "partition_key": self.partition_key,
                         }
                         for row in rows
                     ],
                 )
         except (OperationalError, InterfaceError) as exc:
             raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
-        return [StoredInstance(*row[:9]) for row in rows]
+        return [StoredInstance(*row[:10]) for row in rows]
 
     @staticmethod
-    def _check_idle(conn: Connection, rows: Sequence[Any], idle_since: dt.datetime) -> None:
+    def _check_idle(
+        conn: Connection, rows: Sequence[Any], idle_since: dt.datetime, partition_key: int
+    ) -> None:
         if any(_aware(row.updated_at) >= idle_since for row in rows if row.updated_at):
             raise Busy("an instance was stored there since")
         for chunk in _chunks(sorted(row.sop_instance_uid for row in rows)):
@@ -925,6 +1011,7 @@ class SqlIndex:
                 select(forward_entry.c.id)
                 .where(
                     forward_entry.c.sop_instance_uid.in_(chunk),
+                    forward_entry.c.partition_key == partition_key,
                     forward_entry.c.state == "queued",
                 )
                 .limit(1)
@@ -934,7 +1021,11 @@ class SqlIndex:
 
     @staticmethod
     def _queue_forward_deletes(
-        conn: Connection, rows: Sequence[Any], destinations: Sequence[str], now: dt.datetime
+        conn: Connection,
+        rows: Sequence[Any],
+        destinations: Sequence[str],
+        now: dt.datetime,
+        partition_key: int,
     ) -> None:
         by_uid = {row.sop_instance_uid: row for row in rows}
         taken: set[tuple[str, str]] = set()
@@ -943,6 +1034,7 @@ class SqlIndex:
                 select(forward_entry.c.destination, forward_entry.c.sop_instance_uid)
                 .where(
                     forward_entry.c.sop_instance_uid.in_(chunk),
+                    forward_entry.c.partition_key == partition_key,
                     forward_entry.c.action == "store",
                     forward_entry.c.destination.in_(list(destinations)),
                 )
@@ -960,6 +1052,7 @@ class SqlIndex:
                     "study_instance_uid": by_uid[uid].study_instance_uid,
                     "series_instance_uid": by_uid[uid].series_instance_uid,
                     "sop_instance_uid": uid,
+                    "partition_key": partition_key,
                     "state": "queued",
                     "attempts": 0,
                     "next_attempt_at": now,

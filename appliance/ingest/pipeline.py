@@ -10,6 +10,7 @@ So an index row never points at a missing blob.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import io
 import logging
@@ -75,6 +76,15 @@ class IngestService:
         #: the forwarding destinations: an instance stored is queued for
         #: those that take it, in its own index transaction
         self.routes = routes if routes is not None else Routes(())
+
+    def in_partition(self, partition_key: int) -> IngestService:
+        """This service on the data partition *partition_key* (a light copy
+        sharing everything but the index binding)."""
+        if partition_key == self.index.partition_key:
+            return self
+        bound = copy.copy(self)
+        bound.index = self.index.in_partition(partition_key)
+        return bound
 
     def store_part10(
         self, source: IO[bytes], origin: Origin, *, expected_study_uid: str | None = None

@@ -28,7 +28,13 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from appliance import extended_tags
 from appliance.errors import IndexUnavailable, QueryError
-from appliance.index.schema import instance, patient, request_attribute, series, study
+from appliance.index.schema import (
+    instance,
+    patient,
+    request_attribute,
+    series,
+    study,
+)
 from appliance.model import Level
 from appliance.query import matching
 from appliance.query.keys import (
@@ -133,16 +139,34 @@ class QueryService:
         lowered to it and the result marked truncated if there were more.
     extended
         The extended query tags (None: only the standard keys).
+    partition_key
+        The data partition searched (:mod:`appliance.partitions`): the
+        entities of another partition never match.  None while partitions
+        are off: every row is then the default partition's (``serve``
+        refuses to start with partitions off and others in the index), so
+        the searches carry no partition condition and keep the plans they
+        had before partitions existed.
     """
 
     def __init__(
-        self, engine: Engine, max_results: int, extended: ExtendedTags | None = None
+        self,
+        engine: Engine,
+        max_results: int,
+        extended: ExtendedTags | None = None,
+        partition_key: int | None = None,
     ) -> None:
         if max_results < 1:
             raise ValueError("max_results must be at least 1")
         self._engine = engine
         self._max_results = max_results
         self._extended = extended
+        self._partition_key = partition_key
+
+    def in_partition(self, partition_key: int) -> QueryService:
+        """This service searching the data partition *partition_key*."""
+        if partition_key == self._partition_key:
+            return self
+        return QueryService(self._engine, self._max_results, self._extended, partition_key)
 
     @property
     def extended(self) -> ExtendedTags | None:
@@ -180,6 +204,10 @@ class QueryService:
         limit = self._page_size(query)
         shape = _shape(query.level, _wanted(query))
         conditions, tags = _conditions(query, self._extended)
+        if self._partition_key is not None:
+            # every level's source holds the study (or, for PATIENT, the patient)
+            owner = patient if query.level is Level.PATIENT else study
+            conditions.append(owner.c.partition_key == self._partition_key)
         returned = _extended_returned(query, self._extended, tags)
         pks = {tag.level: extended_tags.entity_column(tag) for tag in returned}
         columns = [*shape.columns, *(pk.label(_pk_label(lv)) for lv, pk in pks.items())]

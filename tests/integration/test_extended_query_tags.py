@@ -438,7 +438,7 @@ def test_migration_0012_goes_down_and_up(tmp_path: Path) -> None:
         assert not names & {"extended_query_tag", "eqt_string", "eqt_operation", "eqt_error"}
         migrate.upgrade(engine)
         assert "eqt_datetime" in inspect(engine).get_table_names()
-        assert migrate.stored_revision(engine) == "0012"
+        assert migrate.stored_revision(engine) == migrate.SCHEMA_REVISION
     finally:
         engine.dispose()
 

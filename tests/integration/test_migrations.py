@@ -163,3 +163,92 @@ def test_migrations_go_down_and_up_again_with_data_on_postgresql(tmp_path: Path)
             assert content() == before
         finally:
             engine.dispose()
+
+
+def test_sqlite_rebuilds_keep_the_rows_that_reference_the_rebuilt_tables(
+    tmp_path: Path,
+) -> None:
+    """Migration 0013 rebuilds patient, study, series and instance on SQLite
+    (their unique constraints change); the rows referencing them (metadata
+    cache, extended-tag values, request attributes) survive it both ways,
+    foreign keys being off while tables are rebuilt, and on again after."""
+    import io
+
+    from sqlalchemy import func, insert, select
+
+    from appliance.config import load_config
+    from appliance.index.schema import (
+        eqt_string,
+        instance,
+        metadata_cache,
+        request_attribute,
+        series,
+        study,
+    )
+    from appliance.model import Origin
+    from appliance.reindex import Reindexer
+    from appliance.services import build_services
+    from tests.helpers import part10_of, small_study
+
+    url = f"sqlite:///{tmp_path / 'index.db'}"
+    engine = create_index_engine(url)
+    migrate.upgrade(engine)
+    config = load_config(
+        environ={"APPLIANCE_INDEX_URL": url, "APPLIANCE_STORAGE_PATH": str(tmp_path / "blobs")},
+        cwd=tmp_path,
+    )
+    services = build_services(config)
+    try:
+        services.extended.add([{"path": "ManufacturerModelName", "level": "Series"}])
+        for ds in small_study(3, "REBUILD"):
+            ds.ManufacturerModelName = "Scanner Z9"
+            item = type(ds)()
+            item.ScheduledProcedureStepID = "SPS1"
+            item.RequestedProcedureID = "RP1"
+            ds.RequestAttributesSequence = [item]
+            assert services.ingest.store_part10(io.BytesIO(part10_of(ds)), Origin("import")).stored
+        reindex = Reindexer(
+            services.engine, services.index, services.storage, services.extended, settle_seconds=0
+        )
+        reindex.run_pending()
+    finally:
+        services.close()
+    with engine.begin() as conn:
+        first = conn.execute(select(instance.c.id, instance.c.blob_key)).first()
+        assert first is not None
+        conn.execute(
+            insert(metadata_cache).values(
+                instance_fk=first.id, blob_key=first.blob_key, version="v", json=b"[]"
+            )
+        )
+
+    def content() -> list[int]:
+        with engine.connect() as conn:
+            return [
+                int(conn.execute(select(func.count()).select_from(table)).scalar_one())
+                for table in (
+                    study,
+                    series,
+                    instance,
+                    metadata_cache,
+                    eqt_string,
+                    request_attribute,
+                )
+            ]
+
+    before = content()
+    assert before == [1, 1, 3, 1, 3, 1]
+    migrate.downgrade(engine, "0012")
+    with engine.connect() as conn:
+        counted = [
+            conn.execute(text(f"SELECT count(*) FROM {name}")).scalar_one()  # noqa: S608
+            for name in ("metadata_cache", "eqt_string", "request_attribute")
+        ]
+    assert counted == before[3:]
+    migrate.upgrade(engine)
+    assert content() == before
+    with engine.connect() as conn:
+        assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+        assert conn.execute(text("PRAGMA foreign_key_check")).all() == []
+        assert set(conn.execute(select(instance.c.partition_key)).scalars()) == {1}
+    engine.dispose()

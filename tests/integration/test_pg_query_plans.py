@@ -38,8 +38,11 @@ def engine(index_engine: Engine) -> Iterator[Engine]:
     event.remove(index_engine, "connect", no_seqscan)
 
 
-def _searches(engine: Engine, query: Query) -> list[tuple[str, Any]]:
-    """The statements (SQL, parameters) the query layer runs for *query*."""
+def _searches(
+    engine: Engine, query: Query, partition_key: int | None = None
+) -> list[tuple[str, Any]]:
+    """The statements (SQL, parameters) the query layer runs for *query*
+    (in the data partition *partition_key*; None: partitions off)."""
     seen: list[tuple[str, Any]] = []
 
     def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
@@ -48,7 +51,7 @@ def _searches(engine: Engine, query: Query) -> list[tuple[str, Any]]:
 
     event.listen(engine, "before_cursor_execute", capture)
     try:
-        QueryService(engine, max_results=100).search(query)
+        QueryService(engine, max_results=100, partition_key=partition_key).search(query)
     finally:
         event.remove(engine, "before_cursor_execute", capture)
     return seen
@@ -58,12 +61,23 @@ def _whole_table_reads(plan: str) -> list[str]:
     """The plan's nodes that read a whole table: sequential scans, and
     scans of a primary key index with no condition on it (with sequential
     scans off, the planner walks the primary key, for the ORDER BY, and
-    filters every row)."""
+    filters every row), and scans whose only index condition is the data
+    partition (a walk of the whole partition: all of the index while there
+    is one partition)."""
     found = []
     nodes = plan.split("->")
     for node in nodes:
         head = node.strip().splitlines()[0] if node.strip() else ""
-        if "Seq Scan" in head or ("Scan using pk_" in head and "Index Cond" not in node):
+        conditions = [line for line in node.splitlines() if "Index Cond" in line]
+        partition_only = any(
+            line.split("Index Cond:", 1)[1].strip().startswith("(partition_key =")
+            for line in conditions
+        )
+        if (
+            "Seq Scan" in head
+            or ("Scan using pk_" in head and not conditions)
+            or (head and partition_only)
+        ):
             found.append(head)
     return found
 
@@ -74,8 +88,9 @@ def _plan(engine: Engine, statement: str, parameters: Any) -> str:
         return "\n".join(rows)
 
 
+@pytest.mark.parametrize("partition_key", [None, 1], ids=["partitions-off", "partitions-on"])
 @pytest.mark.parametrize("index_url", ["postgresql"], indirect=True)
-def test_every_access_path_uses_an_index(engine: Engine) -> None:
+def test_every_access_path_uses_an_index(engine: Engine, partition_key: int | None) -> None:
     index = Index(engine)
     first = index.add(
         patient_name="Smith^Ann",
@@ -103,17 +118,20 @@ def test_every_access_path_uses_an_index(engine: Engine) -> None:
         "patients by PatientID": Query(Level.PATIENT, {"PatientID": "P1"}),
     }
     for name, query in access_paths.items():
-        statements = _searches(engine, query)
+        statements = _searches(engine, query, partition_key)
         assert statements, name
         for statement, parameters in statements:
             plan = _plan(engine, statement, parameters)
             assert not _whole_table_reads(plan), f"{name}:\n{statement}\n{plan}"
 
 
+@pytest.mark.parametrize("partition_key", [None, 1], ids=["partitions-off", "partitions-on"])
 @pytest.mark.parametrize("index_url", ["postgresql"], indirect=True)
-def test_the_check_sees_a_search_no_index_serves(engine: Engine) -> None:
+def test_the_check_sees_a_search_no_index_serves(engine: Engine, partition_key: int | None) -> None:
     """StudyDescription has no index (not an access path): its search reads
-    the whole table, and the check says so."""
+    the whole table (or, partitions on, the whole partition through the
+    unique index of the UIDs), and the check says so."""
     Index(engine).add(patient_name="A^B", patient_id="P1")
-    statements = _searches(engine, Query(Level.STUDY, {"StudyDescription": "x*"}))
+    query = Query(Level.STUDY, {"StudyDescription": "x*"})
+    statements = _searches(engine, query, partition_key)
     assert _whole_table_reads(_plan(engine, *statements[0]))
