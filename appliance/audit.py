@@ -147,6 +147,10 @@ class AuditEvent:
         ``audit.record_query_values``.
     correlation_id
         The request's or association's id, as on the service log's lines.
+    partition
+        The data partition of the studies, when partitions are on and it is
+        not the default one (README "Data partitions"): the same UIDs may
+        name other studies in another partition.
     time
         When it ended (UTC).
     """
@@ -165,6 +169,7 @@ class AuditEvent:
     query_keys: tuple[str, ...] = ()
     query: Mapping[str, str] | None = None
     correlation_id: str | None = None
+    partition: str = ""
     time: dt.datetime = dataclasses.field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
     def as_json(self) -> dict[str, Any]:
@@ -188,6 +193,7 @@ class AuditEvent:
             "query_keys": list(self.query_keys),
             "query": dict(self.query) if self.query else None,
             "correlation_id": self.correlation_id,
+            "partition": self.partition,
         }
         out.update((key, value) for key, value in optional.items() if value)
         out["instances"] = self.instances

@@ -201,9 +201,10 @@ class Journal:
     journal.
     """
 
-    def __init__(self, path: Path, index_url: str) -> None:
+    def __init__(self, path: Path, index_url: str, partition: str | None = None) -> None:
         self.path = path
-        self._index = index_identity(index_url)
+        # an import into another data partition is another import
+        self._index = index_identity(index_url) + (f"/{partition}" if partition else "")
         self._done: dict[str, tuple[int, int]] = {}
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file: IO[str] = path.open("a+", encoding="utf-8")
@@ -236,7 +237,7 @@ class Journal:
             raise ApplianceError(f"{self.path} is not an import journal (give another --journal)")
         if header.get("index") != self._index:
             raise ApplianceError(
-                f"the journal {self.path} was written for another index "
+                f"the journal {self.path} was written for another index or partition "
                 "(give another --journal, or remove it to import everything again)"
             )
         for line in lines[1:]:

@@ -90,6 +90,7 @@ from appliance.forward.outbox import Outbox
 from appliance.index import migrate
 from appliance.index.engine import engine_for
 from appliance.logs import set_process_name, setup_logging
+from appliance.partitions import Partitions, valid_name
 from appliance.storage import open_blob_store
 
 if TYPE_CHECKING:
@@ -446,6 +447,12 @@ def _add_admin_commands(commands: Any) -> None:
         metavar="FILE",
         help="the record of the files done, read to skip them when run again "
         "(default: .dicom-appliance-import.journal in the working folder)",
+    )
+    bulk.add_argument(
+        "--partition",
+        metavar="NAME",
+        help="with partitions.enabled: the data partition to store into, created if "
+        "missing (default: Microsoft.Default)",
     )
     _add_summary_options(bulk)
     bulk.set_defaults(func=cmd_import)
@@ -1154,10 +1161,19 @@ def cmd_import(args: argparse.Namespace) -> int:
         if not path.exists():
             return _fail(f"{path}: no such file or folder", 2)
     journal_path = Path(args.journal or DEFAULT_JOURNAL)
+    if args.partition is not None:
+        if not config.partitions.enabled:
+            return _fail("--partition needs partitions.enabled = true", 2)
+        if not valid_name(args.partition):
+            return _fail(
+                f"{args.partition!r} is not a partition name (1 to 64 of A-Z a-z 0-9 . _ -)", 2
+            )
     services = build_services(config)
     try:
+        if args.partition is not None:
+            services = services.in_partition(services.partitions.ensure(args.partition))
         services.storage.check()
-        journal = Journal(journal_path, config.index.url)
+        journal = Journal(journal_path, config.index.url, args.partition)
         try:
             with (
                 _bar(args.quiet, desc="scanning", unit=" files") as bar,
@@ -1388,6 +1404,9 @@ def prepare(config: Config) -> None:
     SchemaNotCurrent
         if the index is not at this version's revision and
         ``index.auto_migrate`` is false.
+    ConfigError
+        if partitions are off but the index holds partitions other than
+        the default one.
     StorageError, ConfigError
         if the storage cannot be opened or written, or an HTTPS file is
         missing, unreadable or does not fit (:func:`appliance.https.check_files`),
@@ -1406,6 +1425,14 @@ def prepare(config: Config) -> None:
                 LOGGER.info("index migrated from %s to revision %s", _revision(before), after)
         else:
             migrate.require_current(engine)
+        if not config.partitions.enabled and Partitions(engine).others_exist():
+            # as the seed service: turning partitions off would hide those
+            # partitions' data (and mix their UIDs into the default one's)
+            raise ConfigError(
+                "partitions.enabled",
+                "data partitions other than Microsoft.Default exist in the index: "
+                "partitions cannot be turned off (set partitions.enabled = true)",
+            )
     finally:
         engine.dispose()
     open_blob_store(config.storage).check()

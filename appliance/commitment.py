@@ -60,7 +60,12 @@ from appliance.dicomio import is_valid_uid
 from appliance.errors import ApplianceError, IndexUnavailable
 from appliance.index.engine import WRITE
 from appliance.index.engine import describe_failure as _describe
-from appliance.index.schema import commitment_report, forward_entry, instance
+from appliance.index.schema import (
+    DEFAULT_PARTITION_KEY,
+    commitment_report,
+    forward_entry,
+    instance,
+)
 from appliance.status import Status
 
 log = logging.getLogger(__name__)
@@ -167,6 +172,8 @@ class CommitmentReport:
     delivered_via: str | None = None
     #: the [[forward]] destination a waiting report awaits
     await_destination: str | None = None
+    #: the data partition whose instances the request was assessed against
+    partition_key: int = DEFAULT_PARTITION_KEY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,6 +265,7 @@ _COLUMNS = (
     commitment_report.c.last_error,
     commitment_report.c.delivered_via,
     commitment_report.c.await_destination,
+    commitment_report.c.partition_key,
 )
 
 
@@ -276,6 +284,7 @@ def _report(row: Any) -> CommitmentReport:
         last_error=row.last_error,
         delivered_via=row.delivered_via,
         await_destination=row.await_destination,
+        partition_key=int(row.partition_key),
     )
 
 
@@ -304,6 +313,7 @@ class CommitmentOutbox:
         items: Sequence[Reference],
         now: dt.datetime | None = None,
         await_destination: str | None = None,
+        partition_key: int = DEFAULT_PARTITION_KEY,
     ) -> RequestOutcome:
         """Record a Storage Commitment request and its result, durably, in
         one transaction; the report is due at once, or, with
@@ -324,6 +334,9 @@ class CommitmentOutbox:
         await_destination
             The ``[[forward]]`` destination whose confirmed delivery an
             instance needs before it is reported committed.
+        partition_key
+            The data partition the instances must be stored in (the
+            requesting association's, :mod:`dimse_bridge.partitions`).
 
         Returns
         -------
@@ -372,7 +385,7 @@ class CommitmentOutbox:
                         ),
                     )
                 else:
-                    result = self._assess(conn, items)
+                    result = self._assess(conn, items, partition_key)
                 waits = bool(await_destination and result.committed)
                 inserted = conn.execute(
                     insert(commitment_report).values(
@@ -383,6 +396,7 @@ class CommitmentOutbox:
                         result=result.to_json(),
                         state=(ReportState.WAITING if waits else ReportState.PENDING).value,
                         await_destination=await_destination if waits else None,
+                        partition_key=partition_key,
                         attempts=0,
                         next_attempt_at=now,
                         created_at=now,
@@ -396,16 +410,19 @@ class CommitmentOutbox:
             raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
         return RequestOutcome(report_id, repeated=False, result=result)
 
-    def _assess(self, conn: Connection, items: Sequence[Reference]) -> CommitmentResult:
-        """Committed: in the index under the SOP Class named (PS3.3 C.14.1.1
-        for the failure reasons)."""
+    def _assess(
+        self, conn: Connection, items: Sequence[Reference], partition_key: int
+    ) -> CommitmentResult:
+        """Committed: in the index, in *partition_key*, under the SOP Class
+        named (PS3.3 C.14.1.1 for the failure reasons)."""
         uids = sorted({r.sop_instance_uid for r in items})
         stored: dict[str, str] = {}
         for start in range(0, len(uids), _CHUNK):
             chunk = uids[start : start + _CHUNK]
             rows = conn.execute(
                 select(instance.c.sop_instance_uid, instance.c.sop_class_uid).where(
-                    instance.c.sop_instance_uid.in_(chunk)
+                    instance.c.sop_instance_uid.in_(chunk),
+                    instance.c.partition_key == partition_key,
                 )
             )
             stored.update({row.sop_instance_uid: row.sop_class_uid for row in rows})
@@ -476,6 +493,7 @@ class CommitmentOutbox:
                         select(forward_entry.c.sop_instance_uid, forward_entry.c.state).where(
                             forward_entry.c.destination == destination,
                             forward_entry.c.action == "store",
+                            forward_entry.c.partition_key == report.partition_key,
                             forward_entry.c.sop_instance_uid.in_(uids[start : start + _CHUNK]),
                         )
                     )

@@ -439,7 +439,7 @@ class _Verifier:
 
     def _drop(self, row: StoredInstance) -> None:
         try:
-            self.index.delete(
+            self.index.in_partition(row.partition_key).delete(
                 row.study_instance_uid,
                 row.series_instance_uid,
                 row.sop_instance_uid,

@@ -100,15 +100,15 @@ class Retention:
         report = RetentionReport()
         if self.config.max_age_days:
             cutoff = now - dt.timedelta(days=self.config.max_age_days)
-            for uid, _ in self._oldest(before=cutoff):
-                self._delete(uid, now, report, dry_run)
+            for uid, _, partition_key in self._oldest(before=cutoff):
+                self._delete(uid, partition_key, now, report, dry_run)
         target = self._target()
         if target:
             missing = target - self._free()
-            for uid, _ in self._oldest():
+            for uid, _, partition_key in self._oldest():
                 if missing <= 0:
                     break
-                freed = self._delete(uid, now, report, dry_run)
+                freed = self._delete(uid, partition_key, now, report, dry_run)
                 missing = (missing - freed) if dry_run else target - self._free()
             if missing > 0:
                 report.short_of_target = (
@@ -127,14 +127,15 @@ class Retention:
             )
         return report
 
-    def _oldest(self, before: dt.datetime | None = None) -> Iterator[tuple[str, dt.datetime]]:
-        """Studies by when something was last stored in them, oldest first
-        (a page at a time: deleting as it goes)."""
-        seen: set[str] = set()
+    def _oldest(self, before: dt.datetime | None = None) -> Iterator[tuple[str, dt.datetime, int]]:
+        """Studies (UID, last stored, data partition) by when something was
+        last stored in them, oldest first, of every partition (a page at a
+        time: deleting as it goes)."""
+        seen: set[tuple[str, int]] = set()
         while True:
-            query = select(study.c.study_instance_uid, study.c.updated_at).order_by(
-                study.c.updated_at, study.c.id
-            )
+            query = select(
+                study.c.study_instance_uid, study.c.updated_at, study.c.partition_key
+            ).order_by(study.c.updated_at, study.c.id)
             if before is not None:
                 query = query.where(study.c.updated_at < before)
             try:
@@ -144,21 +145,24 @@ class Retention:
                 raise IndexUnavailable(
                     f"the index database failed ({exc.__class__.__name__})"
                 ) from exc
-            fresh = [row for row in rows if row.study_instance_uid not in seen]
+            fresh = [row for row in rows if (row.study_instance_uid, row.partition_key) not in seen]
             if not fresh:
                 return
             for row in fresh:
-                seen.add(row.study_instance_uid)
-                yield row.study_instance_uid, row.updated_at
+                seen.add((row.study_instance_uid, row.partition_key))
+                yield row.study_instance_uid, row.updated_at, int(row.partition_key)
 
-    def _delete(self, uid: str, now: dt.datetime, report: RetentionReport, dry_run: bool) -> int:
-        """Delete study *uid* unless it is in use; the bytes it held."""
+    def _delete(
+        self, uid: str, partition_key: int, now: dt.datetime, report: RetentionReport, dry_run: bool
+    ) -> int:
+        """Delete study *uid* of *partition_key* unless it is in use; the
+        bytes it held."""
         try:
             if dry_run:
                 # what it would delete, unless an instance is in use by then
-                gone = self.index.instances(uid)
+                gone = self.index.in_partition(partition_key).instances(uid)
             else:
-                gone = self._deleting.delete(uid, idle_since=now)
+                gone = self._deleting.in_partition(partition_key).delete(uid, idle_since=now)
         except Busy as exc:
             log.info("retention keeps study %s: %s", uid, exc.reason)
             report.kept_busy += 1

@@ -426,11 +426,13 @@ def precompress(dist: Path) -> int:
     return count
 
 
-def app_config() -> str:
+def app_config(service_root: str = SERVICE_ROOT) -> str:
     """The viewer's ``app-config.js``: OHIF's ``window.config`` for this
     appliance.
 
-    One DICOMweb data source, the page's own origin's :data:`SERVICE_ROOT`
+    One DICOMweb data source, the page's own origin's *service_root*
+    (:data:`SERVICE_ROOT`; with data partitions on, the default partition's
+    root, served in place of the installed file by dicomweb/views/viewer.py)
     (whatever host name the browser used, so the same build serves every
     address of the appliance), set as the appliance answers (see
     dicomweb/views):
@@ -481,9 +483,9 @@ window.config = {{
       configuration: {{
         friendlyName: 'dicom-appliance',
         name: 'appliance',
-        qidoRoot: window.location.origin + {json.dumps(SERVICE_ROOT)},
-        wadoRoot: window.location.origin + {json.dumps(SERVICE_ROOT)},
-        wadoUriRoot: window.location.origin + {json.dumps(SERVICE_ROOT)},
+        qidoRoot: window.location.origin + {json.dumps(service_root)},
+        wadoRoot: window.location.origin + {json.dumps(service_root)},
+        wadoUriRoot: window.location.origin + {json.dumps(service_root)},
         qidoSupportsIncludeField: true,
         imageRendering: 'wadors',
         thumbnailRendering: 'thumbnail',

@@ -26,6 +26,7 @@ from dicomweb.auth import install_auth
 from dicomweb.cors import install_cors
 from dicomweb.errors import refuse_hostile_paths, register_error_handlers
 from dicomweb.instrument import Counting, note_transaction
+from dicomweb.partitioning import PartitionRouting, check_partition, partition_services
 
 #: The key of :class:`ApplianceExtension` in ``app.extensions``.
 EXTENSION = "appliance"
@@ -116,8 +117,10 @@ def create_app(
     extension.authenticator = Authenticator(config.auth, lambda: extension.services.engine)
     install_auth(app, extension.authenticator, config.http.public_url)
     app.before_request(refuse_hostile_paths)
+    app.before_request(check_partition)
     app.teardown_request(lambda _exc: audit.capture(extension.audit))
-    app.wsgi_app = Counting(app.wsgi_app)  # type: ignore[method-assign]
+    routed = PartitionRouting(app.wsgi_app, config.partitions.enabled)
+    app.wsgi_app = Counting(routed)  # type: ignore[method-assign]
 
     for blueprint in _blueprints():
         app.register_blueprint(blueprint)
@@ -145,8 +148,10 @@ def get_extension(app: Flask | None = None) -> ApplianceExtension:
 
 
 def current_services() -> Services:
-    """The core's services of the current app (built on first use)."""
-    return get_extension().services
+    """The core's services of the current app (built on first use), bound
+    to the data partition the request's path names (the default partition
+    when it names none: :mod:`dicomweb.partitioning`)."""
+    return partition_services(get_extension().services)
 
 
 def close_app(app: Flask) -> None:

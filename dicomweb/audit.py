@@ -27,6 +27,8 @@ from flask import g, request
 
 from appliance.audit import Action, AuditEvent, AuditLog, Outcome, study_uids
 from appliance.logs import CORRELATION_ID
+from appliance.partitions import DEFAULT_NAME
+from dicomweb.partitioning import ENVIRON_KEY as PARTITION_KEY
 
 #: The action of each audited blueprint; routes of others (health, metrics,
 #: admin) touch no patient data.
@@ -126,8 +128,15 @@ def capture(log: AuditLog) -> None:
         query_keys=tuple(notes.get("query_keys", ())),
         query=notes.get("query") if log.record_query_values else None,
         correlation_id=CORRELATION_ID.get(),
+        partition=_partition(),
     )
     request.environ[_PENDING] = Pending(log, event)
+
+
+def _partition() -> str:
+    """The request's data partition, if not the default one."""
+    name = request.environ.get(PARTITION_KEY)
+    return "" if name in (None, DEFAULT_NAME) else str(name)
 
 
 def finish(environ: dict[str, Any], status: str, broken: bool) -> None:

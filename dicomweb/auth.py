@@ -98,6 +98,7 @@ ENDPOINT_PERMISSIONS: dict[str, str] = {
     "rendered.retrieve_study_thumbnail": READ,
     "changefeed.read_change_feed": READ,
     "changefeed.latest_change": READ,
+    "partitions.list_partitions": READ,
     # STOW-RS (PS3.18 10.5)
     "stow.store_instances": WRITE_PERMISSION,
     "stow.store_study_instances": WRITE_PERMISSION,

@@ -194,6 +194,8 @@ def on_requested(event: Event, policy: AccessPolicy) -> None:
     handler logs :data:`REFUSAL` as the reason).
     """
     assoc = event.assoc
+    if assoc.is_rejected:
+        return  # another check rejected it already (dimse_bridge.partitions)
     primitive = assoc.requestor.primitive
     calling = str(primitive.calling_ae_title if primitive is not None else "").strip()
     try:

@@ -26,7 +26,7 @@ from appliance import dicom_tls
 from appliance.activity import AssociationLog
 from appliance.config import Config
 from appliance.services import Services
-from dimse_bridge import access, handlers
+from dimse_bridge import access, handlers, partitions
 from dimse_bridge import services as dimse_services
 from dimse_bridge.services import ServiceSetup
 
@@ -66,7 +66,10 @@ def build_ae(config: Config, services: Services) -> ServiceSetup:
     quiet_pynetdicom()
     dimse = config.dimse
     ae = AE(ae_title=dimse.ae_title)
-    ae.require_called_aet = dimse.require_called_ae_title
+    # with partitions, the listener answers to more titles than its own:
+    # the Called AE Title is checked by dimse_bridge.partitions instead
+    several_titles = len(partitions.accepted_titles(config)) > 1
+    ae.require_called_aet = dimse.require_called_ae_title and not several_titles
     if dimse.require_known_peers:
         # never empty: load_config refuses require_known_peers without peers
         ae.require_calling_aet = [peer.ae_title.strip() for peer in dimse.peers]
@@ -78,6 +81,10 @@ def build_ae(config: Config, services: Services) -> ServiceSetup:
     setup = ServiceSetup(ae, config, services)
     for module in service_modules():
         module.register(setup)
+    # each request handler works in its association's data partition
+    setup.handlers[:] = partitions.bind_handlers(setup.handlers, config, services.partitions)
+    if several_titles and dimse.require_called_ae_title:
+        setup.handlers.extend(partitions.called_title_handlers(config))
     # who may use which service: one wrapper around every DIMSE request
     # handler, and the address/TLS check before negotiation
     policy = access.AccessPolicy(config)

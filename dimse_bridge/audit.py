@@ -21,6 +21,7 @@ from typing import Any
 
 from appliance.audit import Action, AuditEvent, AuditLog, Outcome, outcome_of_counts, study_uids
 from appliance.logs import CORRELATION_ID
+from dimse_bridge.partitions import partition_of
 
 LOGGER = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ def record(
                 query_keys=query_keys,
                 query=query if log.record_query_values else None,
                 correlation_id=CORRELATION_ID.get(),
+                partition=partition_of(assoc),
             )
         )
     except Exception as exc:  # noqa: BLE001 - an audit record never fails an operation

@@ -29,7 +29,7 @@ from appliance.errors import IndexUnavailable
 from appliance.fhir import mapping
 from appliance.fhir.client import FhirClient, FhirConflict, FhirError
 from appliance.fhir.mapping import InstanceFacts, SeriesFacts, StudyFacts
-from appliance.index.schema import instance, series, study
+from appliance.index.schema import DEFAULT_PARTITION_KEY, instance, series, study
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,10 @@ def read_study(engine: Engine, study_instance_uid: str) -> StudyFacts | None:
     try:
         with engine.connect() as conn:
             found = conn.execute(
-                select(study).where(study.c.study_instance_uid == study_instance_uid)
+                select(study).where(
+                    study.c.study_instance_uid == study_instance_uid,
+                    study.c.partition_key == DEFAULT_PARTITION_KEY,
+                )
             ).first()
             if found is None:
                 return None

@@ -29,7 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from appliance.errors import IndexUnavailable
 from appliance.index.engine import write_transaction
-from appliance.index.schema import changefeed, feed_cursor, fhir_study
+from appliance.index.schema import DEFAULT_PARTITION_KEY, changefeed, feed_cursor, fhir_study
 
 CURSOR = "fhir"
 #: Change-feed rows one pull reads.
@@ -107,15 +107,28 @@ class StudyQueue:
         with self._writing() as conn:
             after = self._lock_cursor(conn)
             rows = conn.execute(
-                select(changefeed.c.sequence, changefeed.c.study_instance_uid)
+                select(
+                    changefeed.c.sequence,
+                    changefeed.c.study_instance_uid,
+                    changefeed.c.partition_key,
+                )
                 .where(changefeed.c.sequence > after)
                 .order_by(changefeed.c.sequence)
                 .limit(limit)
             ).all()
             if not rows:
                 return 0
-            studies = sorted({row.study_instance_uid for row in rows})
-            self._queue(conn, studies, now, now + settle)
+            # DICOMcast publishes the default data partition (README "Data
+            # partitions"); the cursor moves past the others' changes
+            studies = sorted(
+                {
+                    row.study_instance_uid
+                    for row in rows
+                    if row.partition_key == DEFAULT_PARTITION_KEY
+                }
+            )
+            if studies:
+                self._queue(conn, studies, now, now + settle)
             conn.execute(
                 update(feed_cursor)
                 .where(feed_cursor.c.name == CURSOR)

@@ -35,7 +35,7 @@ from appliance.errors import IndexUnavailable
 from appliance.forward.routes import matches
 from appliance.index.engine import describe_failure as _describe
 from appliance.index.engine import write_transaction
-from appliance.index.schema import forward_entry, instance, series, study
+from appliance.index.schema import DEFAULT_PARTITION_KEY, forward_entry, instance, series, study
 
 #: ``last_error`` is at most this long (its column's size).
 _ERROR_MAX = 1024
@@ -62,6 +62,8 @@ class Entry:
     sop_instance_uid: str
     attempts: int
     created_at: dt.datetime
+    #: the data partition of the instance
+    partition_key: int = DEFAULT_PARTITION_KEY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +146,7 @@ class Outbox:
                 forward_entry.c.sop_instance_uid,
                 forward_entry.c.attempts,
                 forward_entry.c.created_at,
+                forward_entry.c.partition_key,
             )
         )
         with self._writing() as conn:
@@ -161,6 +164,7 @@ class Outbox:
                     sop_instance_uid=row.sop_instance_uid,
                     attempts=int(row.attempts),
                     created_at=_aware(row.created_at),
+                    partition_key=int(row.partition_key),
                 )
                 for row in rows
             ),
@@ -339,6 +343,7 @@ class Outbox:
                 series.c.modality,
                 instance.c.sop_class_uid,
                 instance.c.source_ae,
+                instance.c.partition_key,
             )
             .select_from(instance.join(series, instance.c.series_fk == series.c.id))
             .join(study, instance.c.study_fk == study.c.id)
@@ -357,13 +362,14 @@ class Outbox:
                         "study_instance_uid": st,
                         "series_instance_uid": se,
                         "sop_instance_uid": sop,
+                        "partition_key": partition_key,
                         "state": EntryState.QUEUED.value,
                         "attempts": 0,
                         "next_attempt_at": now,
                         "created_at": now,
                         "updated_at": now,
                     }
-                    for _, st, se, sop, modality, sop_class, source_ae in found
+                    for _, st, se, sop, modality, sop_class, source_ae, partition_key in found
                     if matches(destination, modality or "", sop_class, source_ae)
                 ]
                 if rows:

@@ -167,7 +167,9 @@ class Forwarder:
                 # sent once, both entries marked by its outcome
                 by_uid[entry.sop_instance_uid].append(entry)
                 continue
-            stored = self.index.find_instance(entry.sop_instance_uid)
+            stored = self.index.in_partition(entry.partition_key).find_instance(
+                entry.sop_instance_uid
+            )
             if stored is None:
                 gone.append(entry.id)
                 continue

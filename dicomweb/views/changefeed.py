@@ -8,6 +8,10 @@ instance's *current* version, or null once it is deleted.
 ``GET /v1/changefeed/latest`` is the newest entry, or 204 when the feed is
 empty (what the seed's ASP.NET controller answers for no entry).
 
+With data partitions on, the feed stays at the service root, as the seed
+service's does, and holds the changes of every partition: each entry then
+names its ``PartitionName``, and its metadata's URLs are in that partition.
+
 Sequence numbers increase and may have gaps; entries commit in sequence order
 (see ``SqlIndex._lock_feed``), so a reader polling "after the last sequence I
 saw" never misses one.
@@ -23,8 +27,9 @@ from flask import Blueprint, Response, request
 
 from appliance.errors import NotFound
 from appliance.index.sql import ChangeEntry
+from appliance.partitions import DEFAULT_NAME
 from dicomweb import audit
-from dicomweb.app import current_services
+from dicomweb.app import current_services, get_extension
 from dicomweb.errors import InvalidRequest
 from dicomweb.metadata import instance_metadata
 from dicomweb.urls import service_root
@@ -116,6 +121,7 @@ def _entry(
         "SopInstanceUid": entry.sop_instance_uid,
         "Action": entry.action,
         "Timestamp": _timestamp(entry.timestamp),
+        **_partition_of(entry),
         "State": entry.state,
     }
     if include_metadata:
@@ -123,23 +129,38 @@ def _entry(
     return body
 
 
+def _partition_of(entry: ChangeEntry) -> dict[str, str]:
+    """``{"PartitionName": ...}`` of the entry's partition while partitions
+    are on, else nothing (the shape without partitions stays as it was)."""
+    extension = get_extension()
+    if not extension.config.partitions.enabled:
+        return {}
+    name = extension.services.partitions.name_of(entry.partition_key)
+    return {"PartitionName": name or DEFAULT_NAME}
+
+
 def _current_metadata(
     entry: ChangeEntry, cache: dict[str, dict[str, Any] | None]
 ) -> dict[str, Any] | None:
     """The metadata of the instance's current version; None once deleted."""
     uid = entry.sop_instance_uid
-    if uid in cache:
-        return cache[uid]
+    key = f"{entry.partition_key}/{uid}"
+    if key in cache:
+        return cache[key]
     metadata: dict[str, Any] | None = None
     if entry.state != "deleted":
-        services = current_services()
+        services = current_services().in_partition(entry.partition_key)
         stored = services.index.find_instance(uid)
         if stored is not None:
+            root = service_root()
+            name = _partition_of(entry).get("PartitionName")
+            if name is not None:
+                root = f"{root}/partitions/{name}"
             try:
-                metadata = instance_metadata(services.retrieve, service_root(), stored)
+                metadata = instance_metadata(services.retrieve, root, stored)
             except NotFound:  # deleted between the two reads
                 metadata = None
-    cache[uid] = metadata
+    cache[key] = metadata
     return metadata
 
 

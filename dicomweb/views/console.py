@@ -58,6 +58,7 @@ from appliance.errors import ApplianceError, NotFound, QueryError
 from appliance.forward.outbox import Outbox
 from appliance.index.sql import StoredInstance
 from appliance.model import Level
+from appliance.partitions import DEFAULT_NAME
 from appliance.query import Query
 from appliance.retrieve import RetrieveService
 from appliance.storage.base import CHUNK_SIZE
@@ -539,7 +540,17 @@ def study(study: str) -> str:
         instances=by_series,
         instances_truncated=instances.truncated,
         viewer_url=viewer_url(study),
+        dicomweb_root=dicomweb_root(),
     )
+
+
+def dicomweb_root() -> str:
+    """The DICOMweb root the console's pages link to (thumbnails, rendered
+    images): ``/v1``, or with data partitions on the default partition's,
+    which the console shows (README "Data partitions")."""
+    if get_extension().config.partitions.enabled:
+        return f"/v1/partitions/{DEFAULT_NAME}"
+    return "/v1"
 
 
 def viewer_url(study: str) -> str | None:

@@ -40,7 +40,8 @@ from urllib.parse import quote
 from flask import Blueprint, Response, request, send_file
 from werkzeug.security import safe_join
 
-from appliance.viewer import BASE_PATH, COMPRESSIBLE
+from appliance.partitions import DEFAULT_NAME
+from appliance.viewer import BASE_PATH, COMPRESSIBLE, SERVICE_ROOT, app_config
 from dicomweb.app import get_extension
 from dicomweb.errors import error_response
 
@@ -107,6 +108,10 @@ def serve_viewer(path: str) -> Response:
     # dot names: the install's marker (MARKER), and no hidden file is wanted
     if any(part.startswith(".") for part in path.split("/")):
         return _missing("no such file in the viewer")
+    if path == "app-config.js" and get_extension().config.partitions.enabled:
+        # data partitions on: the viewer shows the default partition (its
+        # data paths have a partition segment, README "Data partitions")
+        return _partitioned_config()
     found = safe_join(str(folder), path)
     if found is None:
         return _missing("no such file in the viewer")
@@ -116,6 +121,14 @@ def serve_viewer(path: str) -> Response:
             return _missing("no such file in the viewer")
         target, name = folder / "index.html", "index.html"  # a route of OHIF's router
     return _send(target, name)
+
+
+def _partitioned_config() -> Response:
+    root = f"{SERVICE_ROOT}/partitions/{DEFAULT_NAME}"
+    response = Response(app_config(root), mimetype=MEDIA_TYPES[".js"])
+    response.headers["Cache-Control"] = CACHE_REVALIDATE
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response
 
 
 def _send(target: Path, name: str) -> Response:

@@ -57,6 +57,7 @@ from appliance.config import Config, PeerConfig
 from appliance.errors import ApplianceError
 from appliance.status import Status
 from dimse_bridge import access
+from dimse_bridge.partitions import current_key
 from dimse_bridge.services import ServiceSetup
 from dimse_bridge.stats import stats_of
 
@@ -149,7 +150,12 @@ def handle_n_action(
         # delivered to its [[forward]] destination (README "Forwarding")
         awaiting = peer.commit_after_forward if peer is not None else ""
         outcome = outbox.request(
-            transaction_uid, requester, items, await_destination=awaiting or None
+            transaction_uid,
+            requester,
+            items,
+            await_destination=awaiting or None,
+            # the association's data partition (dimse_bridge.partitions)
+            partition_key=current_key(assoc),
         )
     except _Refused as refused:
         return _refuse(stats, requester, refused.status, refused.reason)
