@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import logging
 from collections.abc import Sequence
 
 from appliance.errors import ApplianceError
-from appliance.index.sql import SqlIndex, StoredInstance
+from appliance.index.sql import SqlIndex, StoredInstance, rebound
 from appliance.storage.base import BlobStore
 
 log = logging.getLogger(__name__)
@@ -31,13 +30,8 @@ class DeleteService:
         self.forward_deletes_to = tuple(forward_deletes_to)
 
     def in_partition(self, partition_key: int) -> DeleteService:
-        """This service on the data partition *partition_key* (a light copy
-        sharing everything but the index binding)."""
-        if partition_key == self.index.partition_key:
-            return self
-        bound = copy.copy(self)
-        bound.index = self.index.in_partition(partition_key)
-        return bound
+        """This service on the data partition *partition_key*."""
+        return rebound(self, partition_key)
 
     def delete(
         self,

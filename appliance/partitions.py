@@ -118,11 +118,8 @@ class Partitions:
             .values(name=name, created_at=dt.datetime.now(dt.UTC))
             .on_conflict_do_nothing(index_elements=["name"])
         )
-        try:
-            with write_transaction(self._engine) as conn:
-                conn.execute(statement)
-        except SQLAlchemyError as exc:
-            raise IndexUnavailable(f"the index database failed ({describe_failure(exc)})") from exc
+        with write_transaction(self._engine) as conn:  # IndexUnavailable if it fails
+            conn.execute(statement)
         key = self.key_of(name)
         if key is None:  # pragma: no cover - the row was just written
             raise IndexUnavailable(f"the partition {name} could not be created")

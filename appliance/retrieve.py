@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import tempfile
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import IO
 
-from appliance.index.sql import SqlIndex, StoredInstance
+from appliance.index.sql import SqlIndex, StoredInstance, rebound
 from appliance.storage.base import CHUNK_SIZE, BlobStore
 
 #: Bytes of a remote blob held in memory when it is copied to be read with
@@ -24,13 +23,8 @@ class RetrieveService:
         self.storage = storage
 
     def in_partition(self, partition_key: int) -> RetrieveService:
-        """This service on the data partition *partition_key* (a light copy
-        sharing everything but the index binding)."""
-        if partition_key == self.index.partition_key:
-            return self
-        bound = copy.copy(self)
-        bound.index = self.index.in_partition(partition_key)
-        return bound
+        """This service on the data partition *partition_key*."""
+        return rebound(self, partition_key)
 
     def instances(
         self, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None

@@ -45,13 +45,19 @@ def multipart(response: httpx.Response) -> list[tuple[dict[str, str], bytes]]:
 
 def stow(base_url: str, *parts: bytes, timeout: float = 120) -> httpx.Response:
     """STOW-RS of *parts* (Part 10 files) to ``{base_url}/v1/studies``."""
+    return stow_to(f"{base_url}/v1", *parts, timeout=timeout)
+
+
+def stow_to(root: str, *parts: bytes, timeout: float = 120) -> httpx.Response:
+    """STOW-RS of *parts* (Part 10 files) to ``{root}/studies``: *root* is a
+    service root (``.../v1``, or a data partition's ``.../v1/partitions/A``)."""
     boundary = "test-stow-boundary"
     body = b"".join(
         f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part + b"\r\n"
         for part in parts
     )
     return httpx.post(
-        f"{base_url}/v1/studies",
+        f"{root}/studies",
         content=body + f"--{boundary}--\r\n".encode(),
         headers={
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',

@@ -23,7 +23,7 @@ import datetime as dt
 import enum
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Connection, Engine, bindparam, delete, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -1071,6 +1071,24 @@ class SqlIndex:
 
     def _reading(self) -> Any:
         return self.engine.connect()
+
+
+class _OnIndex(Protocol):
+    index: SqlIndex
+
+
+_Service = TypeVar("_Service", bound=_OnIndex)
+
+
+def rebound(service: _Service, partition_key: int) -> _Service:
+    """*service* (an object working on ``service.index``) on the data
+    partition *partition_key*: itself if it is there already, else a light
+    copy whose index is bound to that partition (everything else shared)."""
+    if partition_key == service.index.partition_key:
+        return service
+    bound = copy.copy(service)
+    bound.index = service.index.in_partition(partition_key)
+    return bound
 
 
 class _Transaction:

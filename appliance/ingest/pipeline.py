@@ -10,7 +10,6 @@ So an index row never points at a missing blob.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import io
 import logging
@@ -27,7 +26,7 @@ from appliance.dicomio import (
 from appliance.errors import ApplianceError, InvalidInstance
 from appliance.extended_tags import ExtendedTags, read_values, values_writer
 from appliance.forward.routes import Routes
-from appliance.index.sql import AddOutcome, AlsoWrite, SqlIndex
+from appliance.index.sql import AddOutcome, AlsoWrite, SqlIndex, rebound
 from appliance.ingest.streams import PrefixedStream
 from appliance.model import InstanceRecord, Origin
 from appliance.status import Status, StatusCategory
@@ -78,13 +77,8 @@ class IngestService:
         self.routes = routes if routes is not None else Routes(())
 
     def in_partition(self, partition_key: int) -> IngestService:
-        """This service on the data partition *partition_key* (a light copy
-        sharing everything but the index binding)."""
-        if partition_key == self.index.partition_key:
-            return self
-        bound = copy.copy(self)
-        bound.index = self.index.in_partition(partition_key)
-        return bound
+        """This service on the data partition *partition_key*."""
+        return rebound(self, partition_key)
 
     def store_part10(
         self, source: IO[bytes], origin: Origin, *, expected_study_uid: str | None = None

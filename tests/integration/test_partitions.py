@@ -42,7 +42,7 @@ from tests.conftest import (
     started_appliance,
     started_server,
 )
-from tests.helpers import part10_of
+from tests.helpers import part10_of, stow_to
 
 pytestmark = pytest.mark.integration
 
@@ -57,23 +57,6 @@ def server(index_url: str, tmp_path: Path) -> Iterator[LiveServer]:
     """An empty appliance with partitions on (SQLite, PostgreSQL)."""
     config = make_config(tmp_path, APPLIANCE_INDEX_URL=index_url, APPLIANCE_PARTITIONS_ENABLED="1")
     yield from started_server(config)
-
-
-def stow_to(root: str, *parts: bytes) -> httpx.Response:
-    boundary = "partition-boundary"
-    body = b"".join(
-        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part + b"\r\n"
-        for part in parts
-    )
-    return httpx.post(
-        f"{root}/studies",
-        content=body + f"--{boundary}--\r\n".encode(),
-        headers={
-            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-            "Accept": "application/dicom+json",
-        },
-        timeout=60,
-    )
 
 
 def qido(url: str, **params: str) -> httpx.Response:
