@@ -596,6 +596,36 @@ class SqlIndex:
                 raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def add_instances(
+        self,
+        items: Sequence[tuple[InstanceRecord, BlobInfo, Sequence[str], AlsoWrite | None]],
+        duplicate_policy: str = "keep",
+    ) -> list[AddResult]:
+        """Index several instances, each ``(record, blob, forward_to, also)``
+        as :meth:`add_instance` takes them, in *one* transaction: one commit
+        (one WAL flush) for all of them, the group commit of a STOW-RS
+        request.  All or nothing.
+
+        Raises
+        ------
+        InvalidInstance
+            if a Series Instance UID already belongs to another study.
+        IndexUnavailable
+            if the database fails, or another writer committed one of the
+            instances first (PostgreSQL): then nothing was written, and the
+            caller indexes them one by one.
+        """
+        try:
+            with self._writing() as conn:
+                return [
+                    self._add(conn, record, blob, duplicate_policy, forward_to, None, also)
+                    for record, blob, forward_to, also in items
+                ]
+        except IntegrityError:
+            raise IndexUnavailable("another writer stored one of the instances first") from None
+        except (OperationalError, InterfaceError) as exc:
+            raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
+
     def _add(
         self,
         conn: Connection,

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import io
 import logging
+from collections.abc import Sequence
 from typing import IO
 
 from appliance import metrics
@@ -26,11 +27,11 @@ from appliance.dicomio import (
 from appliance.errors import ApplianceError, InvalidInstance
 from appliance.extended_tags import ExtendedTags, read_values, values_writer
 from appliance.forward.routes import Routes
-from appliance.index.sql import AddOutcome, AlsoWrite, SqlIndex, rebound
+from appliance.index.sql import AddOutcome, AddResult, AlsoWrite, SqlIndex, rebound
 from appliance.ingest.streams import PrefixedStream
 from appliance.model import InstanceRecord, Origin
 from appliance.status import Status, StatusCategory
-from appliance.storage.base import BlobStore
+from appliance.storage.base import BlobInfo, BlobStore
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,19 @@ class IngestResult:
         """True if the instance is in the index after this call (new, replaced
         or kept from before)."""
         return self.status.category in (StatusCategory.SUCCESS, StatusCategory.WARNING)
+
+
+@dataclasses.dataclass
+class Prepared:
+    """An instance whose blob is written durably and which waits for its
+    index transaction (:meth:`IngestService.commit`)."""
+
+    ids: IngestResult
+    record: InstanceRecord
+    blob: BlobInfo
+    origin: Origin
+    forward_to: Sequence[str] = ()
+    also: AlsoWrite | None = None
 
 
 class IngestService:
@@ -141,6 +155,32 @@ class IngestService:
         expected_study_uid: str | None = None,
         expected_sop: tuple[str, str] | None = None,
     ) -> IngestResult:
+        prepared = self._prepare(source, origin, expected_study_uid, expected_sop)
+        if isinstance(prepared, IngestResult):
+            return prepared
+        try:
+            added = self.index.add_instance(
+                prepared.record, prepared.blob, self.policy, prepared.forward_to, also=prepared.also
+            )
+        except BaseException as exc:
+            self._drop(prepared)
+            if not isinstance(exc, ApplianceError):
+                raise
+            return self._refused_by_index(prepared, exc)
+        return self._finish(prepared, added)
+
+    def _prepare(
+        self,
+        source: IO[bytes],
+        origin: Origin,
+        expected_study_uid: str | None = None,
+        expected_sop: tuple[str, str] | None = None,
+    ) -> IngestResult | Prepared:
+        """Everything before the index transaction: the header read and
+        checked, the duplicate look-up, the blob written durably, the
+        forwarding destinations and the extended tags' values; an
+        IngestResult when the instance ends here (refused, a duplicate not
+        written again, a storage failure)."""
         try:
             record = extract_record(read_header(source))
         except ApplianceError as exc:
@@ -193,31 +233,97 @@ class IngestService:
             log.error("storage failed for %s: %s", sop_uid, exc.reason)
             return dataclasses.replace(ids, status=exc.status, reason=exc.reason)
 
-        forward_to = self.routes.destinations(record, origin) if self.routes else ()
+        prepared = Prepared(ids, record, blob, origin)
         try:
-            also = self._extended_values(source, sop_uid)
-            added = self.index.add_instance(record, blob, self.policy, forward_to, also=also)
+            prepared.forward_to = self.routes.destinations(record, origin) if self.routes else ()
+            prepared.also = self._extended_values(source, sop_uid)
         except BaseException as exc:
-            with contextlib.suppress(Exception):
-                self.storage.delete(blob.key)
+            self._drop(prepared)
             if not isinstance(exc, ApplianceError):
                 raise
-            log.error("index refused %s: %s", sop_uid, exc.reason)
-            return dataclasses.replace(ids, status=exc.status, reason=exc.reason)
+            return self._refused_by_index(prepared, exc)
+        return prepared
 
+    def commit(self, batch: Sequence[Prepared]) -> list[IngestResult]:
+        """Index the prepared instances of *batch* in one transaction (one
+        commit, one WAL flush for all of them), their results in order.
+        Nothing of the batch is acknowledged before this returns: the
+        caller answers only then (STOW-RS answers a request at its end).
+
+        If the transaction fails (an instance whose series belongs to
+        another study, a lost insert race, the database), each instance is
+        indexed on its own instead, so one instance's failure is its own.
+        """
+        if not batch:
+            return []
+        items = [(p.record, p.blob, p.forward_to, p.also) for p in batch]
+        try:
+            added = self.index.add_instances(items, self.policy)
+        except ApplianceError as exc:
+            log.info("a batch of %d instances is indexed one by one: %s", len(batch), exc.reason)
+        else:
+            done = zip(batch, added, strict=True)
+            return [
+                _counted(prepared.origin, self._finish(prepared, one)) for prepared, one in done
+            ]
+        results = []
+        for prepared in batch:
+            try:
+                one = self.index.add_instance(
+                    prepared.record,
+                    prepared.blob,
+                    self.policy,
+                    prepared.forward_to,
+                    also=prepared.also,
+                )
+            except BaseException as exc:
+                self._drop(prepared)
+                if not isinstance(exc, ApplianceError):
+                    raise
+                results.append(_counted(prepared.origin, self._refused_by_index(prepared, exc)))
+                continue
+            results.append(_counted(prepared.origin, self._finish(prepared, one)))
+        return results
+
+    def prepare_part10(
+        self, source: IO[bytes], origin: Origin, *, expected_study_uid: str | None = None
+    ) -> IngestResult | Prepared:
+        """:meth:`store_part10` up to the index transaction (see
+        :meth:`commit`): an IngestResult if the instance ends there, else
+        what :meth:`commit` indexes.  Nothing is acknowledged yet: a
+        prepared instance whose commit never comes leaves an orphan blob,
+        which the sweep removes."""
+        prepared = self._prepare(source, origin, expected_study_uid)
+        return _counted(origin, prepared) if isinstance(prepared, IngestResult) else prepared
+
+    def _drop(self, prepared: Prepared) -> None:
+        """Delete the blob of an instance that will not be indexed (a
+        failure is left to the sweeper)."""
+        with contextlib.suppress(Exception):
+            self.storage.delete(prepared.blob.key)
+
+    def _refused_by_index(self, prepared: Prepared, exc: ApplianceError) -> IngestResult:
+        """The result of an instance whose blob was written (and dropped)
+        but which could not be indexed."""
+        sop_uid = prepared.record.instance.sop_instance_uid
+        log.error("index refused %s: %s", sop_uid, exc.reason)
+        return dataclasses.replace(prepared.ids, status=exc.status, reason=exc.reason)
+
+    def _finish(self, prepared: Prepared, added: AddResult) -> IngestResult:
+        """The result of an instance the index took (*added*)."""
         if added.outcome in (AddOutcome.DUPLICATE_KEPT, AddOutcome.DUPLICATE_REJECTED):
-            self._forget(blob.key)
-            return self._duplicate(ids)
+            self._forget(prepared.blob.key)
+            return self._duplicate(prepared.ids)
         if added.orphaned_blob_key is not None:
             self._forget(added.orphaned_blob_key)
         log.debug(
             "stored %s (study %s) via %s from %r",
-            sop_uid,
-            record.study.study_instance_uid,
-            origin.protocol,
-            origin.calling_ae,
+            prepared.record.instance.sop_instance_uid,
+            prepared.record.study.study_instance_uid,
+            prepared.origin.protocol,
+            prepared.origin.calling_ae,
         )
-        return dataclasses.replace(ids, outcome=added.outcome)
+        return dataclasses.replace(prepared.ids, outcome=added.outcome)
 
     def _extended_values(self, source: IO[bytes], sop_uid: str) -> AlsoWrite | None:
         """What writes the values of the extended query tags of the

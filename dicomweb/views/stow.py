@@ -28,7 +28,7 @@ import dataclasses
 import io
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import IO
 
 from flask import Blueprint, Response, request
@@ -36,7 +36,8 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from appliance.errors import ApplianceError
-from appliance.ingest import IngestResult
+from appliance.ingest import IngestResult, IngestService
+from appliance.ingest.pipeline import Prepared
 from appliance.ingest.streams import PrefixedStream
 from appliance.model import Origin
 from appliance.status import Status, StatusCategory
@@ -129,64 +130,55 @@ def _store(study: str | None) -> Response:
     services = current_services()
     origin = Origin("dicomweb", calling_ae="", remote=request.remote_addr or "")
     source = LimitedReader(request.stream, limit)
-    outcomes: list[StoredPart] = []
-    stored_in: dict[str, None] = {}  # the studies stored in, in order
-    counts = [0, 0]  # instances stored, failed
-
-    def store(part: Part) -> None:
-        outcome = _store_part(part, study, origin, services.ingest.store_part10)
-        outcomes.append(outcome)
-        # the audit event lists what was stored, even if a later part fails
-        # the whole request (dicomweb.audit)
-        if outcome.result.stored:
-            stored_in.setdefault(outcome.result.study_instance_uid, None)
-            counts[0] += 1
-        else:
-            counts[1] += 1
-        audit.note(studies=tuple(stored_in), instances=counts[0], failed=counts[1])
-
+    outcomes = _Outcomes(services.ingest, study, origin)
     try:
-        if content_type.is_(APPLICATION_DICOM):
-            part = spool_body(source)
-            with part.body:
-                if part.size == 0:
-                    raise InvalidRequest("the request has no body")
-                store(part)
-        else:
-            with MultipartReader(
-                source,
-                content_type.param("boundary") or "",
-                max_parts=get_extension().config.http.max_parts,
-            ) as reader:
-                for part in reader:
-                    store(part)
+        try:
+            if content_type.is_(APPLICATION_DICOM):
+                part = spool_body(source)
+                with part.body:
+                    if part.size == 0:
+                        raise InvalidRequest("the request has no body")
+                    outcomes.add(part)
+            else:
+                with MultipartReader(
+                    source,
+                    content_type.param("boundary") or "",
+                    max_parts=get_extension().config.http.max_parts,
+                ) as reader:
+                    for part in reader:
+                        outcomes.add(part)
+        finally:
+            # what was prepared before a defect of the request is indexed
+            # (and counted in the refusal's reason), as each part would be
+            outcomes.commit()
     except TooManyParts as exc:
-        stored = _stored_count(outcomes)
+        stored = _stored_count(outcomes.done)
         if stored:
             exc.reason += f"; {stored} instance(s) of the parts before the limit were stored"
         raise
     except PayloadTooLarge as exc:
-        raise PayloadTooLarge(_too_large(limit, _stored_count(outcomes))) from exc
+        raise PayloadTooLarge(_too_large(limit, _stored_count(outcomes.done))) from exc
     except InvalidRequest as exc:
-        if outcomes:
+        if outcomes.done:
             exc.reason += (
-                f"; {_stored_count(outcomes)} instance(s) of the complete parts before "
+                f"; {_stored_count(outcomes.done)} instance(s) of the complete parts before "
                 "the defect were stored"
             )
         raise
 
-    _locate_duplicates(outcomes)
-    status = http_status(outcome.result for outcome in outcomes)
-    body = response_dataset(outcomes, service_root(), study)
+    stored_parts = outcomes.done
+    _locate_duplicates(stored_parts)
+    status = http_status(outcome.result for outcome in stored_parts)
+    body = response_dataset(stored_parts, service_root(), study)
     log.info(
         "STOW-RS %s from %s: %d part(s), %d stored, %d warning(s), %d failed, "
         "%d bytes in %.2f s -> %d",
         f"study {study}" if study else "studies",
         origin.remote,
-        len(outcomes),
-        _stored_count(outcomes),
-        sum(o.result.status.category is StatusCategory.WARNING for o in outcomes),
-        sum(not o.result.stored for o in outcomes),
+        len(stored_parts),
+        _stored_count(stored_parts),
+        sum(o.result.status.category is StatusCategory.WARNING for o in stored_parts),
+        sum(not o.result.stored for o in stored_parts),
         source.bytes_read,
         time.monotonic() - started,
         status,
@@ -255,29 +247,82 @@ def _content_type() -> MediaType:
     )
 
 
-def _store_part(
-    part: Part,
-    study: str | None,
-    origin: Origin,
-    store_part10: Callable[..., IngestResult],
-) -> StoredPart:
-    """Store one part through the ingest pipeline; a part that is not
-    ``application/dicom`` fails on its own with Cannot Understand."""
-    declared = part.header("content-type")
-    if declared:
-        try:
-            kind = parse_media_type(declared)
-        except MediaTypeError:
-            kind = None
-        if kind is None or not kind.is_(APPLICATION_DICOM):
-            return StoredPart(
-                IngestResult(
-                    Status.CANNOT_UNDERSTAND,
-                    f"part {part.number} is not {APPLICATION_DICOM}",
-                )
-            )
-    result = store_part10(part10_stream(part.body), origin, expected_study_uid=study)
-    return StoredPart(result, result.study_instance_uid, result.series_instance_uid)
+#: Instances of one request indexed in one transaction (group commit): one
+#: commit and one WAL flush for up to this many; a part's blob is written
+#: when it arrives (its spool is gone once the next part is read).
+COMMIT_BATCH = 50
+
+
+class _Outcomes:
+    """The parts of one request: each prepared as it arrives (header read
+    and checked, blob written durably: :meth:`IngestService.prepare_part10`),
+    indexed :data:`COMMIT_BATCH` at a time (:meth:`IngestService.commit`).
+    Nothing is answered before :meth:`commit` has indexed everything: the
+    answer is sent at the end of the request."""
+
+    def __init__(self, ingest: IngestService, study: str | None, origin: Origin) -> None:
+        self.ingest = ingest
+        self.study = study
+        self.origin = origin
+        self._results: list[IngestResult | None] = []
+        self._waiting: list[tuple[int, Prepared]] = []
+        self._studies: dict[str, None] = {}  # the studies stored in, in order
+        self._counts = [0, 0]  # instances stored, failed
+
+    def add(self, part: Part) -> None:
+        """Prepare one part; a part that is not ``application/dicom``
+        fails on its own with Cannot Understand."""
+        declared = part.header("content-type")
+        if declared:
+            try:
+                kind = parse_media_type(declared)
+            except MediaTypeError:
+                kind = None
+            if kind is None or not kind.is_(APPLICATION_DICOM):
+                reason = f"part {part.number} is not {APPLICATION_DICOM}"
+                self._done(len(self._results), IngestResult(Status.CANNOT_UNDERSTAND, reason))
+                return
+        slot = len(self._results)
+        self._results.append(None)
+        prepared = self.ingest.prepare_part10(
+            part10_stream(part.body), self.origin, expected_study_uid=self.study
+        )
+        if isinstance(prepared, IngestResult):
+            self._done(slot, prepared)
+            return
+        self._waiting.append((slot, prepared))
+        if len(self._waiting) >= COMMIT_BATCH:
+            self.commit()
+
+    def commit(self) -> None:
+        """Index the prepared parts."""
+        waiting, self._waiting = self._waiting, []
+        results = self.ingest.commit([prepared for _, prepared in waiting])
+        for (slot, _), result in zip(waiting, results, strict=True):
+            self._done(slot, result)
+
+    def _done(self, slot: int, result: IngestResult) -> None:
+        if slot == len(self._results):
+            self._results.append(result)
+        else:
+            self._results[slot] = result
+        # the audit event lists what was stored, even if a later part fails
+        # the whole request (dicomweb.audit)
+        if result.stored:
+            self._studies.setdefault(result.study_instance_uid, None)
+            self._counts[0] += 1
+        else:
+            self._counts[1] += 1
+        audit.note(studies=tuple(self._studies), instances=self._counts[0], failed=self._counts[1])
+
+    @property
+    def done(self) -> list[StoredPart]:
+        """The outcome of each part indexed (or refused) so far, in order."""
+        return [
+            StoredPart(result, result.study_instance_uid, result.series_instance_uid)
+            for result in self._results
+            if result is not None
+        ]
 
 
 def part10_stream(body: IO[bytes]) -> IO[bytes]:

@@ -614,3 +614,62 @@ def test_requests_session_of_dicomweb_client_reads_a_409(live_server: LiveServer
     assert caught.value.response.status_code == 409
     failed = Dataset.from_json(caught.value.response.json()).FailedSOPSequence
     assert failed[0].FailureReason == 0xA901
+
+
+def test_the_instances_of_a_request_are_indexed_in_one_transaction(
+    live_server: LiveServer,
+) -> None:
+    """Group commit: the 60 instances of one request take two index
+    transactions (batches of COMMIT_BATCH = 50), not 60; a series already in
+    another study refuses its instance alone (the batch is then indexed one
+    instance at a time); the same instance twice in one request is stored
+    once and reported as a duplicate."""
+    from sqlalchemy import event
+
+    from dicomweb.views.stow import COMMIT_BATCH
+
+    assert COMMIT_BATCH == 50
+    study = generate_uid()
+    instances = [ct_dataset(study) for _ in range(60)]
+    engine = live_server.services.engine
+    commits: list[int] = []
+
+    def count(_conn: Any) -> None:
+        commits.append(1)
+
+    event.listen(engine, "commit", count)
+    try:
+        response = post(f"{live_server.root}/studies", multipart(*map(part10, instances)))
+    finally:
+        event.remove(engine, "commit", count)
+    assert response.status_code == 200
+    assert len(response_dataset(response).ReferencedSOPSequence) == 60
+    assert len(commits) == 2
+    for ds in instances[::7]:
+        assert stored_bytes(live_server, ds.SOPInstanceUID) == part10(ds)
+
+    # a series that belongs to another study, beside two good instances and
+    # one sent twice
+    other_study = ct_dataset()
+    stolen = ct_dataset(other_study.StudyInstanceUID)
+    stolen.SeriesInstanceUID = instances[0].SeriesInstanceUID
+    good, twice = ct_dataset(study), ct_dataset(study)
+    parts = [part10(good), part10(stolen), part10(twice), part10(twice)]
+    response = post(f"{live_server.root}/studies", multipart(*parts))
+    assert response.status_code == 202
+    result = response_dataset(response)
+    referenced = [item.ReferencedSOPInstanceUID for item in result.ReferencedSOPSequence]
+    assert referenced == [good.SOPInstanceUID, twice.SOPInstanceUID, twice.SOPInstanceUID]
+    assert [getattr(i, "WarningReason", None) for i in result.ReferencedSOPSequence] == [
+        None,
+        None,
+        0xB00E,  # the second copy: Status.DUPLICATE_INSTANCE_KEPT
+    ]
+    (failed,) = result.FailedSOPSequence
+    assert failed.ReferencedSOPInstanceUID == stolen.SOPInstanceUID
+    assert failed.FailureReason == 0xA900  # Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    for ds in (good, twice):
+        assert stored_bytes(live_server, ds.SOPInstanceUID) == part10(ds)
+    # no blob is left without its row: one blob per instance stored
+    blobs = [p for p in live_server.config.storage.path.rglob("*") if p.is_file()]
+    assert len(blobs) == 62

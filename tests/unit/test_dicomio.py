@@ -276,3 +276,79 @@ def test_the_sending_ae_is_read_back_only_from_a_file_meta_of_ours() -> None:
     ds.save_as(theirs, enforce_file_format=True)
     theirs.seek(0)
     assert extract_record(read_header(theirs)).instance.source_ae == ""
+
+
+# --------------------------------------------------------------------------
+# the record's values decoded from raw elements, as pydicom decodes them
+
+
+def _records(data: bytes) -> tuple[object, object] | None:
+    """The record of *data* with the raw values decoded by extract_record
+    and by pydicom (each from its own header read), or None if the header
+    or the record cannot be read (then both paths refuse it alike)."""
+    outcomes = []
+    for fast in (True, False):
+        try:
+            outcomes.append(extract_record(read_header(io.BytesIO(data)), fast=fast))
+        except (InvalidInstance, UnreadableInstance) as exc:
+            outcomes.append(f"{type(exc).__name__}: {exc.reason}")
+    return outcomes[0], outcomes[1]
+
+
+def test_raw_values_are_decoded_as_pydicom_decodes_them_in_its_test_files() -> None:
+    """Every file of pydicom's test data (many transfer syntaxes, character
+    sets, implicit and explicit VR, big endian) gives the same record
+    either way."""
+    from pathlib import Path
+
+    from pydicom.data import get_testdata_files
+
+    compared = 0
+    for name in get_testdata_files("*"):
+        path = Path(name)
+        if not path.is_file() or path.suffix.lower() not in ("", ".dcm"):
+            continue
+        data = path.read_bytes()
+        fast, slow = _records(data)
+        assert fast == slow, path.name
+        compared += not isinstance(fast, str)
+    assert compared > 50
+
+
+def _instance(**values: object) -> bytes:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = "1.2.3.4"
+    ds.StudyInstanceUID = "1.2.3"
+    ds.SeriesInstanceUID = "1.2.3.1"
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"PatientName": "Müller^Jürgen", "SpecificCharacterSet": "ISO_IR 100"},
+        {"PatientName": "Müller^Jürgen", "SpecificCharacterSet": "ISO_IR 192"},
+        {"PatientName": "Yamada^Tarou=山田^太郎", "SpecificCharacterSet": "ISO_IR 192"},
+        {"PatientName": "Doe^John", "PatientID": "", "AccessionNumber": "A 1"},
+        {"StudyDescription": "  leading spaces", "Modality": "CT"},
+        {"SpecificCharacterSet": ["", "ISO 2022 IR 87"], "PatientName": "Yamada^Tarou"},
+        {"SeriesNumber": "  7 ", "InstanceNumber": "+12", "Rows": 512, "Columns": 256},
+        {"InstanceNumber": "99999999999", "NumberOfFrames": "3"},
+        {"ImageType": ["ORIGINAL", "PRIMARY"], "Modality": "MR", "BodyPartExamined": ""},
+        {"StudyTime": "101010.123456 ", "StudyDate": "2024.01.02"},
+        {"SOPClassUID": ""},
+        {"StudyInstanceUID": ["1.2", "1.3"]},
+    ],
+)
+def test_raw_values_are_decoded_as_pydicom_decodes_them(values: dict[str, object]) -> None:
+    fast, slow = _records(_instance(**values))
+    assert fast == slow
