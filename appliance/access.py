@@ -39,7 +39,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from appliance.config import AUTH_ROLES, AuthConfig
 from appliance.errors import ApplianceError, IndexUnavailable
-from appliance.index.engine import write_transaction
+from appliance.index.engine import as_utc, write_transaction
 from appliance.index.schema import api_token
 
 if TYPE_CHECKING:
@@ -128,9 +128,7 @@ def _now() -> dt.datetime:
 
 
 def _aware(value: dt.datetime | None) -> dt.datetime | None:
-    if value is None:
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+    return None if value is None else as_utc(value)
 
 
 def parse_roles(text: Iterable[str]) -> tuple[str, ...]:

@@ -58,7 +58,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from appliance.dicomio import is_valid_uid
 from appliance.errors import ApplianceError, IndexUnavailable
-from appliance.index.engine import WRITE
+from appliance.index.engine import WRITE, as_utc
 from appliance.index.engine import describe_failure as _describe
 from appliance.index.schema import (
     DEFAULT_PARTITION_KEY,
@@ -215,11 +215,6 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _utc(value: dt.datetime) -> dt.datetime:
-    """SQLite gives back naive datetimes; every stored time is UTC."""
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
-
-
 def _digest(requester_ae: str, items: Sequence[Reference]) -> str:
     payload = json.dumps(
         [requester_ae, [[r.sop_class_uid, r.sop_instance_uid] for r in items]],
@@ -277,9 +272,9 @@ def _report(row: Any) -> CommitmentReport:
         result=CommitmentResult.from_json(row.result),
         state=ReportState(row.state),
         attempts=row.attempts,
-        next_attempt_at=_utc(row.next_attempt_at),
-        created_at=_utc(row.created_at),
-        updated_at=_utc(row.updated_at),
+        next_attempt_at=as_utc(row.next_attempt_at),
+        created_at=as_utc(row.created_at),
+        updated_at=as_utc(row.updated_at),
         claim_token=row.claim_token,
         last_error=row.last_error,
         delivered_via=row.delivered_via,

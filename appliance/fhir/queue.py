@@ -28,7 +28,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
 from appliance.errors import IndexUnavailable
-from appliance.index.engine import write_transaction
+from appliance.index.engine import as_utc, write_transaction
 from appliance.index.schema import DEFAULT_PARTITION_KEY, changefeed, feed_cursor, fhir_study
 
 CURSOR = "fhir"
@@ -86,10 +86,6 @@ class FhirStatus:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def _aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 class StudyQueue:
@@ -316,12 +312,12 @@ class StudyQueue:
                     if state == StudyState.QUEUED.value:
                         fields["in_flight"] = int(flying or 0)
                         if oldest is not None:
-                            age = (now - _aware(oldest)).total_seconds()
+                            age = (now - as_utc(oldest)).total_seconds()
                             fields["oldest_queued_age"] = round(max(age, 0.0), 1)
                 row = conn.execute(latest_error).first()
                 if row is not None:
                     fields["last_error"] = row.last_error
-                    fields["last_error_at"] = _aware(row.updated_at)
+                    fields["last_error_at"] = as_utc(row.updated_at)
                 cursor = conn.execute(
                     select(feed_cursor.c.sequence).where(feed_cursor.c.name == CURSOR)
                 ).scalar()

@@ -33,8 +33,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from appliance.config import ForwardConfig
 from appliance.errors import IndexUnavailable
 from appliance.forward.routes import matches
+from appliance.index.engine import as_utc, write_transaction
 from appliance.index.engine import describe_failure as _describe
-from appliance.index.engine import write_transaction
 from appliance.index.schema import DEFAULT_PARTITION_KEY, forward_entry, instance, series, study
 
 #: ``last_error`` is at most this long (its column's size).
@@ -100,11 +100,6 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _aware(value: dt.datetime) -> dt.datetime:
-    # SQLite gives naive datetimes back: they were written in UTC
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
-
-
 class Outbox:
     """The forwarding outbox of the index database behind *engine*."""
 
@@ -163,7 +158,7 @@ class Outbox:
                     series_instance_uid=row.series_instance_uid,
                     sop_instance_uid=row.sop_instance_uid,
                     attempts=int(row.attempts),
-                    created_at=_aware(row.created_at),
+                    created_at=as_utc(row.created_at),
                     partition_key=int(row.partition_key),
                 )
                 for row in rows
@@ -271,7 +266,7 @@ class Outbox:
                     if state == EntryState.QUEUED.value:
                         fields["in_flight"] = int(flying or 0)
                         if oldest is not None:
-                            age = (now - _aware(oldest)).total_seconds()
+                            age = (now - as_utc(oldest)).total_seconds()
                             fields["oldest_queued_age"] = round(max(age, 0.0), 1)
                 for name in destinations:
                     row = conn.execute(
@@ -279,7 +274,7 @@ class Outbox:
                     ).first()
                     if row is not None:
                         found[name]["last_error"] = row.last_error
-                        found[name]["last_error_at"] = _aware(row.updated_at)
+                        found[name]["last_error_at"] = as_utc(row.updated_at)
         except SQLAlchemyError as exc:
             raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
         return [DestinationStatus(name, **found[name]) for name in destinations]

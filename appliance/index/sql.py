@@ -31,7 +31,7 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, SQL
 
 from appliance.dicomio import tm_key
 from appliance.errors import ApplianceError, IndexUnavailable, InvalidInstance, NotFound
-from appliance.index.engine import WRITE
+from appliance.index.engine import WRITE, as_utc
 from appliance.index.engine import describe_failure as _describe
 from appliance.index.schema import (
     DEFAULT_PARTITION_KEY,
@@ -173,11 +173,6 @@ def _what(study_uid: str, series_uid: str | None, sop_uid: str | None) -> str:
 
 class Busy(ApplianceError):
     """Retention: what was to be deleted is in use (see :meth:`SqlIndex.delete`)."""
-
-
-def _aware(value: dt.datetime) -> dt.datetime:
-    # SQLite gives naive datetimes back: they were written in UTC
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 def _now() -> dt.datetime:
@@ -407,7 +402,7 @@ class SqlIndex:
             raise IndexUnavailable(f"the index database failed ({_describe(exc)})") from exc
         if row is None:
             return None
-        expires = row.expires_at if row.expires_at.tzinfo else row.expires_at.replace(tzinfo=dt.UTC)
+        expires = as_utc(row.expires_at)
         return None if expires < _now() else (str(row.holder), expires)
 
     def release(self, task: str, holder: str) -> None:
@@ -1034,7 +1029,7 @@ class SqlIndex:
     def _check_idle(
         conn: Connection, rows: Sequence[Any], idle_since: dt.datetime, partition_key: int
     ) -> None:
-        if any(_aware(row.updated_at) >= idle_since for row in rows if row.updated_at):
+        if any(as_utc(row.updated_at) >= idle_since for row in rows if row.updated_at):
             raise Busy("an instance was stored there since")
         for chunk in _chunks(sorted(row.sop_instance_uid for row in rows)):
             waiting = conn.execute(
