@@ -437,10 +437,12 @@ class _RawValues(_PydicomValues):
     def _raw(self, keyword: str, codec: str | None) -> Any:
         """The single text value of *keyword* (None if absent), or _SLOW."""
         tag, implicit_vr = _TAG_VR[keyword]
-        element = self.ds.get_item(tag)
+        element = self.ds.get_item(tag, keep_deferred=True)
         if element is None:
             return None
         if not isinstance(element, RawDataElement) or element.value is None:
+            # converted already, or a deferred (or unreadable) value: pydicom's
+            # rules and _value's handling of what it cannot convert
             return _SLOW
         vr = element.VR or implicit_vr
         if vr in _ASCII_VRS:
@@ -471,7 +473,7 @@ class _RawValues(_PydicomValues):
 
     def int(self, keyword: str) -> int | None:
         tag, implicit_vr = _TAG_VR[keyword]
-        element = self.ds.get_item(tag)
+        element = self.ds.get_item(tag, keep_deferred=True)
         if element is None:
             return None
         if isinstance(element, RawDataElement) and element.value is not None:

@@ -318,7 +318,12 @@ CORPUS = Path(__file__).parent / "corpus"
 def test_corpus_part10_inputs_are_read_or_refused(path: Path) -> None:
     """crash-* files are inputs atheris found crashing (kept as regression
     tests): crash-unknown-vr-in-file-meta, a File Meta element of the VR
-    "SI", made pydicom raise NotImplementedError out of ingest."""
+    "SI", made pydicom raise NotImplementedError out of ingest;
+    crash-unknown-vr-in-series-uid, a SeriesInstanceUID of the VR "U\\x01"
+    (read by pydicom, the walk refusing it), made the record's raw decoding
+    ask pydicom for the element, whose conversion raised NotImplementedError
+    out of ingest; crash-nan-float-in-metadata, an FL value NaN, made the
+    metadata's JSON text fail (a 500 of WADO-RS metadata)."""
     data = path.read_bytes()
     with contextlib.suppress(ApplianceError):
         extract_record(read_header(io.BytesIO(data)))
@@ -332,3 +337,27 @@ def test_corpus_multipart_inputs_are_parsed_or_refused(path: Path) -> None:
     # the harness's layout: a boundary, a chunk size, then the body
     with contextlib.suppress(ApplianceError):
         read_parts(data[9:], "b", chunk_size=max(1, data[8] % 64))
+
+
+def test_non_finite_floats_are_the_standards_strings_in_metadata() -> None:
+    """PS3.18 F.2.3 (CP-2275): NaN and the infinities of FL and FD are the
+    JSON strings "NaN", "inf" and "-inf" (JSON numbers cannot hold them)."""
+    import math
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.4", "1.2.3.4"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.3", "1.2.3.1"
+    ds.add_new(0x00189087, "FD", [math.nan, math.inf, -math.inf, 1.5])  # Diffusion b-value
+    ds.add_new(0x00189089, "FD", [0.0, 1.0, 0.0])  # Diffusion Gradient Orientation
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    rendered = inputs.render_metadata(out.getvalue())
+    assert rendered["00189087"] == {"vr": "FD", "Value": ["NaN", "inf", "-inf", 1.5]}
+    assert rendered["00189089"] == {"vr": "FD", "Value": [0.0, 1.0, 0.0]}
