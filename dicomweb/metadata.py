@@ -41,6 +41,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import math
 import re
 import secrets
 import struct
@@ -343,7 +344,24 @@ def _element_json(
     if elem.tag == _SPECIFIC_CHARACTER_SET:
         # text below is decoded and written as UTF-8 (F.2: JSON is UTF-8)
         return {"vr": "CS", "Value": [UTF8_CHARSET]}
-    return elem.to_json_dict(None, 0)
+    return _finite(elem.to_json_dict(None, 0))
+
+
+#: The JSON strings of the floating point values a JSON number cannot hold
+#: (PS3.18 F.2.3, CP-2275: NaN and the infinities of FL, FD and DS).
+_NON_FINITE = {"nan": "NaN", "inf": "inf", "-inf": "-inf"}
+
+
+def _finite(element: dict[str, Any]) -> dict[str, Any]:
+    """*element* with each NaN or infinite number of its Value as its
+    string (``json.dumps`` refuses them: they are not JSON numbers)."""
+    values = element.get("Value")
+    if values and any(isinstance(v, float) and not math.isfinite(v) for v in values):
+        element["Value"] = [
+            _NON_FINITE[repr(v)] if isinstance(v, float) and not math.isfinite(v) else v
+            for v in values
+        ]
+    return element
 
 
 def _unreadable_json(raw: DataElement | RawDataElement) -> dict[str, Any]:
