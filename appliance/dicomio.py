@@ -528,6 +528,9 @@ def _request_attributes(ds: Dataset) -> tuple[RequestAttributes, ...]:
 #: a UID sent with the VR US and an odd length (found by fuzzing:
 #: BytesLengthException escaped ingest), an unknown VR.
 _CONVERSION_ERRORS = (
+    # a sequence in place of a value, cut short: pydicom's reader raises
+    # OSError (found by fuzzing: InstanceNumber of the VR SQ)
+    OSError,
     ValueError,
     TypeError,
     LookupError,
