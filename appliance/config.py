@@ -412,8 +412,13 @@ class LogConfig:
     levels: tuple[str, ...] = _field((), check=_log_levels)
 
 
+#: A name of ours (a [[forward]] destination, a data partition): 1 to 64
+#: ASCII letters, digits, '.', '_' or '-'.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
 def _forward_name(value: str) -> str | None:
-    if re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value) is None:
+    if NAME_PATTERN.fullmatch(value) is None:
         return "must be 1 to 64 letters, digits, '.', '_' or '-'"
     return None
 
@@ -663,7 +668,7 @@ class AuditConfig:
 
 
 def _partition_name(value: str) -> str | None:
-    if re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value) is None:
+    if NAME_PATTERN.fullmatch(value) is None:
         return f"{value!r} is not a partition name (1 to 64 of A-Z a-z 0-9 . _ -)"
     return None
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import re
 import threading
 
 from sqlalchemy import Engine, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
+from appliance.config import NAME_PATTERN
 from appliance.errors import IndexUnavailable
 from appliance.index.engine import as_utc, describe_failure, write_transaction
 from appliance.index.schema import DEFAULT_PARTITION_KEY, data_partition
@@ -31,8 +31,9 @@ from appliance.index.schema import DEFAULT_PARTITION_KEY, data_partition
 #: The default partition's name (the seed service's).
 DEFAULT_NAME = "Microsoft.Default"
 
-#: A partition name: 1 to 64 of ASCII letters, digits, ``.``, ``_`` and ``-``.
-NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+#: A partition name: 1 to 64 of ASCII letters, digits, ``.``, ``_`` and ``-``
+#: (the rule ``[partitions]`` and ``[[dimse.peers]] partition`` are checked by).
+NAME = NAME_PATTERN
 
 #: A key no partition has: the services of a partition that does not exist
 #: (yet) are bound to it, so they find nothing.

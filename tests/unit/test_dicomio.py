@@ -319,17 +319,12 @@ def test_raw_values_are_decoded_as_pydicom_decodes_them_in_its_test_files() -> N
 
 
 def _instance(**values: object) -> bytes:
-    ds = Dataset()
+    ds = _dataset(**values)
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    # set here: the File Meta cannot take an empty SOP Class UID from the data set
     ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    ds.SOPInstanceUID = "1.2.3.4"
-    ds.StudyInstanceUID = "1.2.3"
-    ds.SeriesInstanceUID = "1.2.3.1"
-    for keyword, value in values.items():
-        setattr(ds, keyword, value)
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5"
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
     return out.getvalue()
