@@ -26,7 +26,7 @@ from appliance import dicom_tls
 from appliance.activity import AssociationLog
 from appliance.config import Config
 from appliance.services import Services
-from dimse_bridge import access, handlers, partitions
+from dimse_bridge import access, handlers, partitions, reactor
 from dimse_bridge import services as dimse_services
 from dimse_bridge.services import ServiceSetup
 
@@ -64,6 +64,7 @@ def build_ae(config: Config, services: Services) -> ServiceSetup:
       writer is a background task.
     """
     quiet_pynetdicom()
+    reactor.install()  # pynetdicom's loops wait for work instead of polling
     dimse = config.dimse
     ae = AE(ae_title=dimse.ae_title)
     # with partitions, the listener answers to more titles than its own:
