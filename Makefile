@@ -8,7 +8,7 @@ FHIR_PEER := tests/fhir_peer/node_modules/.package-lock.json
 # the OpenID Connect provider the auth tests get tokens from (tests/oidc_peer, npm)
 OIDC_PEER := tests/oidc_peer/node_modules/.package-lock.json
 
-.PHONY: run test lint typecheck unit bench load soak migrate clean
+.PHONY: run test lint typecheck unit bench profile load soak migrate clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,13 @@ unit: $(STAMP)
 bench: $(STAMP)
 	sh bench/ensure_tools.sh
 	$(BIN)/python -m bench all $(BENCH_ARGS)
+
+## where the CPU goes on C-STORE and STOW-RS: py-spy flame graphs and CPU per
+## instance into bench/results/profile-<commit> (PROFILE_ARGS="--tree DIR"
+## profiles another checkout, e.g. an older commit, with this one's tools)
+profile: $(STAMP)
+	sh bench/ensure_tools.sh
+	$(BIN)/python -m bench profile $(PROFILE_ARGS)
 
 ## a bounded load on loopback (dcmtk storescu, pynetdicom C-STORE, STOW-RS,
 ## QIDO-RS and WADO-RS clients at once for LOAD_SECONDS), then every

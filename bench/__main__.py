@@ -5,6 +5,7 @@ Usage::
     python -m bench [all|dicomweb|dimse|core] [--reps N] [--quick]
     python -m bench load [--duration S] | soak [--minutes M]   (see bench/load.py)
     python -m bench eqt [--studies N] [--queries N]   (see bench/eqt.py)
+    python -m bench profile [--tree PATH] [--label L]   (see bench/profile.py)
 
 ``all`` (the default, what ``make bench`` runs) measures both protocol
 families on the appliance and then on Orthanc (:mod:`bench.compare`);
@@ -56,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import eqt
 
         return eqt.main(args_given[1:])
+    if args_given[:1] == ["profile"]:
+        from bench import profile
+
+        return profile.main(args_given[1:])
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "part",
