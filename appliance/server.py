@@ -51,6 +51,7 @@ import argparse
 import contextlib
 import ctypes
 import dataclasses
+import gc
 import http.client
 import ipaddress
 import json
@@ -595,6 +596,7 @@ def run_dimse(
             runstate.mark_ready(run_dir, tls_marker(name))
 
     def listening() -> None:
+        freeze_heap()
         if run_dir is not None:
             runstate.mark_ready(run_dir, name)
         if worker == 1:  # once per start, not once per worker
@@ -658,6 +660,7 @@ def run_worker(config: Config) -> int:
         retention = _retention(config, services)
         if retention.enabled:
             jobs.append(("retention", retention.serve, lambda: None))
+        freeze_heap()
         threads = [
             threading.Thread(target=run, args=(stop,), name=name, daemon=True)
             for name, run, _ in jobs
@@ -745,6 +748,7 @@ def gunicorn_settings(config: Config, served: https.ServedContext | None = None)
         # no control socket under $HOME: the supervisor is the only controller
         "control_socket_disable": True,
         "post_fork": _post_fork,
+        "post_worker_init": _post_worker_init,
         "worker_exit": _worker_exit,
         "child_exit": _child_exit,
     }
@@ -775,6 +779,24 @@ def _pre_request(worker: Any, _request: Any) -> None:
 
 def _post_fork(_server: Any, _worker: Any) -> None:
     set_process_name("http-worker")
+
+
+def _post_worker_init(_worker: Any) -> None:
+    # the app is loaded and its services built
+    freeze_heap()
+
+
+def freeze_heap() -> None:
+    """Take what is alive once a worker has started (the modules, pydicom's
+    dictionaries, the services) out of the garbage collector's sight
+    (``gc.freeze``), so that a full collection looks only at what came
+    after.  Measured in a DIMSE worker: a full collection of the ~83,000
+    objects of start-up took 85-90 ms of CPU, 0.003 ms after the freeze;
+    pynetdicom forces one every 60 passes of its accept loop, and Python
+    makes its own as objects are allocated.  Nothing frozen was ever going
+    to be freed: it lives as long as the process."""
+    gc.collect()
+    gc.freeze()
 
 
 def _worker_exit(_server: Any, worker: Any) -> None:
