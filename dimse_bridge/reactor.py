@@ -22,6 +22,10 @@ run as before, just less often while nothing happens):
   to arrive (the queues' ``put``), or for a thread of the user to ask it to
   pause (``_reactor_checkpoint.clear()``, before every ``send_*``).
 
+It also closes a race of pynetdicom's in which the association reactor
+takes and drops a response that a ``send_*`` is waiting for
+(:func:`_leave_responses_to_the_user`).
+
 Nothing is decided differently: the loops only sleep less.  Every wait is
 bounded by :data:`IDLE_WAIT`, so a wake-up source missed here costs latency
 (ARTIM and idle timers seen up to that much later, a flag set by another
@@ -175,4 +179,53 @@ def _association_wake(assoc: Association) -> threading.Event:
         wake.set()
 
     checkpoint.clear = clear_and_wake  # type: ignore[method-assign]
+    _leave_responses_to_the_user(assoc)
     return wake
+
+
+def _leave_responses_to_the_user(assoc: Association) -> None:
+    """Keep the reactor from taking a response that a user's ``send_*`` is
+    about to wait for (pynetdicom's race, seen in ``make bench`` and the
+    soak: a C-STORE-RSP lost, the sender then waiting ``dimse_timeout``).
+
+    ``send_*`` pauses the reactor by clearing ``_reactor_checkpoint`` and
+    waiting for ``_is_paused``, but that flag is still True from the
+    reactor's previous pause until the reactor has run again: a ``send_*``
+    right after another one can send its request before the reactor resumes
+    from the last pause, and the reactor's next non-blocking ``get_msg``
+    then takes the response and drops it ("Received unexpected ... service
+    message").  Here the reactor's non-blocking ``get_msg`` leaves a
+    response at the head of the queue while a user waits for one
+    (a blocking ``get_msg``) or is pausing the reactor (the checkpoint
+    cleared); with nobody waiting it takes it as before."""
+    dimse = assoc.dimse
+    queue = dimse.msg_queue
+    get_msg = dimse.get_msg
+    waiting = [0]
+    lock = threading.Lock()
+
+    def get_msg_for(block: bool = False) -> Any:
+        if block:
+            with lock:
+                waiting[0] += 1
+            try:
+                return get_msg(block)
+            finally:
+                with lock:
+                    waiting[0] -= 1
+        with queue.mutex:
+            head = queue.queue[0] if queue.queue else None
+        if head is not None and _is_response(head[1]):
+            with lock:
+                someone = waiting[0] > 0
+            if someone or not assoc._reactor_checkpoint.is_set():
+                return None, None
+        return get_msg(block)
+
+    dimse.get_msg = get_msg_for  # type: ignore[method-assign]
+
+
+def _is_response(message: Any) -> bool:
+    return bool(getattr(message, "is_valid_response", False)) and not bool(
+        getattr(message, "is_valid_request", False)
+    )

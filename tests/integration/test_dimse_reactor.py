@@ -18,6 +18,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_ECHO
 from pynetdicom.sop_class import SecondaryCaptureImageStorage, Verification  # type: ignore
 
 from dimse_bridge import reactor
@@ -140,3 +141,57 @@ def test_abort_from_another_thread_ends_the_association(
     assert assoc.is_aborted
     assert not assoc.is_alive()
     assert not assoc.dul.is_alive()
+
+
+def _echo_response() -> C_ECHO:
+    rsp = C_ECHO()
+    rsp.MessageIDBeingRespondedTo = 7
+    rsp.Status = 0x0000
+    return rsp
+
+
+def _echo_request() -> C_ECHO:
+    req = C_ECHO()
+    req.MessageID = 8
+    req.AffectedSOPClassUID = Verification
+    return req
+
+
+def test_a_response_is_left_to_the_user_who_is_sending(
+    counted: dict[str, int], scp: tuple[int, list[Dataset]]
+) -> None:
+    """pynetdicom's race: a send_* right after another passes the reactor's
+    stale pause flag, and the reactor's next non-blocking get_msg took the
+    response the sender then waited dimse_timeout for.  The reactor's look
+    at the queue now leaves a response there while a pause is asked for."""
+    port, _ = scp
+    assoc = _requestor().associate("127.0.0.1", port, ae_title="REACTOR_SCP")
+    assert assoc.is_established
+    try:
+        time.sleep(0.1)  # the reactor has gone idle once: its hooks are in
+        queue = assoc.dimse.msg_queue
+        assoc._reactor_checkpoint.clear()  # a sender pausing the reactor
+        deadline = time.monotonic() + 5
+        while not assoc._is_paused and time.monotonic() < deadline:
+            time.sleep(0.001)
+        response = _echo_response()
+        queue.put((1, response))
+        # what the reactor does when it resumes before seeing the pause
+        assert assoc.dimse.get_msg(block=False) == (None, None)
+        assert queue.qsize() == 1
+        # the sender's own (blocking) look takes it
+        assert assoc.dimse.get_msg(block=True) == (1, response)
+        # a request is the reactor's to take, pause or not
+        request = _echo_request()
+        queue.put((1, request))
+        assert assoc.dimse.get_msg(block=False) == (1, request)
+        assoc._reactor_checkpoint.set()
+        # with nobody sending, a stray response is taken (and dropped) as before
+        queue.put((1, _echo_response()))
+        deadline = time.monotonic() + 5
+        while queue.qsize() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert queue.qsize() == 0
+        assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
