@@ -47,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,7 @@ import httpx
 
 from bench import dicomweb, dimse
 from bench.corpus import InstanceSet
-from bench.servers import Server, _stop, _wait, free_port, process_tree, wait_for_echo
+from bench.servers import Server, appliance, process_tree
 
 SEED = "bench-profile"
 #: Instances per load: enough for some 20-30 s of work on two cores.
@@ -91,43 +91,10 @@ def cpu_seconds(pids: list[int]) -> tuple[float, float]:
     return user / CLOCK_TICKS, system / CLOCK_TICKS
 
 
-@contextlib.contextmanager
-def serving(tree: Path | None, version: str) -> Iterator[Server]:
+def serving(tree: Path | None, version: str) -> contextlib.AbstractContextManager[Server]:
     """``serve`` from *tree* (None: this one) on its defaults, in a
     temporary folder, until the block ends."""
-    with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
-        http_port, dimse_port = free_port(), free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")} | {
-            "APPLIANCE_HTTP_PORT": str(http_port),
-            "APPLIANCE_DIMSE_PORT": str(dimse_port),
-            "APPLIANCE_LOG_LEVEL": "warning",
-            "APPLIANCE_INDEX_AUTO_MIGRATE": "true",
-        }
-        if tree is not None:
-            env["PYTHONPATH"] = str(tree.resolve())
-        log = Path(tmp) / "server.log"
-        with log.open("wb") as output:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "appliance.cli", "serve"],
-                cwd=tmp,
-                env=env,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-            )
-        try:
-            _wait(f"http://127.0.0.1:{http_port}/health/ready", process, log)
-            wait_for_echo("DICOM_EDGE", dimse_port)
-            yield Server(
-                "appliance",
-                f"http://127.0.0.1:{http_port}/v1",
-                dimse_port,
-                "DICOM_EDGE",
-                process.pid,
-                version,
-                {},
-            )
-        finally:
-            _stop(process)
+    return appliance(tree=tree, version=version)
 
 
 def _store(server: Server, files: list[Path]) -> None:

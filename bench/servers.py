@@ -262,10 +262,14 @@ def appliance(
     *,
     name: str = "appliance",
     extra: dict[str, str] | None = None,
+    tree: Path | None = None,
+    version: str | None = None,
 ) -> Iterator[Server]:
     """``dicom-appliance serve`` on the embedded default, in a temp folder;
     every setting at its default but the ports, the C-MOVE destinations and
-    ``query.max_results`` (and the *extra* ``APPLIANCE_`` settings)."""
+    ``query.max_results`` (and the *extra* ``APPLIANCE_`` settings).  With
+    *tree*, the appliance of that checkout (first on ``PYTHONPATH``), named
+    *version*."""
     with tempfile.TemporaryDirectory(prefix="bench-appliance-") as tmp:
         http_port, dimse_port = free_port(), free_port()
         settings = {
@@ -285,6 +289,8 @@ def appliance(
                 + "]"
             )
         env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")} | settings
+        if tree is not None:
+            env["PYTHONPATH"] = str(tree.resolve())
         log = Path(tmp) / "server.log"
         with log.open("wb") as output:
             process = subprocess.Popen(
@@ -303,7 +309,7 @@ def appliance(
                 dimse_port,
                 "DICOM_EDGE",
                 process.pid,
-                _appliance_version(),
+                version or _appliance_version(),
                 settings,
             )
         except BaseException:

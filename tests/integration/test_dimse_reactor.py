@@ -10,6 +10,7 @@ user's send_* pauses, release and abort work as before.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, evt
+from pynetdicom import AE, Association, evt
 from pynetdicom.dimse_primitives import C_ECHO
 from pynetdicom.sop_class import SecondaryCaptureImageStorage, Verification  # type: ignore
 
@@ -76,20 +77,27 @@ def _requestor() -> AE:
     return ae
 
 
+@contextlib.contextmanager
+def _association(port: int) -> Iterator[Association]:
+    """An established association to the SCP on *port*, released after."""
+    assoc = _requestor().associate("127.0.0.1", port, ae_title="REACTOR_SCP")
+    assert assoc.is_established
+    try:
+        yield assoc
+    finally:
+        assoc.release()
+
+
 def test_idle_association_threads_wait_instead_of_polling(
     counted: dict[str, int], scp: tuple[int, list[Dataset]]
 ) -> None:
     port, _ = scp
-    assoc = _requestor().associate("127.0.0.1", port, ae_title="REACTOR_SCP")
-    assert assoc.is_established
-    try:
+    with _association(port):
         time.sleep(0.2)  # settle
         before = dict(counted)
         time.sleep(1.0)
         woken = {k: counted[k] - before[k] for k in counted}
         print(f"idle for 1 s, the loops slept: {woken}")
-    finally:
-        assoc.release()
     # two associations' ends (requestor and acceptor) idle for a second:
     # polling every 1 ms would be ~2,000 per loop kind; waiting at most
     # IDLE_WAIT (20 ms) is ~100
@@ -103,9 +111,7 @@ def test_traffic_wakes_the_loops_at_once(
     counted: dict[str, int], scp: tuple[int, list[Dataset]]
 ) -> None:
     port, received = scp
-    assoc = _requestor().associate("127.0.0.1", port, ae_title="REACTOR_SCP")
-    assert assoc.is_established
-    try:
+    with _association(port) as assoc:
         start = time.perf_counter()
         statuses = [assoc.send_c_echo().Status for _ in range(50)]
         seconds = time.perf_counter() - start
@@ -117,8 +123,6 @@ def test_traffic_wakes_the_loops_at_once(
             ds.file_meta = Dataset()
             ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
             assert assoc.send_c_store(ds).Status == 0x0000
-    finally:
-        assoc.release()
     assert statuses == [0x0000] * 50
     assert [int(ds.InstanceNumber) for ds in received] == [0, 1, 2]
     assert not assoc.is_established
@@ -165,9 +169,7 @@ def test_a_response_is_left_to_the_user_who_is_sending(
     response the sender then waited dimse_timeout for.  The reactor's look
     at the queue now leaves a response there while a pause is asked for."""
     port, _ = scp
-    assoc = _requestor().associate("127.0.0.1", port, ae_title="REACTOR_SCP")
-    assert assoc.is_established
-    try:
+    with _association(port) as assoc:
         time.sleep(0.1)  # the reactor has gone idle once: its hooks are in
         queue = assoc.dimse.msg_queue
         assoc._reactor_checkpoint.clear()  # a sender pausing the reactor
@@ -193,5 +195,3 @@ def test_a_response_is_left_to_the_user_who_is_sending(
             time.sleep(0.01)
         assert queue.qsize() == 0
         assert assoc.send_c_echo().Status == 0x0000
-    finally:
-        assoc.release()
