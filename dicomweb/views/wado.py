@@ -636,9 +636,6 @@ def retrieve_instances(
             content_type=content_type(boundary, APPLICATION_DICOM),
             direct_passthrough=True,
         )
-        length = _multipart_length(root, plans, boundary)
-        if length is not None:
-            response.content_length = length
     return _cache_headers(response, etag, last_modified)
 
 
@@ -651,36 +648,6 @@ def _single(body: _Body, counter: _Counter, what: str) -> Iterator[bytes]:
     finally:
         _close(body.chunks)
         _log_done("retrieve", what, counter)
-
-
-def _part_head(
-    boundary: str, root: str, stored: StoredInstance, syntax: str, size: int, first: bool
-) -> bytes:
-    """The delimiter and header block of one instance's part."""
-    headers = {
-        "Content-Type": f"{APPLICATION_DICOM}; transfer-syntax={syntax}",
-        "Content-Length": str(size),
-        "Content-Location": _instance_url(root, stored),
-    }
-    return part_head(boundary, headers, first=first)
-
-
-def _multipart_length(
-    root: str, plans: Sequence[tuple[StoredInstance, Sequence[Acceptable]]], boundary: str
-) -> int | None:
-    """The length of the whole multipart body when every instance goes out
-    as stored (then each part's size is known before a byte is sent), else
-    None.  With a Content-Length the server sends the parts' bytes as they
-    are, with no chunked framing around each piece (gunicorn copies every
-    chunk once more to frame it)."""
-    total = 0
-    for number, (stored, options) in enumerate(plans):
-        if (options[0].syntax or DEFAULT_TRANSFER_SYNTAX) != stored.transfer_syntax_uid:
-            return None
-        syntax = stored.transfer_syntax_uid
-        total += len(_part_head(boundary, root, stored, syntax, stored.size, number == 0))
-        total += stored.size
-    return total + len(close_delimiter(boundary, empty=not plans))
 
 
 def _multipart(
@@ -700,7 +667,12 @@ def _multipart(
         for number, (stored, options) in enumerate(plans):
             if body is None:
                 body = _instance_body(retrieve, stored, options)
-            head = _part_head(boundary, root, stored, body.syntax, body.size, number == 0)
+            headers = {
+                "Content-Type": f"{APPLICATION_DICOM}; transfer-syntax={body.syntax}",
+                "Content-Length": str(body.size),
+                "Content-Location": _instance_url(root, stored),
+            }
+            head = part_head(boundary, headers, first=number == 0)
             counter.bytes += len(head)
             yield head
             for chunk in body.chunks:

@@ -345,32 +345,6 @@ def test_retrieve_study_and_series_count_and_order(live_server: LiveServer) -> N
     assert [d.InstanceNumber for d in client.iter_series(study, first)] == [1, 2]
 
 
-def test_study_retrieve_as_stored_has_a_content_length(live_server: LiveServer) -> None:
-    """When every instance goes out as stored, each part's size is known
-    before the first byte: the response has a Content-Length (no chunked
-    framing); a transcoded retrieve cannot know it and is chunked."""
-    study, series = generate_uid(), generate_uid()
-    for number in (1, 2, 3):
-        assert store_bytes(live_server, ct_instance(study, series, 1, number)) is Status.SUCCESS
-    url = f"{live_server.root}/studies/{study}"
-    as_stored = httpx.get(url, headers={"Accept": DICOM_ANY})
-    assert as_stored.status_code == 200
-    assert int(as_stored.headers["Content-Length"]) == len(as_stored.content)
-    assert "Transfer-Encoding" not in as_stored.headers
-    assert [read(part).InstanceNumber for _, part in multipart(as_stored)] == [1, 2, 3]
-    deflated = httpx.get(
-        url,
-        headers={
-            "Accept": f'multipart/related; type="application/dicom"; transfer-syntax={DEFLATED}'
-        },
-    )
-    assert deflated.status_code == 200
-    assert "Content-Length" not in deflated.headers
-    assert deflated.headers["Transfer-Encoding"] == "chunked"
-    syntaxes = [read(part).file_meta.TransferSyntaxUID for _, part in multipart(deflated)]
-    assert syntaxes == [DEFLATED] * 3
-
-
 # ------------------------------------------------------------------- metadata
 
 
