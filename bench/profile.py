@@ -221,14 +221,9 @@ def read_folded(path: Path) -> dict[tuple[str, ...], int]:
 
 
 def _short(frame: str) -> str:
-    """``function (module path:line)`` with the path from its package on."""
-    name, _, where = frame.partition(" (")
-    path = where.rstrip(")").rsplit(":", 1)[0]
-    for marker in ("site-packages/", "/lib/python3", "/work/"):
-        if marker in path:
-            path = path.split(marker, 1)[1]
-    parts = path.split("/")
-    return f"{name} ({'/'.join(parts[-2:])})"
+    """``function (package/module.py)``: the function and the last two
+    parts of its file's path."""
+    return f"{frame.partition(' (')[0]} ({_where(frame)})"
 
 
 def top_frames(

@@ -144,8 +144,9 @@ def _association_sleep(seconds: float) -> None:
         time.sleep(seconds)
         return
     wake: threading.Event | None = assoc.__dict__.get("_appliance_wake")
-    if wake is None:
+    if wake is None:  # the first idle pass, before the reactor's first get_msg
         wake = assoc.__dict__["_appliance_wake"] = _association_wake(assoc)
+        _leave_responses_to_the_user(assoc)
     wake.clear()
     if not assoc.dimse.msg_queue.empty() or not assoc.dul.to_user_queue.empty():
         return
@@ -179,7 +180,6 @@ def _association_wake(assoc: Association) -> threading.Event:
         wake.set()
 
     checkpoint.clear = clear_and_wake  # type: ignore[method-assign]
-    _leave_responses_to_the_user(assoc)
     return wake
 
 
@@ -197,7 +197,11 @@ def _leave_responses_to_the_user(assoc: Association) -> None:
     message").  Here the reactor's non-blocking ``get_msg`` leaves a
     response at the head of the queue while a user waits for one
     (a blocking ``get_msg``) or is pausing the reactor (the checkpoint
-    cleared); with nobody waiting it takes it as before."""
+    cleared); with nobody waiting it takes it as before.
+
+    Not fixed at the flag (``_is_paused`` reset when a pause is asked for):
+    a C-GET's C-STORE sub-operations are sent from the reactor's own thread,
+    which would then wait for itself to pause."""
     dimse = assoc.dimse
     queue = dimse.msg_queue
     get_msg = dimse.get_msg
